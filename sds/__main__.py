@@ -1,0 +1,7 @@
+"""``python -m sds`` is the ``sds`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

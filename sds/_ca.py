@@ -1,0 +1,246 @@
+"""A local certificate authority that issues X.509-SVIDs and JWT-SVIDs for one trust domain.
+
+The CA key is EC P-256. It is either kept in a state directory (directory
+0700, key files 0600, reused on the next start) or held in memory only
+(``ephemeral``). Leaf keys are generated per issuance and never written.
+Issued SVIDs follow the X509-SVID standard, section 4: exactly one URI SAN,
+``CA=false``, key usage ``digitalSignature`` (plus ``keyEncipherment`` is not
+set: EC keys need none), a random 128-bit serial, and a short lifetime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ._jwt import JwtBundle, sign_jwt_svid
+from ._spiffe import SpiffeId, TrustDomain
+from ._x509 import X509Bundle, X509Svid, utcnow
+from .errors import ConfigError
+
+__all__ = ["LocalCA"]
+
+CA_LIFETIME = dt.timedelta(days=365)
+# Backdate certificates slightly so peers with a little clock skew accept them.
+BACKDATE = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    jwt_key: ec.EllipticCurvePrivateKey
+
+
+class LocalCA:
+    """Issues SVIDs for ``trust_domain`` from a self-signed root kept on disk or in memory."""
+
+    def __init__(self, trust_domain: TrustDomain, keys: _Keys) -> None:
+        self.trust_domain = trust_domain
+        self._keys = keys
+        self.jwt_kid = _kid(keys.jwt_key)
+
+    @classmethod
+    def ephemeral(cls, trust_domain: TrustDomain) -> LocalCA:
+        """A CA whose keys exist only in this process's memory."""
+        return cls(trust_domain, _new_keys(trust_domain))
+
+    @classmethod
+    def load_or_create(cls, trust_domain: TrustDomain, state_dir: Path) -> LocalCA:
+        """Load the CA from ``state_dir``, creating it (0700 dir, 0600 keys) on first start.
+
+        Raises ConfigError naming the file when the stored CA is unreadable,
+        too open, or belongs to another trust domain.
+        """
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        key_path, cert_path, jwt_path = (
+            state_dir / "ca.key",
+            state_dir / "ca.crt",
+            state_dir / "jwt.key",
+        )
+        if not key_path.exists():
+            keys = _new_keys(trust_domain)
+            _write_private(key_path, keys.ca_key)
+            _write_private(jwt_path, keys.jwt_key)
+            cert_path.write_bytes(keys.ca_cert.public_bytes(serialization.Encoding.PEM))
+            return cls(trust_domain, keys)
+        for path in (key_path, jwt_path):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(f"{path}: private key is mode {mode:o}; want 600")
+        try:
+            ca_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            jwt_key = serialization.load_pem_private_key(jwt_path.read_bytes(), password=None)
+            ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{state_dir}: stored CA does not load: {exc}") from exc
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(
+            jwt_key, ec.EllipticCurvePrivateKey
+        ):
+            raise ConfigError(f"{state_dir}: stored CA keys must be EC keys")
+        uris = ca_cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        if uris != [trust_domain.id]:
+            raise ConfigError(f"{cert_path}: CA is for {uris}, not {trust_domain.id}")
+        keys = _Keys(ca_key, ca_cert, jwt_key)
+        if ca_cert.not_valid_after_utc - utcnow() < CA_LIFETIME / 4:
+            keys = _new_keys(trust_domain)
+            _write_private(key_path, keys.ca_key)
+            cert_path.write_bytes(keys.ca_cert.public_bytes(serialization.Encoding.PEM))
+            keys = _Keys(keys.ca_key, keys.ca_cert, jwt_key)
+        return cls(trust_domain, keys)
+
+    @property
+    def bundle(self) -> X509Bundle:
+        """The trust domain's X.509 bundle: the CA certificate."""
+        return X509Bundle(self.trust_domain, (self._keys.ca_cert,))
+
+    @property
+    def jwt_bundle(self) -> JwtBundle:
+        """The trust domain's JWT bundle: the JWT signing key's public half."""
+        return JwtBundle(self.trust_domain, {self.jwt_kid: self._keys.jwt_key.public_key()})
+
+    def issue_x509_svid(
+        self,
+        spiffe_id: SpiffeId,
+        ttl: dt.timedelta,
+        *,
+        hint: str = "",
+        dns_sans: Sequence[str] = (),
+        ip_sans: Sequence[str] = (),
+        now: dt.datetime | None = None,
+    ) -> X509Svid:
+        """Issue a fresh X.509-SVID with a new in-memory P-256 key."""
+        now = now or utcnow()
+        key = ec.generate_private_key(ec.SECP256R1())
+        ca = self._keys.ca_cert
+        not_after = min(now + ttl, ca.not_valid_after_utc)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        sans += [x509.DNSName(name) for name in dns_sans]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_sans]
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")]
+        if dns_sans:
+            subject.append(x509.NameAttribute(NameOID.COMMON_NAME, dns_sans[0]))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(subject))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._keys.ca_key.public_key()),
+                critical=False,
+            )
+            .sign(self._keys.ca_key, hashes.SHA256())
+        )
+        return X509Svid(spiffe_id, (cert,), key, hint)
+
+    def issue_jwt_svid(
+        self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: dt.timedelta
+    ) -> str:
+        """Issue an ES256 JWT-SVID for ``audience``."""
+        return sign_jwt_svid(
+            self._keys.jwt_key, self.jwt_kid, spiffe_id, audience, int(ttl.total_seconds())
+        )
+
+
+def _new_keys(trust_domain: TrustDomain) -> _Keys:
+    now = utcnow()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} local CA"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain.id)]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _Keys(key, cert, ec.generate_private_key(ec.SECP256R1()))
+
+
+def _kid(key: ec.EllipticCurvePrivateKey) -> str:
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()[:32]
+
+
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write a PEM key created with mode 0600 from the start (no chmod race)."""
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,59 @@
+"""The ``sds`` command: one subcommand per job, each implemented in its own module.
+
+Subcommand modules are imported only when chosen, so ``sds run`` does not pay
+for the provider's code and vice versa. Each module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Exit codes: 0 success,
+1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ._log import configure_logging
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "workload-api": ("sds._provider.command", "serve the embedded SPIFFE Workload API"),
+    "inspect": ("sds._inspect", "print what a Workload API (or our SDS server) hands out"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="sds", description="SPIFFE Workload API to Envoy SDS bridge."
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sds`` command line; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        code: int = importlib.import_module(args._module).run(args)
+    except ConfigError as exc:
+        print(f"sds {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Every error this package raises on purpose, in one tree.
+
+Third-party errors (cryptography, grpclib, PyYAML, OS errors) are translated
+at the boundary where they occur, with ``raise ... from``, so callers catch
+these classes only. gRPC status codes are chosen in the servicers alone; this
+module knows nothing of gRPC.
+
+::
+
+    SdsError
+    ├── ConfigError                   a config or identities file is wrong (CLI exit 2)
+    ├── InvalidSpiffeId               not a valid SPIFFE ID or trust domain (also ValueError)
+    ├── InvalidMaterial               certificates, keys, bundles or tokens that fail checks
+    │   ├── InvalidSvid               an X.509-SVID that must not be published
+    │   ├── InvalidBundle             a trust bundle (X.509 or JWKS) that cannot be used
+    │   └── InvalidJwt                a JWT-SVID that fails parsing, signature, aud or exp
+    ├── NotEntitled                   an attested caller matches no identity
+    ├── WorkloadApiError              talking to a Workload API failed
+    │   ├── WorkloadApiUnavailable    socket missing, refused or the server went away (retry)
+    │   ├── WorkloadApiDenied         the server refused this caller (retry: it may change)
+    │   └── WorkloadApiMisconfigured  INVALID_ARGUMENT: fix configuration, do not retry
+    └── SdsServerError                the SDS side cannot start or serve
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InvalidBundle",
+    "InvalidJwt",
+    "InvalidMaterial",
+    "InvalidSpiffeId",
+    "InvalidSvid",
+    "NotEntitled",
+    "SdsError",
+    "SdsServerError",
+    "WorkloadApiDenied",
+    "WorkloadApiError",
+    "WorkloadApiMisconfigured",
+    "WorkloadApiUnavailable",
+]
+
+
+class SdsError(Exception):
+    """Base class of every error raised on purpose by this package."""
+
+
+class ConfigError(SdsError):
+    """A configuration or identities file is invalid; the message names the file and field."""
+
+
+class InvalidSpiffeId(SdsError, ValueError):
+    """A string is not a SPIFFE ID or trust domain (SPIFFE-ID standard, section 2)."""
+
+
+class InvalidMaterial(SdsError):
+    """Cryptographic material failed parsing or validation."""
+
+
+class InvalidSvid(InvalidMaterial):
+    """An X.509-SVID fails the X509-SVID standard or does not chain to its bundle."""
+
+
+class InvalidBundle(InvalidMaterial):
+    """A trust bundle cannot be parsed or is unusable."""
+
+
+class InvalidJwt(InvalidMaterial):
+    """A JWT-SVID fails parsing, signature, audience or expiry checks."""
+
+
+class NotEntitled(SdsError):
+    """The attested caller matches no identity rule."""
+
+
+class WorkloadApiError(SdsError):
+    """A Workload API call failed."""
+
+
+class WorkloadApiUnavailable(WorkloadApiError):
+    """The Workload API cannot be reached now; retrying may succeed."""
+
+
+class WorkloadApiDenied(WorkloadApiError):
+    """The Workload API refused this caller (PERMISSION_DENIED); retried with backoff."""
+
+
+class WorkloadApiMisconfigured(WorkloadApiError):
+    """The Workload API rejected the request as malformed (INVALID_ARGUMENT); not retried hot."""
+
+
+class SdsServerError(SdsError):
+    """The SDS server cannot start or serve (socket, permissions, address)."""
