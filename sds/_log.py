@@ -23,7 +23,7 @@ def _quote(value: object) -> str:
     return text
 
 
-def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> None:
     """Log event ``name`` with ``fields`` as one logfmt line, if ``level`` is enabled."""
     if logger.isEnabledFor(level):
         pairs = " ".join(f"{key}={_quote(value)}" for key, value in fields.items())
@@ -31,10 +31,8 @@ def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
 
 
 class _Formatter(logging.Formatter):
-    converter = time.gmtime
-
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name} "
         line += record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:

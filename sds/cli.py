@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ._log import configure_logging
-from .errors import ConfigError
+from .errors import ConfigError, SdsError
 
 __all__ = ["main"]
 
@@ -22,6 +22,8 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "workload-api": ("sds._provider.command", "serve the embedded SPIFFE Workload API"),
     "inspect": ("sds._inspect", "print what a Workload API (or our SDS server) hands out"),
+    "run": ("sds._sds.command", "serve Envoy SDS from the Workload API"),
+    "wait": ("sds._sds.wait", "block until a bridge is ready"),
 }
 
 
@@ -50,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sds {args.command}: {exc}", file=sys.stderr)
         return 2
+    except SdsError as exc:
+        print(f"sds {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -1,0 +1,159 @@
+"""Prometheus metrics for ``sds run``: the implementation of the server and upstream event seams.
+
+Expiry is exported as an absolute timestamp (``sds_svid_not_after_seconds``),
+not a TTL gauge, so alerts are ``sds_svid_not_after_seconds - time() < 600``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .._peercred import PeerCredentials
+from .._x509 import X509Context
+from .server import StreamInfo
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Owns a private registry; implements ServerEvents and the Workload API watcher events."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.svid_not_after = Gauge(
+            "sds_svid_not_after_seconds",
+            "Unix time at which the served SVID expires",
+            ["spiffe_id"],
+            registry=r,
+        )
+        self.rotations = Counter(
+            "sds_svid_rotations_total", "SVIDs replaced by a new serial", ["spiffe_id"], registry=r
+        )
+        self.last_rotation = Gauge(
+            "sds_svid_last_rotation_timestamp_seconds",
+            "Unix time of the last successful rotation",
+            ["spiffe_id"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "sds_svid_rejected_total", "SVIDs from upstream that failed validation", registry=r
+        )
+        self.expired = Counter(
+            "sds_svid_expired_total", "SVIDs withdrawn because they expired", registry=r
+        )
+        self.bundle_present = Gauge(
+            "sds_bundle_present",
+            "1 if a bundle is held for the trust domain",
+            ["trust_domain"],
+            registry=r,
+        )
+        self.upstream_connected = Gauge(
+            "sds_upstream_connected", "1 while the Workload API stream is up", registry=r
+        )
+        self.upstream_errors = Counter(
+            "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
+        )
+        self.ready = Gauge("sds_ready", "1 when at least one valid SVID is served", registry=r)
+        self.streams = Gauge("sds_streams", "Connected SDS streams", ["kind"], registry=r)
+        self.pushes = Counter("sds_pushes_total", "SDS responses sent", ["node"], registry=r)
+        self.acks = Counter("sds_acks_total", "SDS ACKs received", ["node"], registry=r)
+        self.nacks = Counter("sds_nacks_total", "SDS NACKs received", ["node"], registry=r)
+        self.denials = Counter("sds_denied_total", "SDS callers refused by uid/gid", registry=r)
+        self.push_latency = Histogram(
+            "sds_push_latency_seconds",
+            "Time from a state change to the push on a stream",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.acked_serial = Gauge(
+            "sds_envoy_acked_info",
+            "1 for the version and serial each Envoy node last ACKed per secret",
+            ["node", "secret", "version", "serial"],
+            registry=r,
+        )
+        self._serials: dict[str, int] = {}
+        self._acked: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_changed(self, ctx: X509Context, ready: bool, now: float) -> None:
+        """Record expiry, rotations and bundles for a new merged state."""
+        self.ready.set(1 if ready else 0)
+        seen = set()
+        for svid in ctx.svids:
+            key = str(svid.spiffe_id)
+            seen.add(key)
+            self.svid_not_after.labels(key).set(svid.not_after.timestamp())
+            previous = self._serials.get(key)
+            if previous is not None and previous != svid.serial:
+                self.rotations.labels(key).inc()
+                self.last_rotation.labels(key).set(now)
+            self._serials[key] = svid.serial
+        for key in list(self._serials):
+            if key not in seen:
+                del self._serials[key]
+                self.svid_not_after.remove(key)
+        for td in ctx.bundles:
+            self.bundle_present.labels(td.name).set(1)
+
+    # -- WatcherEvents -----------------------------------------------------------------------
+
+    def on_connected(self) -> None:
+        self.upstream_connected.set(1)
+
+    def on_disconnected(self, error: Exception) -> None:
+        self.upstream_connected.set(0)
+        self.upstream_errors.labels(type(error).__name__).inc()
+
+    def on_x509_update(self, ctx: Any) -> None:
+        pass
+
+    def on_svid_rejected(self, error: Exception) -> None:
+        self.rejected.inc()
+
+    def on_svid_expired(self, svid: Any) -> None:
+        self.expired.inc()
+
+    def on_jwt_bundles_update(self, bundles: Any) -> None:
+        pass
+
+    def on_misconfigured(self, error: Exception) -> None:
+        self.upstream_errors.labels("misconfigured").inc()
+
+    # -- ServerEvents --------------------------------------------------------------------------
+
+    def stream_opened(self, info: StreamInfo) -> None:
+        self.streams.labels(info.kind).inc()
+
+    def stream_closed(self, info: StreamInfo) -> None:
+        self.streams.labels(info.kind).dec()
+
+    def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None:
+        self.pushes.labels(info.node_id).inc()
+        self.push_latency.observe(latency)
+
+    def acked(self, info: StreamInfo) -> None:
+        self.acks.labels(info.node_id).inc()
+        for secret, version in info.acked.items():
+            key = (info.node_id, secret)
+            label = (version, info.acked_serials.get(secret, ""))
+            previous = self._acked.get(key)
+            if previous == label:
+                continue
+            if previous is not None:
+                self.acked_serial.remove(info.node_id, secret, *previous)
+            self._acked[key] = label
+            self.acked_serial.labels(info.node_id, secret, *label).set(1)
+
+    def nacked(self, info: StreamInfo, message: str) -> None:
+        self.nacks.labels(info.node_id).inc()
+
+    def denied(self, creds: PeerCredentials | None) -> None:
+        self.denials.inc()

@@ -1,0 +1,492 @@
+"""The Envoy Secret Discovery Service (``envoy.service.secret.v3.SecretDiscoveryService``).
+
+StreamSecrets (state of the world), DeltaSecrets (incremental) and
+FetchSecrets (unary) over grpclib, following the xDS protocol
+("xDS REST and gRPC protocol", sections "ACK/NACK and resource type instance
+version", "When to send an update", "Incremental xDS"):
+
+- Every new stream is answered at once with the current secrets it names.
+- Before the first response on a stream any ``response_nonce`` is accepted
+  (Envoy reconnecting to a restarted bridge carries an old one); afterwards a
+  request whose nonce is not the last one sent is stale and ignored.
+- A NACK (``error_detail`` set) is logged with Envoy's message and node id,
+  counted, and not answered by resending the same content.
+- Pushes go only to streams subscribed to a changed name, and carry the
+  latest state (coalesced), never a queue of intermediate ones.
+- Names nobody can serve are logged once per stream and left unanswered,
+  so Envoy keeps waiting as for a secret that is not ready yet.
+
+gRPC status codes are chosen here and nowhere else. The caller's uid and gid
+come from the kernel (SO_PEERCRED) and are checked on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpclib.const
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from .._log import event
+from .._peercred import PeerCredentials, peer_credentials
+from .cache import SecretCache
+from .envoy import (
+    SECRET_TYPE_URL,
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    NodeInfo,
+    delta_response,
+    node_info,
+    sotw_body,
+    with_nonce,
+)
+from .resources import TlsSpec
+
+__all__ = ["NullServerEvents", "PassthroughCodec", "SdsServicer", "ServerEvents", "StreamInfo"]
+
+log = logging.getLogger("sds.server")
+
+_SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+
+
+class PassthroughCodec(ProtoCodec):
+    """grpclib codec that sends pre-serialized ``bytes`` as they are (shared across streams)."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        result: bytes = super().encode(message, message_type)
+        return result
+
+
+@dataclass(eq=False)
+class StreamInfo:
+    """What we know about one connected Envoy stream, for logs, metrics and inspection."""
+
+    id: int
+    kind: str
+    creds: PeerCredentials | None
+    node: NodeInfo | None = None
+    names: frozenset[str] | None = frozenset()
+    sent_version: str = ""
+    acked_version: str = ""
+    acked: dict[str, str] = field(default_factory=dict)
+    sent_serials: dict[str, str] = field(default_factory=dict)
+    acked_serials: dict[str, str] = field(default_factory=dict)
+    nacks: int = 0
+    opened_at: float = field(default_factory=time.time)
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id if self.node is not None else ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view: who is connected and what it last accepted."""
+        return {
+            "stream": self.id,
+            "kind": self.kind,
+            "node_id": self.node_id,
+            "node_cluster": self.node.cluster if self.node else "",
+            "envoy_version": self.node.build_version if self.node else "",
+            "pid": self.creds.pid if self.creds else None,
+            "uid": self.creds.uid if self.creds else None,
+            "names": sorted(self.names) if self.names is not None else ["*"],
+            "sent_version": self.sent_version,
+            "acked_version": self.acked_version,
+            "acked": dict(sorted(self.acked.items())),
+            "acked_serials": dict(sorted(self.acked_serials.items())),
+            "nacks": self.nacks,
+        }
+
+
+class ServerEvents(Protocol):
+    """Callbacks from the SDS server (the metrics seam; the core stays free of Prometheus)."""
+
+    def stream_opened(self, info: StreamInfo) -> None: ...
+    def stream_closed(self, info: StreamInfo) -> None: ...
+    def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None: ...
+    def acked(self, info: StreamInfo) -> None: ...
+    def nacked(self, info: StreamInfo, message: str) -> None: ...
+    def denied(self, creds: PeerCredentials | None) -> None: ...
+
+
+class NullServerEvents:
+    """ServerEvents that do nothing."""
+
+    def stream_opened(self, info: StreamInfo) -> None:
+        pass
+
+    def stream_closed(self, info: StreamInfo) -> None:
+        pass
+
+    def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None:
+        pass
+
+    def acked(self, info: StreamInfo) -> None:
+        pass
+
+    def nacked(self, info: StreamInfo, message: str) -> None:
+        pass
+
+    def denied(self, creds: PeerCredentials | None) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may call: uids/gids from SO_PEERCRED (empty sets = anyone who can reach the socket)."""
+
+    allowed_uids: frozenset[int] = frozenset()
+    allowed_gids: frozenset[int] = frozenset()
+
+    def admits(self, creds: PeerCredentials | None) -> bool:
+        if not self.allowed_uids and not self.allowed_gids:
+            return True
+        if creds is None:
+            return False
+        return creds.uid in self.allowed_uids or creds.gid in self.allowed_gids
+
+
+class SdsServicer:
+    """Serves secrets from a :class:`SecretCache` to Envoy over SDS v3."""
+
+    def __init__(
+        self,
+        cache: SecretCache,
+        *,
+        access: AccessPolicy | None = None,
+        disable_spiffe_cert_validation: bool = False,
+        events: ServerEvents | None = None,
+    ) -> None:
+        self.cache = cache
+        self.access = access or AccessPolicy()
+        self.disable_spiffe_cert_validation = disable_spiffe_cert_validation
+        self.events: ServerEvents = events or NullServerEvents()
+        self.streams: dict[int, StreamInfo] = {}
+        self._ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        cardinality = grpclib.const.Cardinality
+        return {
+            f"{_SERVICE}/StreamSecrets": grpclib.const.Handler(
+                self._stream_secrets,
+                cardinality.STREAM_STREAM,
+                DiscoveryRequest,
+                DiscoveryResponse,
+            ),
+            f"{_SERVICE}/DeltaSecrets": grpclib.const.Handler(
+                self._delta_secrets,
+                cardinality.STREAM_STREAM,
+                DeltaDiscoveryRequest,
+                DeltaDiscoveryResponse,
+            ),
+            f"{_SERVICE}/FetchSecrets": grpclib.const.Handler(
+                self._fetch_secrets,
+                cardinality.UNARY_UNARY,
+                DiscoveryRequest,
+                DiscoveryResponse,
+            ),
+        }
+
+    # -- shared helpers -------------------------------------------------------------------
+
+    def _admit(self, stream: Any, kind: str) -> StreamInfo:
+        creds = peer_credentials(stream)
+        if not self.access.admits(creds):
+            self.events.denied(creds)
+            who = f"uid={creds.uid} gid={creds.gid} pid={creds.pid}" if creds else "a TCP peer"
+            event(log, logging.WARNING, "sds.denied", peer=who)
+            raise GRPCError(
+                grpclib.const.Status.PERMISSION_DENIED,
+                f"{who} is not allowed to fetch secrets (not in allowed_uids/allowed_gids)",
+            )
+        return StreamInfo(next(self._ids), kind, creds)
+
+    def _trusted_ca(self, info: StreamInfo) -> bool:
+        if info.node is not None and info.node.disable_spiffe is not None:
+            return info.node.disable_spiffe
+        return self.disable_spiffe_cert_validation
+
+    def _nonce(self) -> str:
+        return f"{self.cache.instance_id}-n{next(self._nonces)}"
+
+    def _set_node(self, info: StreamInfo, node: Any) -> None:
+        # Keep the node from the first request that carries one (Envoy may omit it later).
+        if info.node is None:
+            info.node = node_info(node)
+
+    def _check_type(self, type_url: str) -> None:
+        if type_url and type_url != SECRET_TYPE_URL:
+            raise GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT,
+                f"this server serves only {SECRET_TYPE_URL}, not {type_url}",
+            )
+
+    def _log_unknown(self, info: StreamInfo, unknown: Iterable[str], logged: set[str]) -> None:
+        for name in sorted(set(unknown) - logged):
+            logged.add(name)
+            event(
+                log,
+                logging.WARNING,
+                "sds.unknown_name",
+                name=name,
+                node=info.node_id,
+                stream=info.id,
+                hint="not served now; Envoy will wait until it exists",
+            )
+
+    def _opened(self, info: StreamInfo) -> None:
+        self.streams[info.id] = info
+        self.events.stream_opened(info)
+        event(
+            log,
+            logging.INFO,
+            "sds.stream_opened",
+            stream=info.id,
+            kind=info.kind,
+            node=info.node_id,
+            pid=info.creds.pid if info.creds else "",
+            uid=info.creds.uid if info.creds else "",
+        )
+
+    def _closed(self, info: StreamInfo) -> None:
+        self.streams.pop(info.id, None)
+        self.events.stream_closed(info)
+        event(log, logging.INFO, "sds.stream_closed", stream=info.id, node=info.node_id)
+
+    def _nack(self, info: StreamInfo, version: str, detail: Any) -> None:
+        info.nacks += 1
+        message = getattr(detail, "message", "") or str(detail)
+        self.events.nacked(info, message)
+        event(
+            log,
+            logging.ERROR,
+            "sds.nack",
+            node=info.node_id,
+            stream=info.id,
+            version=version,
+            error=message,
+        )
+
+    # -- state of the world -----------------------------------------------------------------
+
+    async def _stream_secrets(self, stream: Any) -> None:
+        info = self._admit(stream, "sotw")
+        cache = self.cache
+        watch = cache.watch(frozenset())
+        self._opened(info)
+        last_nonce: str | None = None
+        sent: dict[str, str] = {}
+        logged_unknown: set[str] = set()
+        first = True
+        recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
+        wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({recv, wake}, return_when=asyncio.FIRST_COMPLETED)
+                send = False
+                if recv in done:
+                    request = recv.result()
+                    if request is None:
+                        return
+                    recv = asyncio.ensure_future(stream.recv_message())
+                    self._check_type(request.type_url)
+                    self._set_node(info, request.node)
+                    if last_nonce is not None and request.response_nonce != last_nonce:
+                        continue  # stale: answers an older response
+                    names = frozenset(request.resource_names) if request.resource_names else None
+                    if request.error_detail is not None and last_nonce is not None:
+                        self._nack(info, request.version_info, request.error_detail)
+                    elif last_nonce is not None:
+                        info.acked_version = request.version_info
+                        info.acked = dict(sent)
+                        info.acked_serials = dict(info.sent_serials)
+                        self.events.acked(info)
+                    if names != info.names or first:
+                        info.names = names
+                        watch.names = names
+                        first = False
+                    send = True
+                if wake in done:
+                    watch.event.clear()
+                    wake = asyncio.ensure_future(watch.event.wait())
+                    send = True
+                if not send:
+                    continue
+                wanted = cache.names() if info.names is None else sorted(info.names)
+                current = {n: v for n in wanted if (v := cache.resource_version(n)) is not None}
+                if info.names is not None:
+                    self._log_unknown(info, info.names - current.keys(), logged_unknown)
+                # A new stream has sent == {}, so it is always answered when anything exists.
+                if not current or current == sent:
+                    continue
+                trusted_ca = self._trusted_ca(info)
+                rendered = [cache.render(n, trusted_ca=trusted_ca) for n in current]
+                body = sotw_body(cache.version, [r for r in rendered if r is not None])
+                last_nonce = self._nonce()
+                await stream.send_message(with_nonce(body, last_nonce))
+                sent = current
+                info.sent_version = cache.version
+                self._pushed(info, list(current))
+        except StreamTerminatedError:
+            return
+        finally:
+            recv.cancel()
+            wake.cancel()
+            cache.cancel(watch)
+            self._closed(info)
+
+    def _pushed(self, info: StreamInfo, names: list[str]) -> None:
+        latency = time.monotonic() - self.cache.updated_at
+        self.events.pushed(info, names, latency)
+        serials = []
+        for name in names:
+            spec = self.cache.spec(name)
+            if isinstance(spec, TlsSpec):
+                info.sent_serials[name] = f"{spec.svid.serial:x}"
+                serials.append(f"{name}={spec.svid.serial:x}")
+        event(
+            log,
+            logging.DEBUG,
+            "sds.push",
+            stream=info.id,
+            node=info.node_id,
+            version=info.sent_version,
+            names=",".join(names),
+            serials=",".join(serials),
+        )
+
+    # -- incremental --------------------------------------------------------------------------
+
+    async def _delta_secrets(self, stream: Any) -> None:
+        info = self._admit(stream, "delta")
+        cache = self.cache
+        watch = cache.watch(frozenset())
+        self._opened(info)
+        subscribed: set[str] = set()
+        wildcard = False
+        known: dict[str, str] = {}  # what Envoy holds (or was last sent): name -> version
+        pending: dict[str, str] = {}  # nonce -> names sent with it, for ACK bookkeeping
+        sent_versions: dict[str, dict[str, str]] = {}
+        logged_unknown: set[str] = set()
+        first = True
+        recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
+        wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({recv, wake}, return_when=asyncio.FIRST_COMPLETED)
+                if recv in done:
+                    request = recv.result()
+                    if request is None:
+                        return
+                    recv = asyncio.ensure_future(stream.recv_message())
+                    self._check_type(request.type_url)
+                    self._set_node(info, request.node)
+                    if first:
+                        first = False
+                        known.update(request.initial_resource_versions or {})
+                        wildcard = not request.resource_names_subscribe
+                    nonce = request.response_nonce
+                    if nonce and nonce in sent_versions:
+                        versions = sent_versions.pop(nonce)
+                        if request.error_detail is not None:
+                            self._nack(info, ",".join(versions.values()), request.error_detail)
+                        else:
+                            info.acked.update(versions)
+                            info.acked_serials.update(
+                                {
+                                    n: info.sent_serials[n]
+                                    for n in versions
+                                    if n in info.sent_serials
+                                }
+                            )
+                            info.acked_version = pending.pop(nonce, info.acked_version)
+                            self.events.acked(info)
+                    for name in request.resource_names_subscribe:
+                        if name == "*":
+                            wildcard = True
+                        else:
+                            subscribed.add(name)
+                    for name in request.resource_names_unsubscribe:
+                        if name == "*":
+                            wildcard = False
+                        subscribed.discard(name)
+                        known.pop(name, None)
+                        info.acked.pop(name, None)
+                    info.names = None if wildcard else frozenset(subscribed)
+                    watch.names = info.names
+                if wake in done:
+                    watch.event.clear()
+                    wake = asyncio.ensure_future(watch.event.wait())
+                names = set(cache.names()) if wildcard else subscribed
+                if not wildcard:
+                    missing = {n for n in subscribed if cache.resource_version(n) is None}
+                    self._log_unknown(info, missing, logged_unknown)
+                trusted_ca = self._trusted_ca(info)
+                updates: list[tuple[str, str, bytes]] = []
+                for name in sorted(names):
+                    version = cache.resource_version(name)
+                    if version is None or known.get(name) == version:
+                        continue
+                    rendered = cache.render(name, trusted_ca=trusted_ca)
+                    if rendered is not None:
+                        updates.append((name, version, rendered))
+                removed = sorted(
+                    n for n in known if n in names and cache.resource_version(n) is None
+                )
+                if wildcard:
+                    removed += sorted(
+                        n for n in known if n not in names and cache.resource_version(n) is None
+                    )
+                if not updates and not removed:
+                    continue
+                nonce = self._nonce()
+                await stream.send_message(delta_response(cache.version, updates, removed, nonce))
+                for name, version, _ in updates:
+                    known[name] = version
+                for name in removed:
+                    known.pop(name, None)
+                sent_versions[nonce] = {name: version for name, version, _ in updates}
+                pending[nonce] = cache.version
+                # Bound the bookkeeping: Envoy answers in order; old nonces are superseded.
+                for stale in list(sent_versions)[:-8]:
+                    sent_versions.pop(stale, None)
+                    pending.pop(stale, None)
+                info.sent_version = cache.version
+                self._pushed(info, [u[0] for u in updates])
+        except StreamTerminatedError:
+            return
+        finally:
+            recv.cancel()
+            wake.cancel()
+            cache.cancel(watch)
+            self._closed(info)
+
+    # -- unary ----------------------------------------------------------------------------------
+
+    async def _fetch_secrets(self, stream: Any) -> None:
+        info = self._admit(stream, "fetch")
+        request = await stream.recv_message()
+        self._check_type(request.type_url)
+        self._set_node(info, request.node)
+        cache = self.cache
+        wanted = list(request.resource_names) or cache.names()
+        found = [n for n in wanted if cache.resource_version(n) is not None]
+        if not found:
+            raise GRPCError(
+                grpclib.const.Status.NOT_FOUND,
+                f"no secret named {', '.join(wanted) or '(none)'} is available",
+            )
+        trusted_ca = self._trusted_ca(info)
+        rendered = [cache.render(n, trusted_ca=trusted_ca) for n in found]
+        await stream.send_message(sotw_body(cache.version, [r for r in rendered if r is not None]))
