@@ -18,7 +18,7 @@ from .._x509 import BundleSet, X509Bundle, X509Context, X509Svid
 from .cache import SecretCache
 from .config import BridgeConfig
 from .metrics import Metrics
-from .resources import TlsSpec, build_specs
+from .resources import TlsSpec, build_specs, own_trust_domain
 
 __all__ = ["Bridge", "UpstreamSource", "merge_contexts"]
 
@@ -64,6 +64,7 @@ class Bridge:
         self.metrics = metrics
         self.context = X509Context((), BundleSet())
         self._was_ready = False
+        self._own: TrustDomain | None = None
         self._listeners: list[Callable[[], None]] = []
         for source in self.sources:
             source.subscribe(self.refresh)
@@ -85,7 +86,8 @@ class Bridge:
     def refresh(self) -> None:
         """Recompute every secret from the sources' latest state and publish the changes."""
         ctx = merge_contexts([source.current() for source in self.sources])
-        specs = build_specs(ctx, self.config)
+        self._own = own_trust_domain(ctx, self.config, self._own)
+        specs = build_specs(ctx, self.config, self._own)
         before = {n: self.cache.spec(n) for n in self.cache.names()}
         changed = self.cache.update(specs)
         self.context = ctx

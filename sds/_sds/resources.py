@@ -68,12 +68,15 @@ def _select(ctx: X509Context, selector: SvidSelector) -> X509Svid | None:
     return ctx.find(spiffe_id=selector.spiffe_id, hint=selector.hint)
 
 
-def own_trust_domain(ctx: X509Context, config: BridgeConfig) -> TrustDomain | None:
-    """The trust domain ``ROOTCA`` stands for: configured, else the default SVID's."""
+def own_trust_domain(
+    ctx: X509Context, config: BridgeConfig, fallback: TrustDomain | None = None
+) -> TrustDomain | None:
+    """The trust domain ``ROOTCA`` stands for: configured, else the default SVID's, else
+    ``fallback`` (the last one seen, so bundles stay served while no SVID is)."""
     if config.trust_domain is not None:
         return config.trust_domain
     default = _default_svid(ctx, config)
-    return default.spiffe_id.trust_domain if default is not None else None
+    return default.spiffe_id.trust_domain if default is not None else fallback
 
 
 def _default_svid(ctx: X509Context, config: BridgeConfig) -> X509Svid | None:
@@ -82,12 +85,15 @@ def _default_svid(ctx: X509Context, config: BridgeConfig) -> X509Svid | None:
     return ctx.default_svid
 
 
-def build_specs(ctx: X509Context, config: BridgeConfig) -> dict[str, SecretSpec]:
+def build_specs(
+    ctx: X509Context, config: BridgeConfig, own: TrustDomain | None = None
+) -> dict[str, SecretSpec]:
     """Every secret that can be served now, by resource name.
 
     A name whose material is missing (no such SVID, no bundle for a trust
     domain) is simply absent: the server does not answer for it, and Envoy
-    keeps waiting, as it does for a secret that is not ready yet.
+    keeps waiting, as it does for a secret that is not ready yet. ``own`` is
+    the fallback own trust domain when neither config nor an SVID names one.
     """
     specs: dict[str, SecretSpec] = {}
     names = config.names
@@ -104,7 +110,7 @@ def build_specs(ctx: X509Context, config: BridgeConfig) -> dict[str, SecretSpec]
     bundles: Mapping[TrustDomain, X509Bundle] = ctx.bundles
     for td, bundle in bundles.items():
         specs[td.id] = ValidationSpec((bundle,))
-    own = own_trust_domain(ctx, config)
+    own = own_trust_domain(ctx, config, own)
     if own is not None and own in bundles:
         specs[names.own_bundle] = ValidationSpec((bundles[own],))
         others = tuple(bundles[td] for td in sorted(bundles) if td != own)
