@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.envoy import echo_app, envoy_version, envoys
+
+__all__ = ["echo_app", "envoy_version", "envoys"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -74,10 +79,8 @@ class Processes:
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         """Signal ``proc``'s process group and wait for it (SIGKILL after 10 s)."""
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

