@@ -64,7 +64,10 @@ def check_secret(secret: Secret, requested: Iterable[str] | None) -> None:
     """Assert the invariants every secret we serve must satisfy."""
     if requested is not None:
         assert secret.name in set(requested), f"unrequested secret {secret.name}"
-    if secret.tls_certificate is not None:
+    if secret.generic_secret is not None:
+        value = secret.generic_secret.secret.inline_string
+        assert value and value.startswith("Bearer "), "generic secret must be a bearer credential"
+    elif secret.tls_certificate is not None:
         chain_pem = secret.tls_certificate.certificate_chain.inline_bytes
         assert chain_pem.count(b"-----BEGIN CERTIFICATE-----") >= 1
         chain = x509.load_pem_x509_certificates(chain_pem)
@@ -80,7 +83,7 @@ def check_secret(secret: Secret, requested: Iterable[str] | None) -> None:
         ), "key does not match leaf"
     else:
         context = secret.validation_context
-        assert context is not None, f"{secret.name} is neither TLS nor validation"
+        assert context is not None, f"{secret.name} is neither TLS, validation nor generic"
         if context.custom_validator_config is not None:
             assert context.custom_validator_config.name == "envoy.tls.cert_validator.spiffe"
             config = SpiffeCertValidatorConfig.parse(

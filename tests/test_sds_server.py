@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,3 +342,32 @@ def test_response_framing_parses_with_envoy_types() -> None:
 
 def test_versions_are_prefixed_by_a_fresh_instance_id() -> None:
     assert SecretCache().instance_id != SecretCache().instance_id
+
+
+async def test_jwt_svid_generic_secret_is_fetched_on_demand_and_refreshed(world: World) -> None:
+    from sds._sds.jwt import JwtSvidManager, JwtToken
+
+    fetched: list[tuple[str, str | None]] = []
+
+    async def fetch(audience: str, spiffe_id: str | None) -> JwtToken:
+        fetched.append((audience, spiffe_id))
+        return JwtToken(f"token-{len(fetched)}", spiffe_id or "", time.time() + 2.0)
+
+    world.bridge.jwt = JwtSvidManager(
+        fetch, world.bridge.refresh, spiffe_id=world.bridge.default_spiffe_id
+    )
+    world.servicer.on_missing = world.bridge.demand
+    try:
+        async with sotw(world.channel, world.instance) as s:
+            await s.send(["jwt-svid:https://api.example.org"])
+            first = await s.recv()
+            secret = first.secrets["jwt-svid:https://api.example.org"].generic_secret.secret
+            assert secret.inline_string == "Bearer token-1"
+            await s.ack()
+            # Refreshed at half its 2 s lifetime, and pushed.
+            second = await s.recv(timeout=5)
+            secret = second.secrets["jwt-svid:https://api.example.org"].generic_secret.secret
+            assert secret.inline_string == "Bearer token-2"
+        assert fetched[0] == ("https://api.example.org", "spiffe://example.org/web")
+    finally:
+        await world.bridge.jwt.close()

@@ -41,10 +41,17 @@ Route = Callable[[], Response]
 class AdminServer:
     """Serves ``routes`` (path -> handler) on ``host:port`` (loopback only; port 0 = any)."""
 
-    def __init__(self, host: str, port: int, routes: dict[str, Route]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: dict[str, Route],
+        prefixes: dict[str, Callable[[str], Response]] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.routes = routes
+        self.prefixes = prefixes or {}
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -69,6 +76,12 @@ class AdminServer:
                 return
             method, target = parts[0], parts[1].split("?", 1)[0]
             handler = self.routes.get(target)
+            if handler is None:
+                for prefix, prefixed in self.prefixes.items():
+                    if target.startswith(prefix):
+                        rest = target[len(prefix) :]
+                        handler = lambda rest=rest, prefixed=prefixed: prefixed(rest)  # noqa: E731
+                        break
             if method != "GET":
                 response = Response(405, b"only GET\n")
             elif handler is None:

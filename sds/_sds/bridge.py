@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from .._log import event
@@ -17,8 +17,9 @@ from .._spiffe import TrustDomain
 from .._x509 import BundleSet, X509Bundle, X509Context, X509Svid
 from .cache import SecretCache
 from .config import BridgeConfig
+from .jwt import JWT_PREFIX, JwtSvidManager, audience_of
 from .metrics import Metrics
-from .resources import TlsSpec, build_specs, own_trust_domain
+from .resources import GenericSpec, SecretSpec, TlsSpec, build_specs, own_trust_domain
 
 __all__ = ["Bridge", "UpstreamSource", "merge_contexts"]
 
@@ -66,8 +67,22 @@ class Bridge:
         self._was_ready = False
         self._own: TrustDomain | None = None
         self._listeners: list[Callable[[], None]] = []
+        self.jwt: JwtSvidManager | None = None
         for source in self.sources:
             source.subscribe(self.refresh)
+
+    def default_spiffe_id(self) -> str | None:
+        """The SPIFFE ID of the SVID served as ``default`` (JWT-SVIDs are issued for it)."""
+        spec = self.cache.spec(self.config.names.default_svid)
+        return str(spec.svid.spiffe_id) if isinstance(spec, TlsSpec) else None
+
+    def demand(self, names: Iterable[str]) -> None:
+        """Called by the SDS server with names it cannot serve yet: start JWT-SVID fetches."""
+        if self.jwt is None:
+            return
+        audiences = [aud for name in names if (aud := audience_of(name)) is not None]
+        if audiences:
+            self.jwt.want(audiences)
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every refresh that changed something."""
@@ -87,7 +102,10 @@ class Bridge:
         """Recompute every secret from the sources' latest state and publish the changes."""
         ctx = merge_contexts([source.current() for source in self.sources])
         self._own = own_trust_domain(ctx, self.config, self._own)
-        specs = build_specs(ctx, self.config, self._own)
+        specs: dict[str, SecretSpec] = build_specs(ctx, self.config, self._own)
+        if self.jwt is not None:
+            for audience, token in self.jwt.tokens().items():
+                specs[JWT_PREFIX + audience] = GenericSpec("Bearer " + token.token)
         before = {n: self.cache.spec(n) for n in self.cache.names()}
         changed = self.cache.update(specs)
         self.context = ctx
@@ -99,6 +117,8 @@ class Bridge:
             spec = specs.get(name)
             if spec is None:
                 event(log, logging.WARNING, "secret.withdrawn", name=name)
+            elif isinstance(spec, GenericSpec):
+                event(log, logging.INFO, "secret.generic_updated", name=name)
             elif isinstance(spec, TlsSpec):
                 old = before.get(name)
                 if isinstance(old, TlsSpec) and old.svid.serial == spec.svid.serial:

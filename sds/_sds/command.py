@@ -63,11 +63,12 @@ async def _main(config: Any, config_path: str | None) -> int:
 
     from .._log import event  # noqa: PLC0415
     from .._peercred import bind_unix_socket  # noqa: PLC0415
-    from .._workloadapi import Watcher  # noqa: PLC0415
-    from ..errors import ConfigError, SdsServerError  # noqa: PLC0415
+    from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
+    from ..errors import ConfigError, SdsServerError, WorkloadApiDenied  # noqa: PLC0415
     from .admin import AdminServer, Response  # noqa: PLC0415
     from .bridge import Bridge  # noqa: PLC0415
     from .config import load_config  # noqa: PLC0415
+    from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
     from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
 
@@ -77,12 +78,30 @@ async def _main(config: Any, config_path: str | None) -> int:
     addresses = list(config.workload_api) or [None]
     watchers = [Watcher(address, events=metrics) for address in addresses]
     bridge = Bridge(config, watchers, metrics=metrics)
+    jwt_client = WorkloadApiClient(watchers[0].address)
+
+    async def fetch_jwt(audience: str, spiffe_id: str | None) -> JwtToken:
+        svids = await jwt_client.fetch_jwt_svids([audience], spiffe_id)
+        if not svids:
+            raise WorkloadApiDenied(f"no JWT-SVID issued for audience {audience!r}")
+        svid = svids[0]
+        return JwtToken(svid.token, str(svid.spiffe_id), svid.expiry.timestamp())
+
+    bridge.jwt = JwtSvidManager(fetch_jwt, bridge.refresh, spiffe_id=bridge.default_spiffe_id)
     servicer = SdsServicer(
         bridge.cache,
         access=AccessPolicy(config.allowed_uids, config.allowed_gids),
         disable_spiffe_cert_validation=config.disable_spiffe_cert_validation,
         events=metrics,
+        on_missing=bridge.demand,
     )
+
+    def jwks(trust_domain: str) -> Response:
+        for watcher in watchers:
+            for td, bundle in watcher.jwt_bundles().items():
+                if td.name == trust_domain:
+                    return Response(200, bundle.to_jwks(), "application/json")
+        return Response(404, f"no JWT bundle for trust domain {trust_domain!r}\n".encode())
 
     def readyz() -> Response:
         if bridge.ready:
@@ -128,6 +147,7 @@ async def _main(config: Any, config_path: str | None) -> int:
                 ),
                 "/secrets": secrets_view,
             },
+            {"/jwks/": jwks},
         )
         try:
             await admin.start()
@@ -164,7 +184,8 @@ async def _main(config: Any, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
-    event(log, logging.INFO, "bridge.starting", upstreams=",".join(map(str, addresses)))
+    upstreams = ",".join(str(w.address) for w in watchers)
+    event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
     waiting = asyncio.create_task(first.wait())
     stopping = asyncio.create_task(stop.wait())
     while not first.is_set() and not stop.is_set():
@@ -210,6 +231,8 @@ async def _main(config: Any, config_path: str | None) -> int:
     if socket_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+    await bridge.jwt.close()
+    jwt_client.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

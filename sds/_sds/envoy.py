@@ -17,6 +17,7 @@ import betterproto2
 from envoy_data_plane.envoy.config.core.v3 import DataSource, TypedExtensionConfig
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
+    GenericSecret,
     Secret,
     SpiffeCertValidatorConfig,
     SpiffeCertValidatorConfigTrustDomain,
@@ -33,7 +34,7 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
-from .resources import SecretSpec, TlsSpec, ValidationSpec
+from .resources import GenericSpec, SecretSpec, TlsSpec, ValidationSpec
 
 __all__ = [
     "SECRET_TYPE_URL",
@@ -116,7 +117,11 @@ def render_secret(name: str, spec: SecretSpec, *, trusted_ca: bool) -> bytes:
     validators without SPIFFE support need. URI SAN matchers are added in
     both forms, so authorization holds either way.
     """
-    if isinstance(spec, TlsSpec):
+    if isinstance(spec, GenericSpec):
+        secret = Secret(
+            name=name, generic_secret=GenericSecret(secret=DataSource(inline_string=spec.value))
+        )
+    elif isinstance(spec, TlsSpec):
         secret = Secret(
             name=name,
             tls_certificate=TlsCertificate(

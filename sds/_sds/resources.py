@@ -24,7 +24,7 @@ from .._spiffe import TrustDomain
 from .._x509 import X509Bundle, X509Context, X509Svid
 from .config import BridgeConfig, SvidSelector
 
-__all__ = ["SecretSpec", "TlsSpec", "ValidationSpec", "build_specs"]
+__all__ = ["GenericSpec", "SecretSpec", "TlsSpec", "ValidationSpec", "build_specs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,18 @@ class ValidationSpec:
         return h.hexdigest()[:16]
 
 
-SecretSpec = TlsSpec | ValidationSpec
+@dataclass(frozen=True, slots=True)
+class GenericSpec:
+    """A generic secret (e.g. ``Bearer <JWT-SVID>`` for Envoy's credential injector)."""
+
+    value: str
+
+    def digest(self) -> str:
+        """A content hash of the value."""
+        return hashlib.sha256(b"generic\0" + self.value.encode()).hexdigest()[:16]
+
+
+SecretSpec = TlsSpec | ValidationSpec | GenericSpec
 
 
 def _select(ctx: X509Context, selector: SvidSelector) -> X509Svid | None:

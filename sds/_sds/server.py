@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -166,8 +166,10 @@ class SdsServicer:
         access: AccessPolicy | None = None,
         disable_spiffe_cert_validation: bool = False,
         events: ServerEvents | None = None,
+        on_missing: Callable[[Iterable[str]], None] | None = None,
     ) -> None:
         self.cache = cache
+        self.on_missing = on_missing
         self.access = access or AccessPolicy()
         self.disable_spiffe_cert_validation = disable_spiffe_cert_validation
         self.events: ServerEvents = events or NullServerEvents()
@@ -233,7 +235,10 @@ class SdsServicer:
             )
 
     def _log_unknown(self, info: StreamInfo, unknown: Iterable[str], logged: set[str]) -> None:
-        for name in sorted(set(unknown) - logged):
+        unknown = set(unknown)
+        if unknown and self.on_missing is not None:
+            self.on_missing(unknown)
+        for name in sorted(unknown - logged):
             logged.add(name)
             event(
                 log,
