@@ -46,9 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up after this long (default 5)",
     )
-    # ---- RESERVED FOR THE LEAD: `--sds ADDR` (inspect what our SDS server hands
-    # out) is added here and dispatched at the top of run(); not implemented in
-    # this module.
+    parser.add_argument(
+        "--sds",
+        metavar="unix:///PATH",
+        help="instead, connect to an SDS server as Envoy does and show what it serves",
+    )
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --sds: secret names to ask for (default: default, ROOTCA, ALL)",
+    )
+    parser.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="with --sds: also show each connected Envoy's ACKed versions from the bridge admin",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from ._workloadapi import parse_address  # noqa: PLC0415
     from .errors import ConfigError, InvalidMaterial, WorkloadApiError  # noqa: PLC0415
 
-    # ---- RESERVED FOR THE LEAD: `if args.sds: return <inspect SDS>(args)` goes here.
+    if args.sds:
+        return _run_sds(args)
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, not {args.timeout}")
     address = parse_address(args.path, option="--path")
@@ -183,3 +198,27 @@ def render(report: dict[str, Any]) -> str:
             f"  {bundle['trust_domain']}: key IDs {', '.join(bundle['key_ids']) or '(none)'}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _run_sds(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from ._sds.inspect import DEFAULT_NAMES, collect_sds, render_sds  # noqa: PLC0415
+    from .errors import ConfigError, SdsError  # noqa: PLC0415
+
+    if not args.sds.startswith("unix:///"):
+        raise ConfigError(f"--sds {args.sds!r}: want unix:///path")
+    names = args.name or list(DEFAULT_NAMES)
+    try:
+        report = asyncio.run(
+            collect_sds(args.sds[len("unix://") :], names, args.admin, args.timeout)
+        )
+    except SdsError as exc:
+        print(f"sds inspect: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(render_sds(report))
+    return 0

@@ -314,3 +314,65 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def test_inspect_sds_shows_secrets_and_what_each_envoy_acked(stack: Stack, envoys: Envoys) -> None:
+    import json
+    import subprocess
+    import sys
+
+    stack.write_config(policies=[{"name": "callers", "allow": ["spiffe://example.org/client-a"]}])
+    stack.start_provider()
+    stack.start_bridge()
+    envoy = _start_envoy(envoys, stack, CURRENT_VERSION, [downstream_mtls_listener("in")])
+    served = stack.served_serial()
+    wait_for(
+        lambda: any(i["acked_serials"].get("default") for i in stack.admin("/envoys")),
+        10,
+        "Envoy ACK",
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "sds",
+        "inspect",
+        "--sds",
+        f"unix://{stack.sds_socket}",
+        "--name",
+        "default",
+        "--name",
+        "callers",
+        "--name",
+        "nope",
+        "--admin",
+        f"127.0.0.1:{stack.admin_port}",
+    ]
+    out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=30, check=True)
+    report = json.loads(out.stdout)
+    by_name = {s["name"]: s for s in report["secrets"]}
+    assert by_name["default"]["serial"] == f"{served:x}"
+    assert by_name["default"]["spiffe_id"] == "spiffe://example.org/web"
+    assert by_name["default"]["private_key"] == "present (not shown)"
+    assert by_name["callers"]["allow"] == ["spiffe://example.org/client-a"]
+    assert by_name["callers"]["trust_domains"] == {"example.org": 1}
+    assert report["not_served"] == ["nope"]
+    envoy_views = [e for e in report["envoys"] if e["node_id"] == "front-envoy"]
+    assert {e["pid"] for e in envoy_views} == {envoy.pid}
+    assert f"{served:x}" in {e["acked_serials"].get("default") for e in envoy_views}
+    human = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "PRIVATE KEY" not in human and "BEGIN" not in human
+    assert f"serial:      {served:x}" in human
+    assert "admits only: spiffe://example.org/client-a" in human
+    assert "node front-envoy pid=" in human
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "sds", "inspect", "--sds", f"unix://{stack.dir}/absent.sock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert missing.stderr.startswith(
+        f"sds inspect: SDS server at unix://{stack.dir}/absent.sock is unavailable"
+    )
