@@ -234,7 +234,10 @@ class X509Svid:
         except (ValueError, TypeError) as exc:
             raise InvalidSvid(f"SVID {sid}: private key does not parse as PKCS#8 DER") from exc
         svid = cls(sid, tuple(chain), key, hint)
-        svid.check_structure()
+        try:
+            svid.check_structure()
+        except (ValueError, TypeError) as exc:  # e.g. a malformed extension, parsed lazily
+            raise InvalidSvid(f"SVID {sid}: certificate does not parse: {exc}") from exc
         return svid
 
     def check_structure(self) -> None:
