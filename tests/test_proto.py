@@ -1,0 +1,32 @@
+"""The generated Workload API code matches proto/workload.proto."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_generated_code_is_not_stale() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "proto" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_service_path_is_package_less() -> None:
+    """The standard's gRPC path is /SpiffeWorkloadAPI/<Method> (no proto package)."""
+    text = (REPO / "sds" / "_proto" / "workload_grpc.py").read_text()
+    for method in (
+        "FetchX509SVID",
+        "FetchX509Bundles",
+        "FetchJWTSVID",
+        "FetchJWTBundles",
+        "ValidateJWTSVID",
+    ):
+        assert f"'/SpiffeWorkloadAPI/{method}'" in text
