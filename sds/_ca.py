@@ -83,24 +83,23 @@ class LocalCA:
             ca_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             jwt_key = serialization.load_pem_private_key(jwt_path.read_bytes(), password=None)
             ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        except (OSError, ValueError, TypeError) as exc:
+            uris = ca_cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        except (OSError, ValueError, TypeError, x509.ExtensionNotFound) as exc:
             raise ConfigError(f"{state_dir}: stored CA does not load: {exc}") from exc
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(
             jwt_key, ec.EllipticCurvePrivateKey
         ):
             raise ConfigError(f"{state_dir}: stored CA keys must be EC keys")
-        uris = ca_cert.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value.get_values_for_type(x509.UniformResourceIdentifier)
         if uris != [trust_domain.id]:
             raise ConfigError(f"{cert_path}: CA is for {uris}, not {trust_domain.id}")
-        keys = _Keys(ca_key, ca_cert, jwt_key)
-        if ca_cert.not_valid_after_utc - utcnow() < CA_LIFETIME / 4:
-            keys = _new_keys(trust_domain)
-            _write_private(key_path, keys.ca_key)
-            cert_path.write_bytes(keys.ca_cert.public_bytes(serialization.Encoding.PEM))
-            keys = _Keys(keys.ca_key, keys.ca_cert, jwt_key)
-        return cls(trust_domain, keys)
+        if ca_cert.not_valid_after_utc <= utcnow():
+            raise ConfigError(
+                f"{cert_path}: CA expired at {ca_cert.not_valid_after_utc.isoformat()}; "
+                "move the state directory away to create a new CA (peers must get the new bundle)"
+            )
+        return cls(trust_domain, _Keys(ca_key, ca_cert, jwt_key))
 
     @property
     def bundle(self) -> X509Bundle:

@@ -1,0 +1,79 @@
+"""SPIFFE Workload API to Envoy SDS v3 bridge.
+
+The public Python surface is small: the domain types, the error tree and the
+Workload API client. Everything else lives in private modules and is reached
+through the ``sds`` command. Heavy modules load on first use, so ``sds``
+subcommands pay only for what they run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._spiffe import SpiffeId, TrustDomain
+from .errors import (
+    ConfigError,
+    InvalidBundle,
+    InvalidJwt,
+    InvalidMaterial,
+    InvalidSpiffeId,
+    InvalidSvid,
+    NotEntitled,
+    SdsError,
+    SdsServerError,
+    WorkloadApiDenied,
+    WorkloadApiError,
+    WorkloadApiMisconfigured,
+    WorkloadApiUnavailable,
+)
+
+if TYPE_CHECKING:
+    from ._workloadapi import Watcher, WorkloadApiClient
+    from ._x509 import BundleSet, X509Bundle, X509Context, X509Source, X509Svid
+
+__all__ = [
+    "BundleSet",
+    "ConfigError",
+    "InvalidBundle",
+    "InvalidJwt",
+    "InvalidMaterial",
+    "InvalidSpiffeId",
+    "InvalidSvid",
+    "NotEntitled",
+    "SdsError",
+    "SdsServerError",
+    "SpiffeId",
+    "TrustDomain",
+    "Watcher",
+    "WorkloadApiClient",
+    "WorkloadApiDenied",
+    "WorkloadApiError",
+    "WorkloadApiMisconfigured",
+    "WorkloadApiUnavailable",
+    "X509Bundle",
+    "X509Context",
+    "X509Source",
+    "X509Svid",
+    "__version__",
+]
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BundleSet": "._x509",
+    "X509Bundle": "._x509",
+    "X509Context": "._x509",
+    "X509Source": "._x509",
+    "X509Svid": "._x509",
+    "Watcher": "._workloadapi",
+    "WorkloadApiClient": "._workloadapi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sds' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(module, __name__), name)
