@@ -24,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("sds._inspect", "print what a Workload API (or our SDS server) hands out"),
     "run": ("sds._sds.command", "serve Envoy SDS from the Workload API"),
     "wait": ("sds._sds.wait", "block until a bridge is ready"),
+    "envoy-bootstrap": (
+        "sds._bootstrap",
+        "generate an Envoy sidecar bootstrap that uses this bridge",
+    ),
+    "demo": ("sds._demo", "run the whole mTLS topology on this machine and explain it"),
 }
 
 
