@@ -29,6 +29,7 @@ import ipaddress
 import re
 import shlex
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ class BootstrapOptions:
     request_timeout: int = 60
     bridge_config: str | None = None
     output: str | None = None
+    jwt_audience: str | None = None
+    jwks_uri: str | None = None
 
     @property
     def cluster(self) -> str:
@@ -460,6 +463,8 @@ def _inbound_listener(inbound: Inbound, options: BootstrapOptions) -> dict[str, 
     )
     if http:
         filters = [] if options.allow_any_in_trust_domain else [_rbac_filter(options.allow)]
+        if options.jwks_uri is not None and options.jwt_audience is not None:
+            filters.insert(0, _jwt_authn_filter(options.jwt_audience))
         network_filter = _hcm(
             "inbound",
             "inbound_app",
@@ -503,14 +508,61 @@ def outbound_validation_name(outbound: Outbound) -> str:
     return f"spiffe://{domains.pop()}" if len(domains) == 1 else "ALL"
 
 
+def _jwt_authn_filter(audience: str) -> dict[str, Any]:
+    """Inbound JWT-SVID check (JWT-SVID s.4): signature against the bridge's JWKS for the
+    trust domain, ``aud`` must hold ``audience``, ``exp`` in the future. The verified
+    claims reach the app in ``x-jwt-payload``; a missing or bad token gets 401."""
+    return _http_filter(
+        "envoy.filters.http.jwt_authn",
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        providers={
+            "jwt_svid": {
+                "audiences": [audience],
+                "remote_jwks": {
+                    "http_uri": {"uri": "", "cluster": "jwks", "timeout": "2s"},
+                    "cache_duration": "300s",
+                    "async_fetch": {"fast_listener": False},
+                    "retry_policy": {"num_retries": 3},
+                },
+                "forward_payload_header": "x-jwt-payload",
+                "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+            }
+        },
+        rules=[{"match": {"prefix": "/"}, "requires": {"provider_name": "jwt_svid"}}],
+    )
+
+
+def _credential_injector(audience: str, options: BootstrapOptions) -> dict[str, Any]:
+    """Outbound: attach the bridge's ``jwt-svid:<audience>`` secret (``Bearer <JWT-SVID>``)
+    as ``Authorization`` on every request, replacing whatever the app sent."""
+    return _http_filter(
+        "envoy.filters.http.credential_injector",
+        "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+        overwrite=True,
+        credential={
+            "name": "envoy.http.injected_credentials.generic",
+            "typed_config": _typed(
+                "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                credential=_secret(f"jwt-svid:{audience}", options),
+                header="Authorization",
+            ),
+        },
+    )
+
+
 def _outbound_listener(index: int, outbound: Outbound, options: BootstrapOptions) -> dict[str, Any]:
     name = f"outbound_{index}"
     if options.protocol == "http":
+        injected = (
+            [_credential_injector(options.jwt_audience, options)]
+            if options.jwt_audience is not None
+            else []
+        )
         network_filter = _hcm(
             name,
             name,
             options,
-            http_filters=[],
+            http_filters=injected,
             # Plaintext from the local app: never forward a client cert header it made up.
             forward_client_cert_details="SANITIZE",
         )
@@ -595,6 +647,16 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     for index, outbound in enumerate(options.outbounds):
         listeners.append(_outbound_listener(index, outbound, options))
         clusters.append(_outbound_cluster(index, outbound, options))
+    if options.inbound is not None and options.jwks_uri is not None:
+        url = urllib.parse.urlsplit(options.jwks_uri)
+        clusters.append(_cluster("jwks", url.hostname or "127.0.0.1", url.port or 80))
+        for listener in listeners:
+            for chain in listener["filter_chains"]:
+                for network in chain["filters"]:
+                    for http_filter in network["typed_config"].get("http_filters", []):
+                        providers = http_filter["typed_config"].get("providers", {})
+                        for provider in providers.values():
+                            provider["remote_jwks"]["http_uri"]["uri"] = options.jwks_uri
     return {
         "node": {"id": options.node_id, "cluster": options.cluster},
         "admin": {"address": _address("127.0.0.1", options.admin_port)},
@@ -676,6 +738,10 @@ def command_line(options: BootstrapOptions) -> str:
         value = getattr(options, attr)
         if value != getattr(defaults, attr):
             argv += [flag, str(value)]
+    if options.jwt_audience is not None:
+        argv += ["--jwt-audience", options.jwt_audience]
+    if options.jwks_uri is not None:
+        argv += ["--jwks-uri", options.jwks_uri]
     return shlex.join(argv)
 
 
@@ -841,6 +907,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="60",
         help="HTTP route timeout (default 60, 0 = none)",
     )
+    parser.add_argument(
+        "--jwt-audience",
+        metavar="AUD",
+        help="outbound: attach a JWT-SVID for AUD (bridge secret jwt-svid:AUD); inbound "
+        "(with --jwks-uri): require one for AUD",
+    )
+    parser.add_argument(
+        "--jwks-uri",
+        metavar="URL",
+        help="inbound: the bridge's JWKS, http://127.0.0.1:ADMIN_PORT/jwks/TRUST_DOMAIN",
+    )
     parser.add_argument("-o", "--output", metavar="FILE", help="default: stdout")
 
 
@@ -908,9 +985,32 @@ def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
         request_timeout=_seconds(args.request_timeout, "--request-timeout"),
         bridge_config=args.bridge_config,
         output=args.output,
+        jwt_audience=_jwt_audience(args.jwt_audience),
+        jwks_uri=_jwks_uri(args.jwks_uri, args.jwt_audience, inbound is not None),
     )
     _check_ports(options)
     return options
+
+
+def _jwt_audience(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value or any(c.isspace() for c in value):
+        raise _config_error(f"--jwt-audience {value!r}: want a non-empty audience without spaces")
+    return value
+
+
+def _jwks_uri(value: str | None, audience: str | None, inbound: bool) -> str | None:
+    if value is None:
+        return None
+    if audience is None or not inbound:
+        raise _config_error("--jwks-uri needs --inbound and --jwt-audience")
+    url = urllib.parse.urlsplit(value)
+    if url.scheme != "http" or not url.hostname or not _is_ip(url.hostname):
+        raise _config_error(f"--jwks-uri {value!r}: want http://127.0.0.1:PORT/jwks/TRUST_DOMAIN")
+    if not ipaddress.ip_address(url.hostname).is_loopback:
+        raise _config_error(f"--jwks-uri {value!r}: the bridge's JWKS is served on loopback only")
+    return value
 
 
 def _check_ports(options: BootstrapOptions) -> None:

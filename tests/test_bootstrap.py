@@ -440,6 +440,41 @@ def test_every_variant_passes_envoy_validate(
     assert ok, output
 
 
+def test_jwt_variant_passes_envoy_validate_and_wires_both_sides(envoy_version: str) -> None:
+    jwks = "http://127.0.0.1:8181/jwks/example.org"
+    argv = [*BASE, *INBOUND, *OUTBOUND, "--jwt-audience", "api", "--jwks-uri", jwks]
+    options, config = generate(*argv)
+    ok, output = validate_bootstrap(config, envoy_version)
+    assert ok, output
+    text = yaml.safe_dump(config)
+    assert "jwt-svid:api" in text  # the outbound credential injector's SDS secret
+    assert jwks in text and "x-jwt-payload" in text  # the inbound jwt_authn provider
+    again, _ = generate(*shlex.split(_bootstrap.command_line(options))[2:])
+    assert again == options
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--jwks-uri", "http://127.0.0.1:1/jwks/td"],
+            "--jwks-uri needs --inbound and --jwt-audience",
+        ),
+        (
+            ["--jwt-audience", "a", "--jwks-uri", "http://10.0.0.1:8181/jwks/td"],
+            "--jwks-uri 'http://10.0.0.1:8181/jwks/td': "
+            "the bridge's JWKS is served on loopback only",
+        ),
+    ],
+)
+def test_bad_jwt_flags(extra: list[str], message: str) -> None:
+    from sds.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        generate(*BASE, *INBOUND, *extra)
+    assert str(info.value) == message
+
+
 def _example_files() -> list[Path]:
     return sorted(EXAMPLES.glob("*.yaml"))
 
