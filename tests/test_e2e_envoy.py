@@ -213,11 +213,11 @@ def test_rotation_sotw_and_delta_without_failed_requests(
 
 
 def test_bridge_kill9_and_provider_restart_keep_traffic_flowing(
-    stack: Stack, envoys: Envoys, procs: Processes
+    stack: Stack, envoys: Envoys, procs: Processes, envoy_version: str
 ) -> None:
     stack.start_provider()
     stack.start_bridge()
-    envoy = _start_envoy(envoys, stack, CURRENT_VERSION, [downstream_mtls_listener("in")])
+    envoy = _start_envoy(envoys, stack, envoy_version, [downstream_mtls_listener("in")])
     client = stack.material("client-a")
     loop = ClientLoop(
         HttpsClient(client.ca, client.cert, client.key),
