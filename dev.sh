@@ -23,8 +23,12 @@ ensure_venv() {
 }
 
 lint() {
-    "$VENV/bin/ruff" check sds tests bench proto
-    "$VENV/bin/ruff" format --check sds tests bench proto
+    local dirs=(sds tests proto)
+    for optional in bench examples; do
+        [ -d "$optional" ] && dirs+=("$optional")
+    done
+    "$VENV/bin/ruff" check "${dirs[@]}"
+    "$VENV/bin/ruff" format --check "${dirs[@]}"
     "$VENV/bin/mypy"
 }
 
