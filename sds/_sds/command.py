@@ -74,6 +74,8 @@ async def _main(config: Any, config_path: str | None) -> int:
 
     log = logging.getLogger("sds.run")
     loop = asyncio.get_running_loop()
+    if config.listen.path is not None:
+        _check_socket_dir(config.listen.path)  # fail fast, before waiting for upstream
     metrics = Metrics()
     addresses = list(config.workload_api) or [None]
     watchers = [Watcher(address, events=metrics) for address in addresses]
@@ -205,7 +207,6 @@ async def _main(config: Any, config_path: str | None) -> int:
     if not stop.is_set():
         try:
             if socket_path is not None:
-                _check_socket_dir(socket_path)
                 sock = bind_unix_socket(socket_path, config.socket_mode)
                 await server.start(sock=sock)
             else:
