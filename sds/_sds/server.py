@@ -23,10 +23,11 @@ come from the kernel (SO_PEERCRED) and are checked on every call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from .._log import event
 from .._peercred import PeerCredentials, peer_credentials
-from .cache import SecretCache
+from .cache import SecretCache, Watch
 from .envoy import (
     SECRET_TYPE_URL,
     DeltaDiscoveryRequest,
@@ -283,56 +284,80 @@ class SdsServicer:
             error=message,
         )
 
-    # -- state of the world -----------------------------------------------------------------
+    # -- stream plumbing ----------------------------------------------------------------------
 
-    async def _stream_secrets(self, stream: Any) -> None:
-        info = self._admit(stream, "sotw")
-        cache = self.cache
-        watch = cache.watch(frozenset())
+    @contextlib.asynccontextmanager
+    async def _session(self, stream: Any, kind: str) -> AsyncIterator[tuple[StreamInfo, Watch]]:
+        """Admit the caller, register its watch, and always clean up (also on a reset stream)."""
+        info = self._admit(stream, kind)
+        watch = self.cache.watch(frozenset())
         self._opened(info)
-        last_nonce: str | None = None
-        sent: dict[str, str] = {}
-        logged_unknown: set[str] = set()
-        first = True
+        try:
+            yield info, watch
+        except StreamTerminatedError:
+            pass
+        finally:
+            self.cache.cancel(watch)
+            self._closed(info)
+
+    @staticmethod
+    async def _inputs(stream: Any, watch: Watch) -> AsyncGenerator[Any, None]:
+        """Each request from Envoy, or None when the watch fired (a coalesced state change).
+
+        Ends when Envoy half-closes the stream.
+        """
         recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
         wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
         try:
             while True:
                 done, _ = await asyncio.wait({recv, wake}, return_when=asyncio.FIRST_COMPLETED)
-                send = False
                 if recv in done:
                     request = recv.result()
                     if request is None:
                         return
                     recv = asyncio.ensure_future(stream.recv_message())
-                    self._check_type(request.type_url)
-                    self._set_node(info, request.node)
-                    if last_nonce is not None and request.response_nonce != last_nonce:
-                        continue  # stale: answers an older response
-                    names = frozenset(request.resource_names) if request.resource_names else None
-                    if request.error_detail is not None and last_nonce is not None:
-                        self._nack(info, request.version_info, request.error_detail)
-                    elif last_nonce is not None:
-                        info.acked_version = request.version_info
-                        info.acked = dict(sent)
-                        info.acked_serials = dict(info.sent_serials)
-                        self.events.acked(info)
-                    if names != info.names or first:
-                        info.names = names
-                        watch.names = names
-                        first = False
-                    send = True
+                    yield request
                 if wake in done:
                     watch.event.clear()
                     wake = asyncio.ensure_future(watch.event.wait())
-                    send = True
-                if not send:
-                    continue
+                    yield None
+        finally:
+            recv.cancel()
+            wake.cancel()
+
+    # -- state of the world -----------------------------------------------------------------
+
+    async def _stream_secrets(self, stream: Any) -> None:
+        cache = self.cache
+        last_nonce: str | None = None
+        sent: dict[str, str] = {}
+        logged_unknown: set[str] = set()
+        async with (
+            self._session(stream, "sotw") as (info, watch),
+            contextlib.aclosing(self._inputs(stream, watch)) as inputs,
+        ):
+            async for request in inputs:
+                if request is not None:
+                    self._check_type(request.type_url)
+                    self._set_node(info, request.node)
+                    if last_nonce is not None:
+                        if request.response_nonce != last_nonce:
+                            continue  # stale: it answers an older response
+                        if request.error_detail is not None:
+                            self._nack(info, request.version_info, request.error_detail)
+                        else:
+                            info.acked_version = request.version_info
+                            info.acked = dict(sent)
+                            info.acked_serials = dict(info.sent_serials)
+                            self.events.acked(info)
+                    names = frozenset(request.resource_names) if request.resource_names else None
+                    info.names = watch.names = names
                 wanted = cache.names() if info.names is None else sorted(info.names)
                 current = {n: v for n in wanted if (v := cache.resource_version(n)) is not None}
                 if info.names is not None:
                     self._log_unknown(info, info.names - current.keys(), logged_unknown)
-                # A new stream has sent == {}, so it is always answered when anything exists.
+                # A new stream has sent == {}, so it is always answered when anything exists;
+                # after that, identical content (e.g. the answer to a NACK) is never resent.
                 if not current or current == sent:
                     continue
                 trusted_ca = self._trusted_ca(info)
@@ -343,13 +368,6 @@ class SdsServicer:
                 sent = current
                 info.sent_version = cache.version
                 self._pushed(info, list(current))
-        except StreamTerminatedError:
-            return
-        finally:
-            recv.cancel()
-            wake.cancel()
-            cache.cancel(watch)
-            self._closed(info)
 
     def _pushed(self, info: StreamInfo, names: list[str]) -> None:
         latency = time.monotonic() - self.cache.updated_at
@@ -374,49 +392,28 @@ class SdsServicer:
     # -- incremental --------------------------------------------------------------------------
 
     async def _delta_secrets(self, stream: Any) -> None:
-        info = self._admit(stream, "delta")
         cache = self.cache
-        watch = cache.watch(frozenset())
-        self._opened(info)
         subscribed: set[str] = set()
         wildcard = False
         known: dict[str, str] = {}  # what Envoy holds (or was last sent): name -> version
-        pending: dict[str, str] = {}  # nonce -> names sent with it, for ACK bookkeeping
-        sent_versions: dict[str, dict[str, str]] = {}
+        in_flight: dict[str, tuple[str, dict[str, str]]] = {}  # nonce -> (version, resources)
         logged_unknown: set[str] = set()
         first = True
-        recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
-        wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
-        try:
-            while True:
-                done, _ = await asyncio.wait({recv, wake}, return_when=asyncio.FIRST_COMPLETED)
-                if recv in done:
-                    request = recv.result()
-                    if request is None:
-                        return
-                    recv = asyncio.ensure_future(stream.recv_message())
+        async with (
+            self._session(stream, "delta") as (info, watch),
+            contextlib.aclosing(self._inputs(stream, watch)) as inputs,
+        ):
+            async for request in inputs:
+                if request is not None:
                     self._check_type(request.type_url)
                     self._set_node(info, request.node)
                     if first:
+                        # Envoy reconnecting says what it holds; versions from another bridge
+                        # instance never match ours, so those secrets are sent again.
                         first = False
                         known.update(request.initial_resource_versions or {})
                         wildcard = not request.resource_names_subscribe
-                    nonce = request.response_nonce
-                    if nonce and nonce in sent_versions:
-                        versions = sent_versions.pop(nonce)
-                        if request.error_detail is not None:
-                            self._nack(info, ",".join(versions.values()), request.error_detail)
-                        else:
-                            info.acked.update(versions)
-                            info.acked_serials.update(
-                                {
-                                    n: info.sent_serials[n]
-                                    for n in versions
-                                    if n in info.sent_serials
-                                }
-                            )
-                            info.acked_version = pending.pop(nonce, info.acked_version)
-                            self.events.acked(info)
+                    self._delta_ack(info, request, in_flight)
                     for name in request.resource_names_subscribe:
                         if name == "*":
                             wildcard = True
@@ -428,11 +425,7 @@ class SdsServicer:
                         subscribed.discard(name)
                         known.pop(name, None)
                         info.acked.pop(name, None)
-                    info.names = None if wildcard else frozenset(subscribed)
-                    watch.names = info.names
-                if wake in done:
-                    watch.event.clear()
-                    wake = asyncio.ensure_future(watch.event.wait())
+                    info.names = watch.names = None if wildcard else frozenset(subscribed)
                 names = set(cache.names()) if wildcard else subscribed
                 if not wildcard:
                     missing = {n for n in subscribed if cache.resource_version(n) is None}
@@ -447,12 +440,10 @@ class SdsServicer:
                     if rendered is not None:
                         updates.append((name, version, rendered))
                 removed = sorted(
-                    n for n in known if n in names and cache.resource_version(n) is None
+                    n
+                    for n in known
+                    if cache.resource_version(n) is None and (wildcard or n in subscribed)
                 )
-                if wildcard:
-                    removed += sorted(
-                        n for n in known if n not in names and cache.resource_version(n) is None
-                    )
                 if not updates and not removed:
                     continue
                 nonce = self._nonce()
@@ -461,21 +452,29 @@ class SdsServicer:
                     known[name] = version
                 for name in removed:
                     known.pop(name, None)
-                sent_versions[nonce] = {name: version for name, version, _ in updates}
-                pending[nonce] = cache.version
-                # Bound the bookkeeping: Envoy answers in order; old nonces are superseded.
-                for stale in list(sent_versions)[:-8]:
-                    sent_versions.pop(stale, None)
-                    pending.pop(stale, None)
+                in_flight[nonce] = (cache.version, {n: v for n, v, _ in updates})
+                # Bounded: Envoy answers in order, so older nonces are superseded.
+                for stale in list(in_flight)[:-8]:
+                    del in_flight[stale]
                 info.sent_version = cache.version
                 self._pushed(info, [u[0] for u in updates])
-        except StreamTerminatedError:
+
+    def _delta_ack(
+        self, info: StreamInfo, request: Any, in_flight: dict[str, tuple[str, dict[str, str]]]
+    ) -> None:
+        """Record the ACK or NACK of the response whose nonce ``request`` carries."""
+        sent = in_flight.pop(request.response_nonce, None) if request.response_nonce else None
+        if sent is None:
             return
-        finally:
-            recv.cancel()
-            wake.cancel()
-            cache.cancel(watch)
-            self._closed(info)
+        version, resources = sent
+        if request.error_detail is not None:
+            self._nack(info, ",".join(resources.values()), request.error_detail)
+            return
+        info.acked.update(resources)
+        serials = info.sent_serials
+        info.acked_serials.update({n: serials[n] for n in resources if n in serials})
+        info.acked_version = version
+        self.events.acked(info)
 
     # -- unary ----------------------------------------------------------------------------------
 
