@@ -1,5 +1,9 @@
 """``sds inspect --sds ADDR``: connect to an SDS server as Envoy does and show what it serves.
 
+It decodes with envoy-data-plane, independently of the bridge's own wire
+codec (``envoy.py``), so what it prints is what a separate implementation
+of Envoy's API reads.
+
 Opens a StreamSecrets stream (node id ``sds-inspect``), asks for the given
 names, and summarizes the first response: TLS certificates (SPIFFE ID,
 serial, expiry, chain length; never key bytes), validation contexts (trust
@@ -22,12 +26,13 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     Secret,
     SpiffeCertValidatorConfig,
 )
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from ..errors import SdsError
-from .envoy import SECRET_TYPE_URL, DiscoveryRequest, DiscoveryResponse
+from .envoy import SECRET_TYPE_URL
 
 __all__ = ["collect_sds", "render_sds"]
 

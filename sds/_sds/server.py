@@ -40,11 +40,12 @@ from .._peercred import PeerCredentials, peer_credentials
 from .cache import SecretCache, Watch
 from .envoy import (
     SECRET_TYPE_URL,
-    DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse,
-    DiscoveryRequest,
-    DiscoveryResponse,
+    DeltaRequest,
     NodeInfo,
+    SotwRequest,
+    WireError,
+    decode_delta_request,
+    decode_sotw_request,
     delta_response,
     node_info,
     sotw_body,
@@ -59,14 +60,24 @@ log = logging.getLogger("sds.server")
 _SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 
 
+class RawMessage:
+    """Marker message type: the codec hands over and takes bytes, undecoded (see envoy.py)."""
+
+
 class PassthroughCodec(ProtoCodec):
-    """grpclib codec that sends pre-serialized ``bytes`` as they are (shared across streams)."""
+    """grpclib codec for :class:`RawMessage`: requests arrive as bytes, responses are sent as
+    pre-serialized bytes (one serialization shared by every stream)."""
 
     def encode(self, message: Any, message_type: Any) -> bytes:
         if isinstance(message, bytes):
             return message
         result: bytes = super().encode(message, message_type)
         return result
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if message_type is RawMessage:
+            return data
+        return super().decode(data, message_type)
 
 
 @dataclass(eq=False)
@@ -184,20 +195,20 @@ class SdsServicer:
             f"{_SERVICE}/StreamSecrets": grpclib.const.Handler(
                 self._stream_secrets,
                 cardinality.STREAM_STREAM,
-                DiscoveryRequest,
-                DiscoveryResponse,
+                RawMessage,
+                RawMessage,
             ),
             f"{_SERVICE}/DeltaSecrets": grpclib.const.Handler(
                 self._delta_secrets,
                 cardinality.STREAM_STREAM,
-                DeltaDiscoveryRequest,
-                DeltaDiscoveryResponse,
+                RawMessage,
+                RawMessage,
             ),
             f"{_SERVICE}/FetchSecrets": grpclib.const.Handler(
                 self._fetch_secrets,
                 cardinality.UNARY_UNARY,
-                DiscoveryRequest,
-                DiscoveryResponse,
+                RawMessage,
+                RawMessage,
             ),
         }
 
@@ -223,10 +234,25 @@ class SdsServicer:
     def _nonce(self) -> str:
         return f"{self.cache.instance_id}-n{next(self._nonces)}"
 
-    def _set_node(self, info: StreamInfo, node: Any) -> None:
-        # Keep the node from the first request that carries one (Envoy may omit it later).
-        if info.node is None:
-            info.node = node_info(node)
+    def _set_node(self, info: StreamInfo, node: bytes | None) -> None:
+        # Keep the node from the first request that carries one (Envoy may omit it later);
+        # later copies are not even decoded.
+        if info.node is None and node is not None:
+            try:
+                info.node = node_info(node)
+            except WireError as exc:
+                raise GRPCError(
+                    grpclib.const.Status.INVALID_ARGUMENT, f"malformed node: {exc}"
+                ) from exc
+
+    @staticmethod
+    def _decode(raw: bytes, decoder: Any) -> Any:
+        try:
+            return decoder(raw)
+        except WireError as exc:
+            raise GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT, f"malformed request: {exc}"
+            ) from exc
 
     def _check_type(self, type_url: str) -> None:
         if type_url and type_url != SECRET_TYPE_URL:
@@ -270,9 +296,8 @@ class SdsServicer:
         self.events.stream_closed(info)
         event(log, logging.INFO, "sds.stream_closed", stream=info.id, node=info.node_id)
 
-    def _nack(self, info: StreamInfo, version: str, detail: Any) -> None:
+    def _nack(self, info: StreamInfo, version: str, message: str) -> None:
         info.nacks += 1
-        message = getattr(detail, "message", "") or str(detail)
         self.events.nacked(info, message)
         event(
             log,
@@ -336,15 +361,16 @@ class SdsServicer:
             self._session(stream, "sotw") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for request in inputs:
-                if request is not None:
+            async for raw in inputs:
+                if raw is not None:
+                    request: SotwRequest = self._decode(raw, decode_sotw_request)
                     self._check_type(request.type_url)
                     self._set_node(info, request.node)
                     if last_nonce is not None:
                         if request.response_nonce != last_nonce:
                             continue  # stale: it answers an older response
-                        if request.error_detail is not None:
-                            self._nack(info, request.version_info, request.error_detail)
+                        if request.error is not None:
+                            self._nack(info, request.version_info, request.error)
                         else:
                             info.acked_version = request.version_info
                             info.acked = dict(sent)
@@ -403,23 +429,24 @@ class SdsServicer:
             self._session(stream, "delta") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for request in inputs:
-                if request is not None:
+            async for raw in inputs:
+                if raw is not None:
+                    request: DeltaRequest = self._decode(raw, decode_delta_request)
                     self._check_type(request.type_url)
                     self._set_node(info, request.node)
                     if first:
                         # Envoy reconnecting says what it holds; versions from another bridge
                         # instance never match ours, so those secrets are sent again.
                         first = False
-                        known.update(request.initial_resource_versions or {})
-                        wildcard = not request.resource_names_subscribe
+                        known.update(request.initial_versions)
+                        wildcard = not request.subscribe
                     self._delta_ack(info, request, in_flight)
-                    for name in request.resource_names_subscribe:
+                    for name in request.subscribe:
                         if name == "*":
                             wildcard = True
                         else:
                             subscribed.add(name)
-                    for name in request.resource_names_unsubscribe:
+                    for name in request.unsubscribe:
                         if name == "*":
                             wildcard = False
                         subscribed.discard(name)
@@ -460,15 +487,18 @@ class SdsServicer:
                 self._pushed(info, [u[0] for u in updates])
 
     def _delta_ack(
-        self, info: StreamInfo, request: Any, in_flight: dict[str, tuple[str, dict[str, str]]]
+        self,
+        info: StreamInfo,
+        request: DeltaRequest,
+        in_flight: dict[str, tuple[str, dict[str, str]]],
     ) -> None:
         """Record the ACK or NACK of the response whose nonce ``request`` carries."""
         sent = in_flight.pop(request.response_nonce, None) if request.response_nonce else None
         if sent is None:
             return
         version, resources = sent
-        if request.error_detail is not None:
-            self._nack(info, ",".join(resources.values()), request.error_detail)
+        if request.error is not None:
+            self._nack(info, ",".join(resources.values()), request.error)
             return
         info.acked.update(resources)
         serials = info.sent_serials
@@ -480,7 +510,7 @@ class SdsServicer:
 
     async def _fetch_secrets(self, stream: Any) -> None:
         info = self._admit(stream, "fetch")
-        request = await stream.recv_message()
+        request: SotwRequest = self._decode(await stream.recv_message(), decode_sotw_request)
         self._check_type(request.type_url)
         self._set_node(info, request.node)
         cache = self.cache

@@ -1,0 +1,244 @@
+"""The bridge's own Envoy wire codec agrees with envoy-data-plane, the reference, field by field."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from envoy_data_plane.envoy.config.core.v3 import (
+    BuildVersion,
+    DataSource,
+    Node,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    GenericSecret,
+    Secret,
+    SpiffeCertValidatorConfig,
+    SpiffeCertValidatorConfigTrustDomain,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+)
+from envoy_data_plane.envoy.service.discovery.v3 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import SemanticVersion
+from envoy_data_plane.google.protobuf import Any, Struct, Value
+from envoy_data_plane.google.rpc import Status
+
+from sds._ca import LocalCA
+from sds._sds.envoy import (
+    SECRET_TYPE_URL,
+    WireError,
+    decode_delta_request,
+    decode_sotw_request,
+    delta_response,
+    node_info,
+    render_secret,
+    sotw_body,
+    with_nonce,
+)
+from sds._sds.resources import GenericSpec, TlsSpec, ValidationSpec
+from sds._spiffe import SpiffeId, TrustDomain
+
+TD = TrustDomain("example.org")
+FED = TrustDomain("partner.test")
+
+
+@pytest.fixture(scope="module")
+def material() -> tuple[LocalCA, LocalCA]:
+    return LocalCA.ephemeral(TD), LocalCA.ephemeral(FED)
+
+
+def _parse(any_bytes: bytes) -> Secret:
+    wrapper = Any.parse(any_bytes)
+    assert wrapper.type_url == SECRET_TYPE_URL
+    return Secret.parse(wrapper.value)
+
+
+def test_tls_certificate(material: tuple[LocalCA, LocalCA]) -> None:
+    ca, _ = material
+    svid = ca.issue_x509_svid(SpiffeId.from_path(TD, "/web"), dt.timedelta(hours=1))
+    expected = Secret(
+        name="default",
+        tls_certificate=TlsCertificate(
+            certificate_chain=DataSource(inline_bytes=svid.chain_pem()),
+            private_key=DataSource(inline_bytes=svid.key_pem()),
+        ),
+    )
+    ours = render_secret("default", TlsSpec(svid), trusted_ca=False)
+    assert _parse(ours).to_dict() == expected.to_dict()
+
+
+@pytest.mark.parametrize("trusted_ca", [False, True])
+def test_validation_context_with_matchers(
+    material: tuple[LocalCA, LocalCA], trusted_ca: bool
+) -> None:
+    own, fed = material
+    spec = ValidationSpec(
+        (own.bundle, fed.bundle), ("spiffe://example.org/a",), ("spiffe://example.org/ns/",)
+    )
+    matchers = [
+        SubjectAltNameMatcher(
+            san_type=SubjectAltNameMatcherSanType.URI,
+            matcher=StringMatcher(exact="spiffe://example.org/a"),
+        ),
+        SubjectAltNameMatcher(
+            san_type=SubjectAltNameMatcherSanType.URI,
+            matcher=StringMatcher(prefix="spiffe://example.org/ns/"),
+        ),
+    ]
+    if trusted_ca:
+        context = CertificateValidationContext(
+            trusted_ca=DataSource(inline_bytes=own.bundle.pem() + fed.bundle.pem()),
+            match_typed_subject_alt_names=matchers,
+        )
+    else:
+        config = SpiffeCertValidatorConfig(
+            trust_domains=[
+                SpiffeCertValidatorConfigTrustDomain(
+                    name=b.trust_domain.name, trust_bundle=DataSource(inline_bytes=b.pem())
+                )
+                for b in (own.bundle, fed.bundle)
+            ]
+        )
+        context = CertificateValidationContext(
+            custom_validator_config=TypedExtensionConfig(
+                name="envoy.tls.cert_validator.spiffe",
+                typed_config=Any(
+                    type_url="type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                    "SPIFFECertValidatorConfig",
+                    value=bytes(config),
+                ),
+            ),
+            match_typed_subject_alt_names=matchers,
+        )
+    expected = Secret(name="ALL", validation_context=context)
+    ours = _parse(render_secret("ALL", spec, trusted_ca=trusted_ca))
+    assert ours.to_dict() == expected.to_dict()
+    if not trusted_ca:
+        typed = ours.validation_context.custom_validator_config.typed_config
+        assert SpiffeCertValidatorConfig.parse(typed.value).to_dict() == config.to_dict()
+
+
+def test_generic_secret() -> None:
+    expected = Secret(
+        name="jwt-svid:aud",
+        generic_secret=GenericSecret(secret=DataSource(inline_string="Bearer abc.def.ghi")),
+    )
+    ours = _parse(
+        render_secret("jwt-svid:aud", GenericSpec("Bearer abc.def.ghi"), trusted_ca=False)
+    )
+    assert ours.to_dict() == expected.to_dict()
+
+
+def test_sotw_and_delta_responses() -> None:
+    resource = render_secret("x", GenericSpec("Bearer t"), trusted_ca=False)
+    parsed = DiscoveryResponse.parse(with_nonce(sotw_body("v-1", [resource, resource]), "n-1"))
+    assert (parsed.version_info, parsed.nonce, parsed.type_url) == ("v-1", "n-1", SECRET_TYPE_URL)
+    assert [Secret.parse(r.value).name for r in parsed.resources] == ["x", "x"]
+    delta = DeltaDiscoveryResponse.parse(
+        delta_response("v-2", [("x", "i-abc", resource)], ["gone", "also-gone"], "n-2")
+    )
+    assert (delta.system_version_info, delta.nonce, delta.type_url) == (
+        "v-2",
+        "n-2",
+        SECRET_TYPE_URL,
+    )
+    assert [(r.name, r.version) for r in delta.resources] == [("x", "i-abc")]
+    assert delta.removed_resources == ["gone", "also-gone"]
+
+
+def _node(**metadata: Value) -> Node:
+    return Node(
+        id="front",
+        cluster="edge",
+        metadata=Struct(fields=metadata),
+        user_agent_build_version=BuildVersion(
+            version=SemanticVersion(major_number=1, minor_number=36, patch=4)
+        ),
+    )
+
+
+def test_sotw_request_decoding() -> None:
+    reference = DiscoveryRequest(
+        version_info="v-7",
+        node=_node(),
+        resource_names=["default", "ROOTCA"],
+        type_url=SECRET_TYPE_URL,
+        response_nonce="n-3",
+        error_detail=Status(code=3, message="certificate rejected"),
+    )
+    ours = decode_sotw_request(bytes(reference))
+    assert ours.version_info == "v-7"
+    assert ours.resource_names == ["default", "ROOTCA"]
+    assert (ours.type_url, ours.response_nonce) == (SECRET_TYPE_URL, "n-3")
+    assert ours.error == "certificate rejected"
+    assert ours.node is not None
+    info = node_info(ours.node)
+    assert (info.id, info.cluster, info.build_version, info.disable_spiffe) == (
+        "front",
+        "edge",
+        "1.36.4",
+        None,
+    )
+    ack = decode_sotw_request(bytes(DiscoveryRequest(resource_names=["a"])))
+    assert ack.error is None and ack.node is None
+
+
+def test_delta_request_decoding() -> None:
+    reference = DeltaDiscoveryRequest(
+        node=_node(),
+        type_url=SECRET_TYPE_URL,
+        resource_names_subscribe=["default", "spiffe://example.org"],
+        resource_names_unsubscribe=["ALL"],
+        initial_resource_versions={"default": "old-1", "ROOTCA": "old-2"},
+        response_nonce="n-9",
+        error_detail=Status(code=13),
+    )
+    ours = decode_delta_request(bytes(reference))
+    assert ours.subscribe == ["default", "spiffe://example.org"]
+    assert ours.unsubscribe == ["ALL"]
+    assert ours.initial_versions == {"default": "old-1", "ROOTCA": "old-2"}
+    assert (ours.type_url, ours.response_nonce, ours.error) == (
+        SECRET_TYPE_URL,
+        "n-9",
+        "gRPC status 13",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (Value(bool_value=True), True),
+        (Value(bool_value=False), False),
+        (Value(string_value="true"), True),
+        (Value(string_value=" False "), False),
+        (Value(string_value="maybe"), None),
+        (Value(number_value=1.0), None),
+    ],
+)
+def test_node_metadata_validator_override(value: Value, expected: bool | None) -> None:
+    node = _node(disable_spiffe_cert_validation=value, other=Value(string_value="x"))
+    assert node_info(bytes(node)).disable_spiffe is expected
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x1a\x10abc", "field 3 runs past the end of the message"),
+        (b"\x1a\x02\xff\xfe", "a string field is not UTF-8"),
+        (b"\x0b", "unsupported wire type 3 in field 1"),
+        (b"\x08\xff", "truncated or oversized varint"),
+    ],
+)
+def test_malformed_requests_raise(data: bytes, message: str) -> None:
+    with pytest.raises(WireError) as info:
+        decode_sotw_request(data)
+    assert str(info.value) == message
