@@ -245,14 +245,18 @@ class SdsServicer:
                     grpclib.const.Status.INVALID_ARGUMENT, f"malformed node: {exc}"
                 ) from exc
 
-    @staticmethod
-    def _decode(raw: bytes, decoder: Any) -> Any:
+    def _read(self, info: StreamInfo, raw: bytes, decoder: Any) -> Any:
+        """Decode a request, check its type, keep its node once, and drop the node bytes."""
         try:
-            return decoder(raw)
+            request = decoder(raw)
         except WireError as exc:
             raise GRPCError(
                 grpclib.const.Status.INVALID_ARGUMENT, f"malformed request: {exc}"
             ) from exc
+        self._check_type(request.type_url)
+        self._set_node(info, request.node)
+        request.node = None
+        return request
 
     def _check_type(self, type_url: str) -> None:
         if type_url and type_url != SECRET_TYPE_URL:
@@ -326,23 +330,29 @@ class SdsServicer:
             self._closed(info)
 
     @staticmethod
-    async def _inputs(stream: Any, watch: Watch) -> AsyncGenerator[Any, None]:
-        """Each request from Envoy, or None when the watch fired (a coalesced state change).
+    async def _inputs(stream: Any, watch: Watch) -> AsyncGenerator[bytes | None, None]:
+        """Each request from Envoy (raw bytes), or None when the watch fired (a coalesced
+        state change). Ends when Envoy half-closes the stream.
 
-        Ends when Envoy half-closes the stream.
+        Nothing here keeps a request alive while waiting for the next one: Envoy sends
+        its whole Node (tens of kB) on every request, and a thousand idle streams would
+        otherwise each pin their last one.
         """
         recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
         wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
         try:
             while True:
                 done, _ = await asyncio.wait({recv, wake}, return_when=asyncio.FIRST_COMPLETED)
-                if recv in done:
-                    request = recv.result()
-                    if request is None:
-                        return
+                got_request, woken = recv in done, wake in done
+                del done
+                if got_request:
+                    raw = recv.result()
                     recv = asyncio.ensure_future(stream.recv_message())
-                    yield request
-                if wake in done:
+                    if raw is None:
+                        return
+                    yield raw
+                    del raw
+                if woken:
                     watch.event.clear()
                     wake = asyncio.ensure_future(watch.event.wait())
                     yield None
@@ -363,9 +373,8 @@ class SdsServicer:
         ):
             async for raw in inputs:
                 if raw is not None:
-                    request: SotwRequest = self._decode(raw, decode_sotw_request)
-                    self._check_type(request.type_url)
-                    self._set_node(info, request.node)
+                    request: SotwRequest = self._read(info, raw, decode_sotw_request)
+                    del raw  # release the bytes before waiting again
                     if last_nonce is not None:
                         if request.response_nonce != last_nonce:
                             continue  # stale: it answers an older response
@@ -431,9 +440,8 @@ class SdsServicer:
         ):
             async for raw in inputs:
                 if raw is not None:
-                    request: DeltaRequest = self._decode(raw, decode_delta_request)
-                    self._check_type(request.type_url)
-                    self._set_node(info, request.node)
+                    request: DeltaRequest = self._read(info, raw, decode_delta_request)
+                    del raw  # release the bytes before waiting again
                     if first:
                         # Envoy reconnecting says what it holds; versions from another bridge
                         # instance never match ours, so those secrets are sent again.
@@ -510,9 +518,7 @@ class SdsServicer:
 
     async def _fetch_secrets(self, stream: Any) -> None:
         info = self._admit(stream, "fetch")
-        request: SotwRequest = self._decode(await stream.recv_message(), decode_sotw_request)
-        self._check_type(request.type_url)
-        self._set_node(info, request.node)
+        request: SotwRequest = self._read(info, await stream.recv_message(), decode_sotw_request)
         cache = self.cache
         wanted = list(request.resource_names) or cache.names()
         found = [n for n in wanted if cache.resource_version(n) is not None]
