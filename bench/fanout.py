@@ -1,7 +1,7 @@
 """Fan-out: one rotation pushed to 1,000 SDS streams and 3 real Envoys on one SDS server.
 
 Usage: ``.venv/bin/python bench/fanout.py [--quick] [--streams N] [--rotations R]
-[--no-envoy-node] [--no-variant]``
+[--no-envoy-node] [--variant gc-freeze]``
 
 For each case, in this order, on a fresh server:
 
@@ -10,13 +10,10 @@ For each case, in this order, on a fresh server:
 * **bridge, Envoy-sized requests** (unless ``--no-envoy-node``): as bridge,
   but every load-client request carries the Node a real Envoy 1.40 sent
   (captured from the floor case: ~61 KB, 516 extension entries), as Envoy
-  does on every request including ACKs. At most 3 measured rotations while
-  sds decodes requests with envoy-data-plane (~15 ms of CPU per request).
-* **what-if, Envoy-sized requests** (unless ``--no-variant``): the previous
-  case with ``sds run`` started through ``bench/_variant.py``: ``fast-decode``
-  while sds decodes requests with envoy-data-plane (requests read by hand, the
-  node once per stream), else ``release-request`` (a stream keeps no request
-  bytes while it waits). Not the shipped code.
+  does on every request including ACKs.
+* **what-if, Envoy-sized requests** (only with ``--variant``): the previous
+  case with ``sds run`` started through ``bench/_variant.py VARIANT``. Not
+  the shipped code.
 
 Each case: 3 Envoys (``downstream_mtls_listener``, ``default`` + ``ROOTCA``)
 and N (default 1,000) StreamSecrets streams from 2 load-client processes
@@ -425,9 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.envoy_node:
         cases.append(Case("bridge-envoy-node", "bridge, Envoy-sized requests", envoy_node=True))
         if args.variant:
-            variant = (
-                "fast-decode" if request_decoding() == "envoy-data-plane" else "release-request"
-            )
+            variant = args.variant
             cases.append(
                 Case(
                     "variant-envoy-node",
@@ -463,10 +458,10 @@ def main() -> int:
     parser.add_argument("--rotations", type=int, default=None, help="measured rotations per case")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--no-variant",
-        dest="variant",
-        action="store_false",
-        help="skip the what-if case (bench/_variant.py)",
+        "--variant",
+        default=None,
+        choices=["gc-freeze"],
+        help="also measure a what-if case (bench/_variant.py); off by default",
     )
     parser.add_argument(
         "--no-envoy-node",

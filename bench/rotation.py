@@ -1,7 +1,7 @@
 """Rotation propagation: upstream pushes a new SVID -> a fresh TLS handshake with Envoy shows it.
 
 Usage: ``.venv/bin/python bench/rotation.py [--quick] [--rotations N]
-[--variant auto|fast-decode|gc-freeze|none] [--profile]``
+[--variant none|gc-freeze] [--profile]``
 
 Identical setups run side by side, each with its own real Envoy
 (``downstream_mtls_listener``: ``default`` + ``ROOTCA`` over SDS, mTLS
@@ -11,11 +11,9 @@ required, Envoy 1.40 from the venv, one worker):
   subprocess (INFO logging, admin on) -> Envoy;
 * **floor**: zero-work SDS server process (``bench/_floor.py``: pre-rendered
   Secret bytes, no validation, no logging) -> Envoy;
-* **what-if** (``--variant``, default ``fast-decode``; ``none`` to skip): like
-  bridge, but ``sds run`` is started through ``bench/_variant.py VARIANT``
-  (a proposed change applied at run time; not the shipped code). ``auto``
-  picks ``fast-decode`` only while sds still decodes requests with
-  envoy-data-plane.
+* **what-if** (``--variant gc-freeze``; off by default): like bridge, but
+  ``sds run`` is started through ``bench/_variant.py VARIANT`` (a proposed
+  change applied at run time; not the shipped code).
 
 Rotations are interleaved (the order of the setups shifts every round), so
 drift on the machine hits every setup alike. One rotation: T0 is taken just
@@ -57,7 +55,6 @@ from _common import (
     make_material,
     ratio,
     read_line,
-    request_decoding,
     sds_argv,
     send_line,
     summary,
@@ -214,7 +211,7 @@ def _run(
     setups = [Setup("bridge", "bridge (`sds run`)", wd / "b" / "sds.sock")]
     setups.append(Setup("floor", "floor (zero-work SDS)", wd / "f" / "sds.sock"))
     if args.variant != "none":
-        label = {"gc-freeze": "bridge + gc.freeze()", "fast-decode": "bridge + fast request decode"}
+        label = {"gc-freeze": "bridge + gc.freeze()"}
         setups.append(Setup("variant", f"what-if: {label[args.variant]}", wd / "v" / "sds.sock"))
     for setup in setups:
         if setup.name == "floor":
@@ -482,10 +479,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--variant",
-        choices=["auto", "fast-decode", "gc-freeze", "none"],
-        default="auto",
-        help="what-if setup next to the shipped bridge (bench/_variant.py); auto: fast-decode "
-        "while sds decodes requests with envoy-data-plane, else none",
+        choices=["none", "gc-freeze"],
+        default="none",
+        help="what-if setup next to the shipped bridge (bench/_variant.py)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the bridge over the measured rotations"
@@ -493,8 +489,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.rotations is None:
         args.rotations = 10 if args.quick else 100
-    if args.variant == "auto":
-        args.variant = "fast-decode" if request_decoding() == "envoy-data-plane" else "none"
     install_signal_handlers()
     started = time.monotonic()
     result = run(args)
