@@ -277,6 +277,11 @@ def _sds_config(options: BootstrapOptions) -> dict[str, Any]:
     keeps its listeners and clusters warming, and ``/ready`` answers 503,
     until every secret has arrived, so it never accepts a connection it
     cannot serve. See envoy/README.md for the trade-off.
+
+    ``set_node_on_first_message_only``: Envoy otherwise repeats its whole Node
+    (~61 KB on Envoy 1.40) in every request, ACKs included; the bridge keeps
+    the node of a stream's first request, so once is enough (BENCHMARKS.md,
+    fan-out).
     """
     return {
         "resource_api_version": "V3",
@@ -284,6 +289,7 @@ def _sds_config(options: BootstrapOptions) -> dict[str, Any]:
         "api_config_source": {
             "api_type": "DELTA_GRPC" if options.api_type == "delta" else "GRPC",
             "transport_api_version": "V3",
+            "set_node_on_first_message_only": True,
             "grpc_services": [
                 {
                     "envoy_grpc": {
