@@ -10,7 +10,12 @@ VENV=.venv
 
 ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
-        "$PY" -m venv "$VENV"
+        # Some distributions ship Python without ensurepip/venv; virtualenv from PyPI works there.
+        "$PY" -m venv "$VENV" 2>/dev/null || {
+            rm -rf "$VENV"
+            "$PY" -m pip install --quiet --user virtualenv
+            "$PY" -m virtualenv --quiet "$VENV"
+        }
     fi
     local stamp="$VENV/.installed"
     local want
@@ -19,6 +24,22 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
         echo "$want" > "$stamp"
+    fi
+}
+
+# The tests use real TLS peers (openssl, curl) and run clients as other uids (setpriv).
+ensure_test_tools() {
+    local missing=()
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v setpriv >/dev/null || missing+=(util-linux)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    else
+        echo "dev.sh: the tests need: ${missing[*]}; install them and run again" >&2
+        exit 1
     fi
 }
 
@@ -41,6 +62,7 @@ case "$cmd" in
         ;;
     test)
         ensure_venv
+        ensure_test_tools
         lint
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

@@ -34,6 +34,10 @@ if str(REPO) not in sys.path:
 
 from grpclib.encoding.proto import ProtoCodec  # noqa: E402 - after the sys.path set-up
 
+from sds._procs import stop_group  # noqa: E402
+from sds._sds.envoy import encode_field as field_bytes  # noqa: E402
+from sds._sds.envoy import iter_fields  # noqa: E402
+
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
@@ -100,17 +104,7 @@ class Procs:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, timeout=timeout)
         if proc.stdout is not None:
             with contextlib.suppress(OSError, ValueError):
                 _BUFFERS.pop(proc.stdout.fileno(), None)
@@ -586,55 +580,12 @@ class RawCodec(ProtoCodec):
         return bytes(data)
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def field_bytes(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
 def top_fields(data: bytes) -> dict[int, list[bytes | int]]:
     """The top-level fields of a protobuf message: number -> values (bytes or ints)."""
     out: dict[int, list[bytes | int]] = {}
-    i, n = 0, len(data)
-    while i < n:
-        key, i = _read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-            out.setdefault(number, []).append(value)
-        elif wire == 2:
-            length, i = _read_varint(data, i)
-            out.setdefault(number, []).append(data[i : i + length])
-            i += length
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
+    for number, value in iter_fields(data):
+        out.setdefault(number, []).append(value)
     return out
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        byte = data[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, i
-        shift += 7
 
 
 def discovery_request(
@@ -668,3 +619,14 @@ def discovery_request(
     if nonce:
         parts.append(field_bytes(5, nonce.encode()))
     return b"".join(parts)
+
+
+def run_benchmark(name: str, run: Callable[[Any], dict[str, Any]], args: Any) -> int:
+    """Run one benchmark with signal handling, time it, save and point to its results."""
+    install_signal_handlers()
+    started = time.monotonic()
+    result = run(args)
+    result["wall_seconds"] = time.monotonic() - started
+    path = write_results(name, result)
+    print(f"\nwall time {result['wall_seconds']:.0f} s; results: {path.relative_to(REPO)}")
+    return 0

@@ -46,7 +46,6 @@ from _common import (
     Prober,
     Procs,
     cpu_ticks,
-    install_signal_handlers,
     machine,
     machine_line,
     make_material,
@@ -55,6 +54,7 @@ from _common import (
     request_decoding,
     rss_breakdown_kb,
     rss_kb,
+    run_benchmark,
     sds_argv,
     send_line,
     summary,
@@ -64,7 +64,6 @@ from _common import (
     wait_idle,
     wait_until,
     workspace,
-    write_results,
 )
 
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
@@ -474,13 +473,7 @@ def main() -> int:
         args.streams = 200 if args.quick else 1000
     if args.rotations is None:
         args.rotations = 2 if args.quick else 5
-    install_signal_handlers()
-    started = time.monotonic()
-    result = run(args)
-    result["wall_seconds"] = time.monotonic() - started
-    path = write_results("fanout", result)
-    print(f"\nwall time {result['wall_seconds']:.0f} s; results: {path.relative_to(_common.REPO)}")
-    return 0
+    return run_benchmark("fanout", run, args)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from _common import (
     RawCodec,
     cpu_ticks,
     discovery_request,
-    install_signal_handlers,
     machine,
     machine_line,
     make_material,
@@ -53,6 +52,7 @@ from _common import (
     read_line,
     rss_breakdown_kb,
     rss_kb,
+    run_benchmark,
     sds_argv,
     summary,
     table,
@@ -60,7 +60,6 @@ from _common import (
     verdict,
     wait_until,
     workspace,
-    write_results,
 )
 
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
@@ -545,13 +544,7 @@ def main() -> int:
         args.runs = 3 if args.quick else 7
     if args.idle is None:
         args.idle = 10.0 if args.quick else 30.0
-    install_signal_handlers()
-    started = time.monotonic()
-    result = run(args)
-    result["wall_seconds"] = time.monotonic() - started
-    path = write_results("footprint", result)
-    print(f"\nwall time {result['wall_seconds']:.0f} s; results: {path.relative_to(_common.REPO)}")
-    return 0
+    return run_benchmark("footprint", run, args)
 
 
 if __name__ == "__main__":

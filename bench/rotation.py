@@ -49,12 +49,12 @@ from _common import (
     PYTHON,
     Prober,
     Procs,
-    install_signal_handlers,
     machine,
     machine_line,
     make_material,
     ratio,
     read_line,
+    run_benchmark,
     sds_argv,
     send_line,
     summary,
@@ -62,7 +62,6 @@ from _common import (
     verdict,
     wait_until,
     workspace,
-    write_results,
 )
 from _stages import stage_costs
 
@@ -489,13 +488,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.rotations is None:
         args.rotations = 10 if args.quick else 100
-    install_signal_handlers()
-    started = time.monotonic()
-    result = run(args)
-    result["wall_seconds"] = time.monotonic() - started
-    path = write_results("rotation", result)
-    print(f"\nwall time {result['wall_seconds']:.0f} s; results: {path.relative_to(_common.REPO)}")
-    return 0
+    return run_benchmark("rotation", run, args)
 
 
 if __name__ == "__main__":

@@ -470,7 +470,7 @@ def _inbound_listener(inbound: Inbound, options: BootstrapOptions) -> dict[str, 
     if http:
         filters = [] if options.allow_any_in_trust_domain else [_rbac_filter(options.allow)]
         if options.jwks_uri is not None and options.jwt_audience is not None:
-            filters.insert(0, _jwt_authn_filter(options.jwt_audience))
+            filters.insert(0, _jwt_authn_filter(options.jwt_audience, options.jwks_uri))
         network_filter = _hcm(
             "inbound",
             "inbound_app",
@@ -514,7 +514,7 @@ def outbound_validation_name(outbound: Outbound) -> str:
     return f"spiffe://{domains.pop()}" if len(domains) == 1 else "ALL"
 
 
-def _jwt_authn_filter(audience: str) -> dict[str, Any]:
+def _jwt_authn_filter(audience: str, jwks_uri: str) -> dict[str, Any]:
     """Inbound JWT-SVID check (JWT-SVID s.4): signature against the bridge's JWKS for the
     trust domain, ``aud`` must hold ``audience``, ``exp`` in the future. The verified
     claims reach the app in ``x-jwt-payload``; a missing or bad token gets 401."""
@@ -525,7 +525,7 @@ def _jwt_authn_filter(audience: str) -> dict[str, Any]:
             "jwt_svid": {
                 "audiences": [audience],
                 "remote_jwks": {
-                    "http_uri": {"uri": "", "cluster": "jwks", "timeout": "2s"},
+                    "http_uri": {"uri": jwks_uri, "cluster": "jwks", "timeout": "2s"},
                     "cache_duration": "300s",
                     "async_fetch": {"fast_listener": False},
                     "retry_policy": {"num_retries": 3},
@@ -656,13 +656,6 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     if options.inbound is not None and options.jwks_uri is not None:
         url = urllib.parse.urlsplit(options.jwks_uri)
         clusters.append(_cluster("jwks", url.hostname or "127.0.0.1", url.port or 80))
-        for listener in listeners:
-            for chain in listener["filter_chains"]:
-                for network in chain["filters"]:
-                    for http_filter in network["typed_config"].get("http_filters", []):
-                        providers = http_filter["typed_config"].get("providers", {})
-                        for provider in providers.values():
-                            provider["remote_jwks"]["http_uri"]["uri"] = options.jwks_uri
     return {
         "node": {"id": options.node_id, "cluster": options.cluster},
         "admin": {"address": _address("127.0.0.1", options.admin_port)},

@@ -129,19 +129,14 @@ class Demo:
         return proc
 
     def stop(self) -> None:
+        """Stop everything started, all at once (5 s grace, then SIGKILL)."""
+        from ._procs import signal_group, stop_group  # noqa: PLC0415
+
         for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+            signal_group(proc)
         deadline = time.monotonic() + 5
         for _, proc in self.procs:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+            stop_group(proc, timeout=max(deadline - time.monotonic(), 0.1))
 
     def _wait(self, what: str, predicate: Any, timeout: float = 30.0) -> Any:
         deadline = time.monotonic() + timeout

@@ -489,49 +489,35 @@ class WatcherEvents(Protocol):
 
     def on_connected(self) -> None:
         """The X.509-SVID stream delivered its first message on a new connection."""
+        return None
 
     def on_disconnected(self, error: WorkloadApiError) -> None:
         """An X.509-SVID stream attempt ended or failed with ``error``; a retry follows."""
+        return None
 
     def on_x509_update(self, ctx: X509Context) -> None:
         """The published X.509 state changed to ``ctx``."""
+        return None
 
     def on_svid_rejected(self, error: InvalidSvid) -> None:
         """An SVID in a new message failed validation and was not taken."""
+        return None
 
     def on_svid_expired(self, svid: X509Svid) -> None:
         """A held SVID reached its expiry without a replacement and was dropped."""
+        return None
 
     def on_jwt_bundles_update(self, bundles: Mapping[TrustDomain, JwtBundle]) -> None:
         """The JWT bundles changed."""
+        return None
 
     def on_misconfigured(self, error: WorkloadApiMisconfigured) -> None:
         """The server answered ``INVALID_ARGUMENT``: a configuration problem, not an outage."""
+        return None
 
 
-class NullEvents:
-    """WatcherEvents that do nothing: the default."""
-
-    def on_connected(self) -> None:
-        """Ignore."""
-
-    def on_disconnected(self, error: WorkloadApiError) -> None:
-        """Ignore."""
-
-    def on_x509_update(self, ctx: X509Context) -> None:
-        """Ignore."""
-
-    def on_svid_rejected(self, error: InvalidSvid) -> None:
-        """Ignore."""
-
-    def on_svid_expired(self, svid: X509Svid) -> None:
-        """Ignore."""
-
-    def on_jwt_bundles_update(self, bundles: Mapping[TrustDomain, JwtBundle]) -> None:
-        """Ignore."""
-
-    def on_misconfigured(self, error: WorkloadApiMisconfigured) -> None:
-        """Ignore."""
+class NullEvents(WatcherEvents):
+    """WatcherEvents that do nothing (the Protocol's bodies are no-ops): the default."""
 
 
 class Backoff:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sds._procs import stop_group
 from tests.envoy import echo_app, envoy_version, envoys
 
 __all__ = ["echo_app", "envoy_version", "envoys"]
@@ -78,15 +78,9 @@ class Processes:
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         """Signal ``proc``'s process group and wait for it (SIGKILL after 10 s)."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        return proc.returncode
+        code = stop_group(proc, sig)
+        assert code is not None
+        return code
 
     def close(self) -> None:
         for proc, _ in self._procs:

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from sds._procs import stop_group
 
 __all__ = [
     "CACHE_DIR",
@@ -844,22 +845,9 @@ class EnvoyProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM Envoy's whole process group, SIGKILL after ``timeout``; return the exit code."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        # Reap anything the group left behind (Envoy forks nothing, but be certain).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return proc.returncode
+        return stop_group(self.proc, timeout=timeout)
 
 
 def _quote(text: str) -> str:

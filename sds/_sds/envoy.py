@@ -54,6 +54,8 @@ __all__ = [
     "decode_delta_request",
     "decode_sotw_request",
     "delta_response",
+    "encode_field",
+    "iter_fields",
     "node_info",
     "render_secret",
     "sotw_body",
@@ -87,36 +89,38 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
+def encode_field(number: int, payload: bytes) -> bytes:
     """One length-delimited field (wire type 2)."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _text(number: int, value: str) -> bytes:
-    return _field(number, value.encode()) if value else b""
+    return encode_field(number, value.encode()) if value else b""
 
 
 def _any(type_url: str, value: bytes) -> bytes:
-    return _field(1, type_url.encode()) + _field(2, value)
+    return encode_field(1, type_url.encode()) + encode_field(2, value)
 
 
 def _inline_bytes(data: bytes) -> bytes:
-    return _field(2, data)
+    return encode_field(2, data)
 
 
 def _spiffe_validator(spec: ValidationSpec) -> bytes:
     trust_domains = b"".join(
-        _field(1, _text(1, b.trust_domain.name) + _field(2, _inline_bytes(b.pem())))
+        encode_field(1, _text(1, b.trust_domain.name) + encode_field(2, _inline_bytes(b.pem())))
         for b in spec.bundles
     )
-    return _text(1, SPIFFE_VALIDATOR) + _field(2, _any(_SPIFFE_CONFIG_TYPE_URL, trust_domains))
+    return _text(1, SPIFFE_VALIDATOR) + encode_field(
+        2, _any(_SPIFFE_CONFIG_TYPE_URL, trust_domains)
+    )
 
 
 def _san_matchers(spec: ValidationSpec) -> bytes:
     uri = _varint(1 << 3) + _varint(_SAN_URI)
-    exact = (uri + _field(2, _text(1, value)) for value in spec.exact)
-    prefix = (uri + _field(2, _text(2, value)) for value in spec.prefixes)
-    return b"".join(_field(15, matcher) for matcher in (*exact, *prefix))
+    exact = (uri + encode_field(2, _text(1, value)) for value in spec.exact)
+    prefix = (uri + encode_field(2, _text(2, value)) for value in spec.prefixes)
+    return b"".join(encode_field(15, matcher) for matcher in (*exact, *prefix))
 
 
 def render_secret(name: str, spec: SecretSpec, *, trusted_ca: bool) -> bytes:
@@ -131,32 +135,32 @@ def render_secret(name: str, spec: SecretSpec, *, trusted_ca: bool) -> bytes:
     inline string.
     """
     if isinstance(spec, TlsSpec):
-        tls = _field(1, _inline_bytes(spec.svid.chain_pem())) + _field(
+        tls = encode_field(1, _inline_bytes(spec.svid.chain_pem())) + encode_field(
             2, _inline_bytes(spec.svid.key_pem())
         )
-        body = _field(2, tls)
+        body = encode_field(2, tls)
     elif isinstance(spec, GenericSpec):
-        body = _field(5, _field(1, _field(3, spec.value.encode())))
+        body = encode_field(5, encode_field(1, encode_field(3, spec.value.encode())))
     else:
         if trusted_ca:
-            context = _field(1, _inline_bytes(b"".join(b.pem() for b in spec.bundles)))
+            context = encode_field(1, _inline_bytes(b"".join(b.pem() for b in spec.bundles)))
         else:
-            context = _field(12, _spiffe_validator(spec))
-        body = _field(4, context + _san_matchers(spec))
+            context = encode_field(12, _spiffe_validator(spec))
+        body = encode_field(4, context + _san_matchers(spec))
     return _any(SECRET_TYPE_URL, _text(1, name) + body)
 
 
 def sotw_body(version: str, resources: Iterable[bytes]) -> bytes:
     """A DiscoveryResponse without its nonce: version_info (1), resources (2), type_url (4)."""
-    parts = [_field(1, version.encode())]
-    parts.extend(_field(2, resource) for resource in resources)
-    parts.append(_field(4, SECRET_TYPE_URL.encode()))
+    parts = [encode_field(1, version.encode())]
+    parts.extend(encode_field(2, resource) for resource in resources)
+    parts.append(encode_field(4, SECRET_TYPE_URL.encode()))
     return b"".join(parts)
 
 
 def with_nonce(body: bytes, nonce: str) -> bytes:
     """Append the nonce field (5); protobuf fields may come in any order."""
-    return body + _field(5, nonce.encode())
+    return body + encode_field(5, nonce.encode())
 
 
 def delta_response(
@@ -166,14 +170,19 @@ def delta_response(
     nonce: str,
 ) -> bytes:
     """A DeltaDiscoveryResponse from (name, version, Any bytes) updates and removed names."""
-    parts = [_field(1, system_version.encode())]
+    parts = [encode_field(1, system_version.encode())]
     for name, version, resource in resources:
         parts.append(
-            _field(2, _field(1, version.encode()) + _field(2, resource) + _field(3, name.encode()))
+            encode_field(
+                2,
+                encode_field(1, version.encode())
+                + encode_field(2, resource)
+                + encode_field(3, name.encode()),
+            )
         )
-    parts.append(_field(4, SECRET_TYPE_URL.encode()))
-    parts.append(_field(5, nonce.encode()))
-    parts.extend(_field(6, name.encode()) for name in removed)
+    parts.append(encode_field(4, SECRET_TYPE_URL.encode()))
+    parts.append(encode_field(5, nonce.encode()))
+    parts.extend(encode_field(6, name.encode()) for name in removed)
     return b"".join(parts)
 
 
@@ -193,7 +202,7 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+def iter_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
     """(field number, value) for each field: an int (varint/fixed) or bytes (length-delimited)."""
     i, end = 0, len(data)
     while i < end:
@@ -239,7 +248,7 @@ def _msg(value: int | bytes) -> bytes:
 
 def _status_message(data: bytes) -> str:
     code, message = 0, ""
-    for number, value in _fields(data):
+    for number, value in iter_fields(data):
         if number == 1 and isinstance(value, int):
             code = value
         elif number == 2:
@@ -275,7 +284,7 @@ class DeltaRequest:
 def decode_sotw_request(data: bytes) -> SotwRequest:
     """Decode a DiscoveryRequest; raise WireError if the bytes are malformed."""
     request = SotwRequest()
-    for number, value in _fields(data):
+    for number, value in iter_fields(data):
         if number == 1:
             request.version_info = _str(value)
         elif number == 2:
@@ -294,7 +303,7 @@ def decode_sotw_request(data: bytes) -> SotwRequest:
 def decode_delta_request(data: bytes) -> DeltaRequest:
     """Decode a DeltaDiscoveryRequest; raise WireError if the bytes are malformed."""
     request = DeltaRequest()
-    for number, value in _fields(data):
+    for number, value in iter_fields(data):
         if number == 1:
             request.node = _msg(value)
         elif number == 2:
@@ -305,7 +314,7 @@ def decode_delta_request(data: bytes) -> DeltaRequest:
             request.unsubscribe.append(_str(value))
         elif number == 5:
             key = version = ""
-            for entry_number, entry in _fields(_msg(value)):
+            for entry_number, entry in iter_fields(_msg(value)):
                 if entry_number == 1:
                     key = _str(entry)
                 elif entry_number == 2:
@@ -330,18 +339,18 @@ class NodeInfo:
 
 def _metadata_flag(struct_bytes: bytes, key: str) -> bool | None:
     """``key`` of a Struct as a bool: a bool value, or a string parsed as one (as SPIRE does)."""
-    for number, entry in _fields(struct_bytes):
+    for number, entry in iter_fields(struct_bytes):
         if number != 1:
             continue
         name, value = "", b""
-        for entry_number, part in _fields(_msg(entry)):
+        for entry_number, part in iter_fields(_msg(entry)):
             if entry_number == 1:
                 name = _str(part)
             elif entry_number == 2:
                 value = _msg(part)
         if name != key:
             continue
-        for value_number, content in _fields(value):
+        for value_number, content in iter_fields(value):
             if value_number == 4 and isinstance(content, int):
                 return bool(content)
             if value_number == 3:
@@ -355,9 +364,9 @@ def _metadata_flag(struct_bytes: bytes, key: str) -> bool | None:
 
 
 def _build_version(data: bytes) -> str:
-    for number, value in _fields(data):
+    for number, value in iter_fields(data):
         if number == 1:
-            parts = {n: v for n, v in _fields(_msg(value)) if isinstance(v, int)}
+            parts = {n: v for n, v in iter_fields(_msg(value)) if isinstance(v, int)}
             return f"{parts.get(1, 0)}.{parts.get(2, 0)}.{parts.get(3, 0)}"
     return ""
 
@@ -370,7 +379,7 @@ def node_info(data: bytes) -> NodeInfo:
     """
     node_id = cluster = build = ""
     flag: bool | None = None
-    for number, value in _fields(data):
+    for number, value in iter_fields(data):
         if number == 1:
             node_id = _str(value)
         elif number == 2:

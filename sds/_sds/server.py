@@ -121,36 +121,39 @@ class StreamInfo:
 
 
 class ServerEvents(Protocol):
-    """Callbacks from the SDS server (the metrics seam; the core stays free of Prometheus)."""
+    """Callbacks from the SDS server (the metrics seam; the core stays free of Prometheus).
 
-    def stream_opened(self, info: StreamInfo) -> None: ...
-    def stream_closed(self, info: StreamInfo) -> None: ...
-    def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None: ...
-    def acked(self, info: StreamInfo) -> None: ...
-    def nacked(self, info: StreamInfo, message: str) -> None: ...
-    def denied(self, creds: PeerCredentials | None) -> None: ...
-
-
-class NullServerEvents:
-    """ServerEvents that do nothing."""
+    Called synchronously on the event loop; they must not block. The bodies
+    here do nothing, so an implementation overrides only what it needs.
+    """
 
     def stream_opened(self, info: StreamInfo) -> None:
-        pass
+        """A stream was admitted."""
+        return None
 
     def stream_closed(self, info: StreamInfo) -> None:
-        pass
+        """A stream ended."""
+        return None
 
     def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None:
-        pass
+        """A response with ``names`` was sent, ``latency`` s after the state changed."""
+        return None
 
     def acked(self, info: StreamInfo) -> None:
-        pass
+        """Envoy accepted the last response on ``info``."""
+        return None
 
     def nacked(self, info: StreamInfo, message: str) -> None:
-        pass
+        """Envoy rejected a response with ``message``."""
+        return None
 
     def denied(self, creds: PeerCredentials | None) -> None:
-        pass
+        """A caller was refused by uid/gid."""
+        return None
+
+
+class NullServerEvents(ServerEvents):
+    """ServerEvents that do nothing."""
 
 
 @dataclass(frozen=True, slots=True)
