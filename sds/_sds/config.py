@@ -306,10 +306,7 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         )
     if "listen" in top:
         text = reader.string(top["listen"], "listen")
-        try:
-            config = replace(config, listen=parse_listen(text, f"{source}: listen"))
-        except ConfigError:
-            raise
+        config = replace(config, listen=parse_listen(text, f"{source}: listen"))
     if "socket_mode" in top:
         raw = top["socket_mode"]
         try:
