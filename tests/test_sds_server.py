@@ -234,6 +234,9 @@ async def test_federated_bundle_removal_rebuilds_validation_contexts(world: Worl
         await s.ack()
         world.source.set(world.context("/web", federated=False))
         assert (await s.recv()).trust_domains("ALL") == ["example.org"]
+    metrics = world.metrics.render().decode()
+    assert 'sds_bundle_present{trust_domain="partner.test"} 0.0' in metrics
+    assert 'sds_bundle_present{trust_domain="example.org"} 1.0' in metrics
 
 
 async def test_delta_subscribe_rotate_unsubscribe_and_removal(world: World) -> None:

@@ -74,6 +74,7 @@ class Metrics:
             registry=r,
         )
         self._serials: dict[str, int] = {}
+        self._bundles: set[str] = set()  # trust domains ever seen: a lost bundle reads 0
         self._acked: dict[tuple[str, str], tuple[str, str]] = {}
 
     def render(self) -> bytes:
@@ -100,8 +101,10 @@ class Metrics:
             if key not in seen:
                 del self._serials[key]
                 self.svid_not_after.remove(key)
-        for td in ctx.bundles:
-            self.bundle_present.labels(td.name).set(1)
+        held = {td.name for td in ctx.bundles}
+        for name in held | self._bundles:
+            self.bundle_present.labels(name).set(1 if name in held else 0)
+        self._bundles |= held
 
     # -- WatcherEvents -----------------------------------------------------------------------
 
