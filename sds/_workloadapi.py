@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
@@ -86,6 +87,52 @@ ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 #: The security header sent on every call (Workload Endpoint s.3).
 SECURITY_HEADER = ("workload.spiffe.io", "true")
 _METADATA = dict([SECURITY_HEADER])
+
+#: Deadline of every unary call and of the first message of a one-shot stream (seconds).
+CALL_TIMEOUT = 10.0
+#: Largest message accepted from a Workload API (bytes): far above real bundles (a
+#: federation of hundreds of trust domains is a few MiB), far below what hurts memory.
+MAX_MESSAGE_BYTES = 16 * 2**20
+#: Seconds between HTTP/2 PINGs on the upstream connection. grpc-go servers (SPIRE, tbot)
+#: refuse clients that ping more often than every 5 minutes (ENHANCE_YOUR_CALM), so stay
+#: just above it; a silent stream is caught earlier by the Watcher's stall deadline.
+KEEPALIVE_INTERVAL = 310.0
+#: Seconds to wait for a PING's answer before the connection is declared dead.
+KEEPALIVE_TIMEOUT = 20.0
+# grpclib's messages for a response that is not gRPC (no or another content-type, HTTP error).
+_NOT_GRPC = ("Missing content-type header", "Invalid content-type", "Received :status")
+
+
+class MessageTooLarge(Exception):
+    """A peer declared a message longer than the receive limit (internal; mapped in _errors)."""
+
+
+def _method_name(method: Any) -> str:
+    """``FetchJWTSVID`` for grpclib's method object named ``/SpiffeWorkloadAPI/FetchJWTSVID``."""
+    return str(getattr(method, "name", "")).rpartition("/")[2]
+
+
+async def _recv_capped(stream: Any, limit: int) -> Any:
+    """The next message of a grpclib client stream, or None at its end; refuses a message
+    whose declared length exceeds ``limit`` before reading its body.
+
+    grpclib 0.4.9 (pinned) buffers a message of any declared length; this is its
+    ``Stream.recv_message`` with the length checked first (gRPC over HTTP/2: a
+    message is a 1-byte compressed flag, a 4-byte big-endian length, the bytes).
+    """
+    if not stream._recv_initial_metadata_done:
+        await stream.recv_initial_metadata()
+    with stream._wrapper:
+        prefix = await stream._stream.recv_data(5)
+        if not prefix:
+            return None
+        if prefix[0]:
+            raise ProtocolError("compressed messages are not supported")
+        length = int.from_bytes(prefix[1:5], "big")
+        if length > limit:
+            raise MessageTooLarge(f"a {length}-byte message (the limit is {limit} bytes)")
+        data = await stream._stream.recv_data(length)
+        return stream._codec.decode(data, stream._recv_type)
 
 
 # --------------------------------------------------------------------------- address
@@ -129,6 +176,8 @@ def parse_address(text: str | None, *, option: str = "--workload-api") -> Addres
         return ConfigError(f"workload API address {text!r}{source} {reason}")
 
     generic = "must be unix:///path or tcp://ip:port"
+    if "\x00" in text:
+        raise bad("contains a NUL byte")
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -313,17 +362,39 @@ class WorkloadApiClient:
     InvalidSvid, InvalidBundle or InvalidJwt.
     """
 
-    def __init__(self, address: Address | str) -> None:
+    def __init__(
+        self,
+        address: Address | str,
+        *,
+        call_timeout: float = CALL_TIMEOUT,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        keepalive: float | None = KEEPALIVE_INTERVAL,
+    ) -> None:
         self.address = _coerce_address(address)
+        self.call_timeout = call_timeout
+        self.max_message_bytes = max_message_bytes
+        self._keepalive = keepalive
         self._channel: Channel | None = None
         self._stub: SpiffeWorkloadAPIStub | None = None
 
     def _api(self) -> SpiffeWorkloadAPIStub:
         if self._stub is None:
+            config = None
+            if self._keepalive is not None:
+                # HTTP/2 PINGs on an idle connection, unlimited in number: a peer that stops
+                # answering for KEEPALIVE_TIMEOUT seconds is dropped and the watch reconnects.
+                config = Configuration(
+                    _keepalive_time=self._keepalive,
+                    _keepalive_timeout=KEEPALIVE_TIMEOUT,
+                    _keepalive_permit_without_calls=True,
+                    _http2_max_pings_without_data=0,
+                )
             if self.address.scheme == "unix":
-                self._channel = Channel(path=self.address.path)
+                self._channel = Channel(path=self.address.path, config=config)
             else:
-                self._channel = Channel(host=self.address.host, port=self.address.port)
+                self._channel = Channel(
+                    host=self.address.host, port=self.address.port, config=config
+                )
             self._stub = SpiffeWorkloadAPIStub(self._channel)
         return self._stub
 
@@ -348,12 +419,26 @@ class WorkloadApiClient:
     # -- error translation -------------------------------------------------
 
     @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, method: str = "") -> Iterator[None]:
         where = f"workload API at {self.address}"
         try:
             yield
+        except TimeoutError as exc:
+            raise WorkloadApiUnavailable(
+                f"{where} did not answer {method or 'the call'} within {self.call_timeout:g}s"
+            ) from exc
         except GRPCError as exc:
             message = exc.message or exc.status.name
+            if exc.status is Status.UNKNOWN and message.startswith(_NOT_GRPC):
+                # HTTP/2 that is not gRPC (or a gRPC peer that omits content-type).
+                raise WorkloadApiMisconfigured(
+                    f"{self.address}: not a SPIFFE Workload API (the peer does not speak gRPC)"
+                ) from exc
+            if exc.status is Status.UNIMPLEMENTED and method:
+                raise WorkloadApiMisconfigured(
+                    f"{self.address}: not a SPIFFE Workload API "
+                    f"(the peer does not implement {method})"
+                ) from exc
             if exc.status is Status.UNAVAILABLE:
                 raise WorkloadApiUnavailable(f"{where} is unavailable: {message}") from exc
             if exc.status is Status.PERMISSION_DENIED:
@@ -379,26 +464,47 @@ class WorkloadApiClient:
             raise WorkloadApiUnavailable(f"{where} is unavailable: {reason}") from exc
         except ProtocolError as exc:
             raise WorkloadApiError(f"{where}: gRPC protocol error: {exc}") from exc
+        except MessageTooLarge as exc:
+            raise WorkloadApiError(f"{where} sent {exc}") from exc
 
     async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
         """Raw messages of one server stream, until the server ends it."""
-        with self._errors():
+        with self._errors(_method_name(method)):
             async with method.open(metadata=_METADATA) as stream:
                 await stream.send_message(request, end=True)
-                async for message in stream:
+                while (message := await _recv_capped(stream, self.max_message_bytes)) is not None:
                     yield message
 
     async def _first(self, method: Any, request: Any, what: str) -> Any:
-        """The first message of a server stream; the stream is then cancelled."""
-        with self._errors():
-            async with method.open(metadata=_METADATA) as stream:
+        """The first message of a server stream within ``call_timeout``; then cancelled."""
+        with self._errors(_method_name(method)):
+            async with (
+                asyncio.timeout(self.call_timeout),
+                method.open(metadata=_METADATA) as stream,
+            ):
                 await stream.send_message(request, end=True)
-                message = await stream.recv_message()
+                message = await _recv_capped(stream, self.max_message_bytes)
                 if message is not None:
                     await stream.cancel()
         if message is None:
             raise WorkloadApiUnavailable(
                 f"workload API at {self.address} ended the {what} stream without a response"
+            )
+        return message
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        """One unary call, answered within ``call_timeout`` and at most ``max_message_bytes``."""
+        with self._errors(_method_name(method)):
+            async with (
+                asyncio.timeout(self.call_timeout),
+                method.open(metadata=_METADATA) as stream,
+            ):
+                await stream.send_message(request, end=True)
+                message = await _recv_capped(stream, self.max_message_bytes)
+                await stream.recv_trailing_metadata()
+        if message is None:
+            raise WorkloadApiUnavailable(
+                f"workload API at {self.address} answered {_method_name(method)} with no message"
             )
         return message
 
@@ -444,8 +550,7 @@ class WorkloadApiClient:
     ) -> list[JwtSvid]:
         """JWT-SVIDs for ``audience`` (all of the caller's identities, or only ``spiffe_id``)."""
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=spiffe_id or "")
-        with self._errors():
-            resp = await self._api().FetchJWTSVID(request, metadata=_METADATA)
+        resp = await self._unary(self._api().FetchJWTSVID, request)
         return [_jwt_svid(msg) for msg in resp.svids]
 
     async def fetch_jwt_bundles(self) -> dict[TrustDomain, JwtBundle]:
@@ -468,8 +573,7 @@ class WorkloadApiClient:
         surfaces as WorkloadApiMisconfigured carrying the server's reason.
         """
         request = workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token)
-        with self._errors():
-            resp = await self._api().ValidateJWTSVID(request, metadata=_METADATA)
+        resp = await self._unary(self._api().ValidateJWTSVID, request)
         try:
             sid = SpiffeId.parse(resp.spiffe_id)
         except InvalidSpiffeId as exc:

@@ -63,12 +63,12 @@ async def _main(config: Any, config_path: str | None) -> int:
 
     from .._log import event  # noqa: PLC0415
     from .._peercred import bind_unix_socket  # noqa: PLC0415
-    from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
+    from .._workloadapi import Watcher, WorkloadApiClient, parse_address  # noqa: PLC0415
     from ..errors import ConfigError, SdsServerError, WorkloadApiDenied  # noqa: PLC0415
     from .admin import AdminServer, Response  # noqa: PLC0415
     from .bridge import Bridge  # noqa: PLC0415
     from .config import load_config  # noqa: PLC0415
-    from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
+    from .jwt import JwtSvidManager, JwtToken, wanted_audiences  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
     from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
 
@@ -77,8 +77,17 @@ async def _main(config: Any, config_path: str | None) -> int:
     if config.listen.path is not None:
         _check_socket_dir(config.listen.path)  # fail fast, before waiting for upstream
     metrics = Metrics()
-    addresses = list(config.workload_api) or [None]
-    watchers = [Watcher(address, events=metrics) for address in addresses]
+    addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
+    backoff = config.upstream_backoff
+    watchers = [
+        Watcher(
+            address,
+            events=metrics.upstream(str(address)),
+            backoff_initial=backoff.initial,
+            backoff_max=backoff.max,
+        )
+        for address in addresses
+    ]
     bridge = Bridge(config, watchers, metrics=metrics)
     jwt_client = WorkloadApiClient(watchers[0].address)
 
@@ -89,7 +98,16 @@ async def _main(config: Any, config_path: str | None) -> int:
         svid = svids[0]
         return JwtToken(svid.token, str(svid.spiffe_id), svid.expiry.timestamp())
 
-    bridge.jwt = JwtSvidManager(fetch_jwt, bridge.refresh, spiffe_id=bridge.default_spiffe_id)
+    bridge.jwt = JwtSvidManager(
+        fetch_jwt,
+        bridge.refresh,
+        spiffe_id=bridge.default_spiffe_id,
+        wanted=lambda: wanted_audiences(info.names for info in servicer.streams.values()),
+        retry_initial=backoff.initial,
+        retry_max=backoff.max,
+        max_audiences=config.jwt_svids.max_audiences,
+        idle_timeout=config.jwt_svids.idle_timeout,
+    )
     servicer = SdsServicer(
         bridge.cache,
         access=AccessPolicy(config.allowed_uids, config.allowed_gids),

@@ -8,6 +8,8 @@ the file and the key path (``sds.yaml: policies[0].allow[1]: ...``).
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,11 +23,13 @@ from ..errors import ConfigError, InvalidSpiffeId
 __all__ = [
     "AdminConfig",
     "BridgeConfig",
+    "JwtLimits",
     "ListenAddress",
     "NamedSecret",
     "Names",
     "Policy",
     "SvidSelector",
+    "UpstreamBackoff",
     "load_config",
     "parse_config",
     "parse_listen",
@@ -103,6 +107,22 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamBackoff:
+    """Reconnect delays to the Workload API: full jitter, doubling from ``initial`` to ``max``."""
+
+    initial: float = 0.1
+    max: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class JwtLimits:
+    """Bounds on the JWT-SVID audiences the bridge fetches and refreshes for Envoy."""
+
+    max_audiences: int = 64
+    idle_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything ``sds run`` needs, validated."""
 
@@ -118,6 +138,8 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    upstream_backoff: UpstreamBackoff = field(default_factory=UpstreamBackoff)
+    jwt_svids: JwtLimits = field(default_factory=JwtLimits)
     source: str = "<defaults>"
 
     def with_overrides(
@@ -151,6 +173,8 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "upstream_backoff",
+    "jwt_svids",
 }
 
 
@@ -382,6 +406,63 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
             config = replace(
                 config, admin=_parse_admin(reader.string(admin, "admin"), f"{source}: admin")
             )
+    return _parse_upstream(reader, top, config)
+
+
+# -- upstream and JWT-SVID limits ---------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
+    """Seconds from ``0.1s``, ``250ms``, ``5m``, ``1h`` or a plain number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _UNITS[match[2]]
+    else:
+        raise reader.fail(path, f"{value!r}: want a duration such as 0.1s, 250ms, 5m")
+    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
+        raise reader.fail(path, f"{value!r}: must be more than 0 and at most {maximum:g}s")
+    return seconds
+
+
+def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfig) -> BridgeConfig:
+    """``workload_api`` addresses checked as addresses; ``upstream_backoff``; ``jwt_svids``."""
+    from .._workloadapi import parse_address  # noqa: PLC0415 - grpclib only when needed
+
+    for index, text in enumerate(config.workload_api):
+        try:
+            parse_address(text)
+        except ConfigError as exc:
+            where = f"workload_api[{index}]" if len(config.workload_api) > 1 else "workload_api"
+            raise reader.fail(where, str(exc)) from exc
+    if "upstream_backoff" in top:
+        data = reader.mapping(top["upstream_backoff"], "upstream_backoff", {"initial", "max"})
+        backoff = UpstreamBackoff(
+            *(
+                _duration(reader, data[key], f"upstream_backoff.{key}", maximum=3600)
+                if key in data
+                else getattr(UpstreamBackoff(), key)
+                for key in ("initial", "max")
+            )
+        )
+        if backoff.max < backoff.initial:
+            raise reader.fail("upstream_backoff", "max must not be less than initial")
+        config = replace(config, upstream_backoff=backoff)
+    if "jwt_svids" in top:
+        data = reader.mapping(top["jwt_svids"], "jwt_svids", {"max_audiences", "idle_timeout"})
+        limits = JwtLimits()
+        if "max_audiences" in data:
+            count = data["max_audiences"]
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 4096:
+                raise reader.fail("jwt_svids.max_audiences", "must be an integer from 0 to 4096")
+            limits = replace(limits, max_audiences=count)
+        if "idle_timeout" in data:
+            idle = _duration(reader, data["idle_timeout"], "jwt_svids.idle_timeout", maximum=86400)
+            limits = replace(limits, idle_timeout=idle)
+        config = replace(config, jwt_svids=limits)
     return config
 
 
