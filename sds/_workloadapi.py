@@ -31,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import datetime as dt
 import ipaddress
 import json
 import logging
 import os
 import random
+import struct
+import sys
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -582,6 +585,141 @@ class WorkloadApiClient:
         return sid, claims
 
 
+# --------------------------------------------------------------------------- socket watch
+
+#: Seconds the first X.509-SVID message may take after connecting.
+FIRST_MESSAGE_TIMEOUT = 10.0
+#: Bounds on how long an open X.509-SVID stream may stay silent (seconds): half the
+#: remaining lifetime of the earliest-expiring SVID, clamped to [SILENCE_MIN, SILENCE_MAX].
+SILENCE_MIN = 1.0
+SILENCE_MAX = 300.0
+#: Stat-poll interval when inotify is not available (only while disconnected).
+_POLL_INTERVAL = 0.2
+
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_IGNORED = 0x8000
+_EVENT = struct.Struct("iIII")
+
+
+def _inode(path: str) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path``: device, inode and change time (tmpfs reuses inode
+    numbers at once, so a recreated socket can carry its predecessor's), or None."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+
+
+def _inotify_directory(directory: str) -> int:
+    """An inotify fd watching ``directory`` for created and moved-in entries; raise OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+    mask = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
+    if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+        errno = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(errno, f"inotify_add_watch {directory} failed")
+    return fd
+
+
+class SocketWatch:
+    """Tells when a Unix socket path is created or replaced, so a reconnect need not wait
+    out its backoff.
+
+    Linux: inotify on the socket's directory (no polling); elsewhere, or while the
+    directory itself is missing, a stat poll every 0.2 s. It exists only while the
+    watcher is disconnected. If the path already holds another inode than
+    ``known`` (the socket we were last connected to, if any), that counts as
+    having appeared.
+    """
+
+    def __init__(self, path: str, known: tuple[int, int, int] | None) -> None:
+        self._path = path
+        self._directory, self._name = os.path.split(path)
+        self._appeared = asyncio.Event()
+        self._fd = -1
+        self._poller: asyncio.Task[None] | None = None
+        current = _inode(path)
+        self._seen = current  # what the stat poll compares against
+        self._start()
+        if known is not None and current is not None and current != known:
+            self._appeared.set()  # replaced between the disconnect and this watch
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if sys.platform.startswith("linux"):
+            try:
+                self._fd = _inotify_directory(self._directory)
+            except (OSError, AttributeError):
+                self._fd = -1
+            else:
+                loop.add_reader(self._fd, self._readable)
+                return
+        self._poller = loop.create_task(self._poll(), name="socket-poll")
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        offset = 0
+        gone = not data
+        while offset + _EVENT.size <= len(data):
+            _, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
+                gone = True
+            elif os.fsdecode(name) == self._name:
+                self._appeared.set()
+        if gone:  # the directory went away: fall back to polling until it is back
+            self._close_fd()
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="socket-poll")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(_POLL_INTERVAL)
+            current = _inode(self._path)
+            if current != self._seen:
+                self._seen = current
+                if current is not None:
+                    self._appeared.set()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s; True if the socket appeared (the flag is then cleared)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._appeared.wait()
+        except TimeoutError:
+            return False
+        self._appeared.clear()
+        return True
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """Stop watching (on connect, or when the watcher stops)."""
+        self._close_fd()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+
 # --------------------------------------------------------------------------- watcher
 
 
@@ -704,13 +842,22 @@ class Watcher:
         *,
         events: WatcherEvents | None = None,
         backoff_initial: float = 0.1,
-        backoff_max: float = 30.0,
+        backoff_max: float = 5.0,
+        first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
+        silence_max: float = SILENCE_MAX,
+        watch_socket: bool = True,
     ) -> None:
         self.address = _coerce_address(address)
         self._events: WatcherEvents = events if events is not None else NullEvents()
         Backoff(backoff_initial, backoff_max)  # validate the arguments early
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self.first_message_timeout = first_message_timeout
+        self.silence_max = silence_max
+        self._watch_socket = watch_socket and self.address.scheme == "unix"
+        self._socket_watch: SocketWatch | None = None
+        self._connected_inode: tuple[int, int, int] | None = None
+        self._reconnected = asyncio.Event()
         self._ctx: X509Context | None = None
         self._jwt: dict[TrustDomain, JwtBundle] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -778,26 +925,99 @@ class Watcher:
 
     async def _x509_loop(self, client: WorkloadApiClient) -> None:
         backoff = Backoff(self._backoff_initial, self._backoff_max)
-        while True:
-            connected = False
-            try:
-                async with contextlib.aclosing(client._x509_responses()) as responses:
-                    async for resp in responses:
-                        if not connected:
-                            connected = True
-                            self._last_error = None
-                            self._events.on_connected()
-                            event(
-                                logger, logging.INFO, "workload_api.connected", address=self.address
-                            )
-                        if self._apply_x509(resp):
-                            backoff.reset()
-                raise WorkloadApiUnavailable(
-                    f"workload API at {self.address} ended the X.509-SVID stream"
-                )
-            except WorkloadApiError as exc:
-                delay = self._x509_failed(exc, backoff)
+        try:
+            while True:
+                try:
+                    await self._follow_x509(client, backoff)
+                    continue  # the stream went silent: reconnect at once
+                except WorkloadApiError as exc:
+                    delay = self._x509_failed(exc, backoff)
+                except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
+                    event(logger, logging.ERROR, "workload_api.unexpected_error", error=repr(exc))
+                    delay = self._x509_failed(
+                        WorkloadApiError(f"workload API at {self.address}: {exc!r}"), backoff
+                    )
+                if await self._retry_wait(delay):
+                    backoff.reset()
+        finally:
+            self._stop_socket_watch()
+
+    async def _follow_x509(self, client: WorkloadApiClient, backoff: Backoff) -> None:
+        """One X.509-SVID stream until it fails (raises) or stays silent too long (returns).
+
+        The first message must come within ``first_message_timeout``; after each
+        message the stream may stay silent for half the remaining lifetime of the
+        earliest-expiring SVID held (at least 1 s, at most ``silence_max``), so a
+        server that keeps the connection open but stopped sending is abandoned
+        well before the SVIDs expire.
+        """
+        connected = False
+        async with contextlib.aclosing(client._x509_responses()) as responses:
+            while True:
+                limit = self._silence_limit() if connected else self.first_message_timeout
+                try:
+                    async with asyncio.timeout(limit):
+                        resp = await anext(responses)
+                except StopAsyncIteration:
+                    raise WorkloadApiUnavailable(
+                        f"workload API at {self.address} ended the X.509-SVID stream"
+                    ) from None
+                except TimeoutError:
+                    client.close()  # a hung server: the next attempt opens a new connection
+                    if not connected:
+                        raise WorkloadApiUnavailable(
+                            f"workload API at {self.address} sent no X.509-SVID message "
+                            f"within {limit:g}s of connecting"
+                        ) from None
+                    event(
+                        logger,
+                        logging.WARNING,
+                        "workload_api.silent",
+                        address=self.address,
+                        silent_for=f"{limit:.3f}",
+                        action="reconnecting (a stalled stream or a replaced server)",
+                    )
+                    return
+                if not connected:
+                    connected = True
+                    self._on_stream_up()
+                if self._apply_x509(resp):
+                    backoff.reset()
+
+    def _on_stream_up(self) -> None:
+        self._last_error = None
+        self._stop_socket_watch()
+        self._connected_inode = _inode(self.address.path) if self._watch_socket else None
+        self._reconnected.set()
+        self._reconnected.clear()
+        self._events.on_connected()
+        event(logger, logging.INFO, "workload_api.connected", address=self.address)
+
+    def _silence_limit(self) -> float:
+        """How long the X.509 stream may stay silent: half the earliest SVID's remaining life."""
+        expires_at = self._expires_at
+        if expires_at is None:
+            return self.silence_max
+        remaining = (expires_at - utcnow()).total_seconds()
+        return min(max(remaining / 2, SILENCE_MIN), self.silence_max)
+
+    async def _retry_wait(self, delay: float) -> bool:
+        """Sleep ``delay`` before reconnecting; on a Unix socket, wake early (True) when the
+        socket file is created or replaced. The directory is watched only while disconnected."""
+        if not self._watch_socket:
             await asyncio.sleep(delay)
+            return False
+        if self._socket_watch is None:
+            self._socket_watch = SocketWatch(self.address.path, self._connected_inode)
+        appeared = await self._socket_watch.wait(delay)
+        if appeared:
+            event(logger, logging.INFO, "workload_api.socket_appeared", address=self.address)
+        return appeared
+
+    def _stop_socket_watch(self) -> None:
+        if self._socket_watch is not None:
+            self._socket_watch.close()
+            self._socket_watch = None
 
     def _x509_failed(self, exc: WorkloadApiError, backoff: Backoff) -> float:
         """Record a failed X.509 stream attempt; return the delay before the next one."""
@@ -854,7 +1074,9 @@ class Watcher:
                 raise WorkloadApiUnavailable(
                     f"workload API at {self.address} ended the JWT bundle stream"
                 )
-            except WorkloadApiError as exc:
+            except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
+                if not isinstance(exc, WorkloadApiError):
+                    exc = WorkloadApiError(f"workload API at {self.address}: {exc!r}")
                 if isinstance(exc, WorkloadApiMisconfigured):
                     backoff.attempt += 1
                     delay = self._backoff_max
@@ -871,7 +1093,10 @@ class Watcher:
                     attempt=backoff.attempt,
                     retry_in=f"{delay:.3f}",
                 )
-            await asyncio.sleep(delay)
+            # Wake early when the X.509 stream is back (e.g. the socket reappeared).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._reconnected.wait()
 
     # -- state changes -----------------------------------------------------
 
