@@ -170,7 +170,7 @@ async def test_socket_watch_counts_a_replacement_made_before_it_started(sockdir:
     path.touch()
     before = workloadapi._inode(str(path))
     path.unlink()
-    await asyncio.sleep(0.02)  # past the kernel's coarse ctime tick, should the inode number be reused
+    await asyncio.sleep(0.02)  # past the coarse ctime tick, should the inode number be reused
     path.touch()  # a new file at the same path
     assert workloadapi._inode(str(path)) != before
     watch = SocketWatch(str(path), before)
