@@ -589,8 +589,9 @@ class WorkloadApiClient:
 
 #: Seconds the first X.509-SVID message may take after connecting.
 FIRST_MESSAGE_TIMEOUT = 10.0
-#: Bounds on how long an open X.509-SVID stream may stay silent (seconds): half the
-#: remaining lifetime of the earliest-expiring SVID, clamped to [SILENCE_MIN, SILENCE_MAX].
+#: How long an open X.509-SVID stream may stay silent: this fraction of the remaining
+#: lifetime of the earliest-expiring SVID, clamped to [SILENCE_MIN, SILENCE_MAX] seconds.
+SILENCE_FRACTION = 0.75
 SILENCE_MIN = 1.0
 SILENCE_MAX = 300.0
 #: Stat-poll interval when inotify is not available (only while disconnected).
@@ -946,10 +947,12 @@ class Watcher:
         """One X.509-SVID stream until it fails (raises) or stays silent too long (returns).
 
         The first message must come within ``first_message_timeout``; after each
-        message the stream may stay silent for half the remaining lifetime of the
-        earliest-expiring SVID held (at least 1 s, at most ``silence_max``), so a
-        server that keeps the connection open but stopped sending is abandoned
-        well before the SVIDs expire.
+        message the stream may stay silent for 3/4 of the remaining lifetime of
+        the earliest-expiring SVID held (at least 1 s, at most ``silence_max``),
+        so a server that keeps the connection open but stopped sending is
+        abandoned while a quarter of that lifetime is left to fetch a new SVID. A
+        healthy upstream rotates at half-life (SPIRE, our provider), well inside
+        the bound, so a fresh SVID never causes a reconnect.
         """
         connected = False
         async with contextlib.aclosing(client._x509_responses()) as responses:
@@ -994,12 +997,12 @@ class Watcher:
         event(logger, logging.INFO, "workload_api.connected", address=self.address)
 
     def _silence_limit(self) -> float:
-        """How long the X.509 stream may stay silent: half the earliest SVID's remaining life."""
+        """How long the X.509 stream may stay silent: 3/4 of the earliest SVID's remaining life."""
         expires_at = self._expires_at
         if expires_at is None:
             return self.silence_max
         remaining = (expires_at - utcnow()).total_seconds()
-        return min(max(remaining / 2, SILENCE_MIN), self.silence_max)
+        return min(max(remaining * SILENCE_FRACTION, SILENCE_MIN), self.silence_max)
 
     async def _retry_wait(self, delay: float) -> bool:
         """Sleep ``delay`` before reconnecting; on a Unix socket, wake early (True) when the

@@ -1,5 +1,5 @@
 """Fast recovery and no stalled upstream (issue 9 item 8): the X.509 stream is abandoned when
-it stays silent past half the SVIDs' remaining life, a server that never sends its first
+it stays silent past 3/4 of the SVIDs' remaining life, a server that never sends its first
 message is dropped, and a reappearing Unix socket is reconnected at once instead of after
 the backoff."""
 
@@ -70,7 +70,8 @@ def hints(ctx: X509Context | None) -> list[str]:
 def test_stated_defaults() -> None:
     watcher = Watcher("unix:///nonexistent/api.sock")
     assert (watcher.first_message_timeout, watcher.silence_max) == (10.0, 300.0)
-    assert (workloadapi.SILENCE_MIN, workloadapi.KEEPALIVE_INTERVAL) == (1.0, 310.0)
+    assert (workloadapi.SILENCE_MIN, workloadapi.SILENCE_FRACTION) == (1.0, 0.75)
+    assert workloadapi.KEEPALIVE_INTERVAL == 310.0
     assert watcher._backoff_initial == 0.1 and watcher._backoff_max == 5.0
 
 
@@ -93,7 +94,7 @@ async def test_a_stalled_upstream_is_abandoned_for_a_working_one_at_the_same_pat
             assert hints(watcher.current()) == ["stalled"]
             path.unlink()
             await working.start_unix(path)
-            # Silent for half the remaining 4 s: reconnected, before the SVID expired.
+            # Silent for 3/4 of the remaining 4 s: reconnected, before the SVID expired.
             await eventually(lambda: hints(watcher.current()) == ["working"], 10, "working")
     finally:
         await stalled.stop()
