@@ -33,6 +33,7 @@ __all__ = [
     "outage_recovery",
     "restart_provider",
     "start_envoy",
+    "start_provider_timed",
 ]
 
 
@@ -94,16 +95,25 @@ class Traffic:
 
 
 def _socket_back(path: Path, timeout: float) -> float:
-    """Poll (1 ms) until ``path`` exists; return the monotonic time it was first seen."""
+    """Poll (1 ms) until the socket ``path`` exists; return when it was made (monotonic).
+
+    The time comes from the file's ctime (set by bind and the chmod that follows it),
+    not from when this poll saw it: a loaded machine may wake the poll late.
+    """
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.001)
-    return time.monotonic()
+    while True:
+        try:
+            made = path.stat().st_ctime_ns / 1e9
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} did not appear within {timeout}s") from None
+            time.sleep(0.001)
+    age = max(0.0, time.time() - made)
+    return time.monotonic() - age
 
 
-def _start_provider_timed(stack: Stack) -> float:
+def start_provider_timed(stack: Stack) -> float:
     """Start the provider; return when its socket appeared (monotonic)."""
     if stack.workload_socket.exists():
         stack.workload_socket.unlink()
@@ -117,9 +127,9 @@ def restart_provider(stack: Stack, procs: Processes, down_for: float = 0.3) -> f
     before = stack.served_serial()
     procs.stop(stack.provider, signal.SIGKILL)
     time.sleep(down_for)
-    back = _start_provider_timed(stack)
-    wait_for(lambda: stack.served_serial() != before, 30, "bridge serves the restarted provider")
-    return time.monotonic() - back
+    back = start_provider_timed(stack)
+    served = _poll(lambda: _served_or_none(stack) not in (None, before), 30, "bridge serves it")
+    return served - back
 
 
 def kill_bridge(stack: Stack, procs: Processes) -> None:
@@ -144,18 +154,24 @@ def outage_recovery(
         lambda: "svid.expired" in procs.log(stack.bridge), outage + 30, "the bridge's SVID expired"
     )
     time.sleep(max(0.0, outage - (time.monotonic() - down)))
-    back = _start_provider_timed(stack)
-    served = wait_for(
-        lambda: _served_or_none(stack) not in (None, old) and time.monotonic(),
-        30,
-        "bridge serves a new SVID",
-    )
+    back = start_provider_timed(stack)
+    served = _poll(lambda: _served_or_none(stack) not in (None, old), 30, "bridge serves it")
     seen = wait_for(
         lambda: next((t for t, s in traffic.served if t >= back and s != old), None),
         30,
         "Envoy presents the new SVID",
     )
     return {"outage": back - down, "to_bridge": served - back, "to_envoy": seen - back}
+
+
+def _poll(predicate: Any, timeout: float, what: str) -> float:
+    """Check ``predicate`` every 5 ms; return the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic()
 
 
 def _served_or_none(stack: Stack) -> int | None:
@@ -188,6 +204,10 @@ class StallProxy:
         return self
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # close() cancels: a quiet end
+            await self._forward(reader, writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         frozen = asyncio.Event()
         self._live.append(frozen)
