@@ -594,6 +594,10 @@ FIRST_MESSAGE_TIMEOUT = 10.0
 SILENCE_FRACTION = 0.75
 SILENCE_MIN = 1.0
 SILENCE_MAX = 300.0
+#: After the socket reappears, connection failures are retried this many times every
+#: FAST_RETRY_DELAY seconds (a server binds before it serves) before the backoff resumes.
+FAST_RETRIES = 20
+FAST_RETRY_DELAY = 0.005
 #: Stat-poll interval when inotify is not available (only while disconnected).
 _POLL_INTERVAL = 0.2
 
@@ -859,6 +863,8 @@ class Watcher:
         self._socket_watch: SocketWatch | None = None
         self._connected_inode: tuple[int, int, int] | None = None
         self._reconnected = asyncio.Event()
+        # Quick retries left since the socket appeared (it may be bound but not serving yet).
+        self._fast_retries = 0
         self._ctx: X509Context | None = None
         self._jwt: dict[TrustDomain, JwtBundle] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -931,6 +937,14 @@ class Watcher:
                 try:
                     await self._follow_x509(client, backoff)
                     continue  # the stream went silent: reconnect at once
+                except WorkloadApiUnavailable as exc:
+                    if self._fast_retries:
+                        self._fast_retries -= 1
+                        self._last_error = exc
+                        event(logger, logging.DEBUG, "workload_api.not_serving_yet", error=exc)
+                        delay = FAST_RETRY_DELAY
+                    else:
+                        delay = self._x509_failed(exc, backoff)
                 except WorkloadApiError as exc:
                     delay = self._x509_failed(exc, backoff)
                 except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
@@ -940,6 +954,7 @@ class Watcher:
                     )
                 if await self._retry_wait(delay):
                     backoff.reset()
+                    self._fast_retries = FAST_RETRIES
         finally:
             self._stop_socket_watch()
 
@@ -989,6 +1004,7 @@ class Watcher:
 
     def _on_stream_up(self) -> None:
         self._last_error = None
+        self._fast_retries = 0
         self._stop_socket_watch()
         self._connected_inode = _inode(self.address.path) if self._watch_socket else None
         self._reconnected.set()
@@ -1036,7 +1052,8 @@ class Watcher:
                 address=self.address,
                 error=exc,
                 problem="configuration: the server rejected the request as invalid "
-                "(e.g. the workload.spiffe.io security header or the address)",
+                "(e.g. the workload.spiffe.io security header) or is not a Workload API "
+                "(check the address)",
                 attempt=backoff.attempt,
                 retry_in=f"{self._backoff_max:.3f}",
             )
