@@ -391,6 +391,7 @@ class WorkloadApiClient:
                     _keepalive_timeout=KEEPALIVE_TIMEOUT,
                     _keepalive_permit_without_calls=True,
                     _http2_max_pings_without_data=0,
+                    _http2_min_sent_ping_interval_without_data=self._keepalive,
                 )
             if self.address.scheme == "unix":
                 self._channel = Channel(path=self.address.path, config=config)

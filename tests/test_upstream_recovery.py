@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 import sds._workloadapi as workloadapi
-from sds._workloadapi import NullEvents, SocketWatch, Watcher
+from sds._workloadapi import NullEvents, SocketWatch, Watcher, WorkloadApiClient
 from sds._x509 import X509Context
 from sds.errors import WorkloadApiUnavailable
+from tests.chaos import StallProxy
 from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response
 from tests.material import Authority
 from tests.test_upstream_limits import Hanging, serving
@@ -179,3 +180,28 @@ async def test_socket_watch_counts_a_replacement_made_before_it_started(sockdir:
         assert await watch.wait(0.05)
     finally:
         watch.close()
+
+
+@pytest.mark.chaos
+async def test_keepalive_drops_a_connection_whose_peer_stopped_answering(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workloadapi, "KEEPALIVE_TIMEOUT", 0.3)
+    ca = Authority("example.org")
+    api = FakeWorkloadApi()
+    api.set_x509(x509_response([ca.svid("/web")], [ca.bundle]))
+    await api.start_unix(sockdir / "api.sock")
+    proxy = StallProxy(sockdir / "proxy.sock", sockdir / "api.sock").start()
+    try:
+        client = WorkloadApiClient(f"unix://{proxy.listen}", keepalive=0.2)
+        with pytest.raises(WorkloadApiUnavailable) as info:
+            async with asyncio.timeout(30):
+                async for _ in client.x509_contexts():
+                    assert proxy.freeze() == 1  # nothing more either way, PINGs included
+        client.close()
+    finally:
+        proxy.close()
+        await api.stop()
+    assert str(info.value) == (
+        f"workload API at unix://{proxy.listen} is unavailable: connection lost"
+    )
