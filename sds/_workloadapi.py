@@ -608,6 +608,7 @@ _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
+_IN_Q_OVERFLOW = 0x4000
 _IN_IGNORED = 0x8000
 _EVENT = struct.Struct("iIII")
 
@@ -686,8 +687,8 @@ class SocketWatch:
             offset += _EVENT.size + length
             if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
                 gone = True
-            elif os.fsdecode(name) == self._name:
-                self._appeared.set()
+            elif mask & _IN_Q_OVERFLOW or os.fsdecode(name) == self._name:
+                self._appeared.set()  # an overflow may have hidden ours: try once more
         if gone:  # the directory went away: fall back to polling until it is back
             self._close_fd()
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="socket-poll")
@@ -828,7 +829,12 @@ class Watcher:
 
     :meth:`run` follows the X.509-SVID stream and the JWT bundle stream over
     one connection, reconnecting with exponential backoff and full jitter
-    (reset after each good message) until cancelled. Each message is the
+    (reset after each good message) until cancelled. A stream that sends no
+    first message within ``first_message_timeout``, or stays silent past 3/4 of
+    the remaining lifetime of the earliest-expiring SVID held (1 s to
+    ``silence_max``), is abandoned for a new connection; on a Unix socket the
+    socket's directory is watched while disconnected and a reappearing socket
+    is connected at once, without waiting out the backoff. Each message is the
     complete state (Workload API s.5): SVIDs missing from it are withdrawn.
     SVIDs are validated one by one: an invalid one is reported and the last
     good SVID with the same SPIFFE ID and hint is kept while unexpired; a
