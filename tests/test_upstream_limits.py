@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -301,3 +303,21 @@ def test_upstream_connected_is_per_upstream() -> None:
     assert 'sds_upstream_connected{upstream="unix:///run/a.sock"} 0.0' in text
     assert 'sds_upstream_connected{upstream="unix:///run/b.sock"} 1.0' in text
     assert 'sds_upstream_errors_total{reason="WorkloadApiUnavailable"} 1.0' in text
+
+
+@pytest.mark.hostile
+def test_sds_run_with_a_nul_in_workload_api_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "sds.yaml"
+    config.write_text('workload_api: "unix:///run/a\\0b.sock"\nlisten: unix:///tmp/x/sds.sock\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "sds", "run", "--config", str(config), "--admin", "off"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"sds run: {config}: workload_api: workload API address 'unix:///run/a\\x00b.sock' "
+        "contains a NUL byte"
+    ]
