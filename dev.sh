@@ -84,7 +84,7 @@ shift || true
 case "$cmd" in
     demo)
         ensure_venv
-        say "starting the demo (.venv/bin/sds demo $*)"
+        say "starting the demo ($VENV/bin/sds demo${*:+ $*})"
         exec "$VENV/bin/sds" demo "$@"
         ;;
     test)

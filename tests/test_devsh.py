@@ -85,7 +85,7 @@ def test_first_run_says_what_it_does_and_hides_tool_output(tmp_path: Path) -> No
 
     again = devsh(work, env, "demo")
     assert again.returncode == 0, again.stderr
-    assert again.stderr == "dev.sh: starting the demo (.venv/bin/sds demo )\n"
+    assert again.stderr == "dev.sh: starting the demo (.venv/bin/sds demo)\n"
 
     with (work / "pyproject.toml").open("a") as f:
         f.write("# changed\n")
