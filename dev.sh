@@ -43,7 +43,7 @@ ensure_venv() {
             say "pyproject.toml changed: updating $VENV (usually under a minute)"
         else
             say "installing sds, Envoy and the dev tools into $VENV" \
-                "(about 2 minutes from a warm pip cache, longer when downloading; log: $LOG)"
+                "(2-4 minutes from a warm pip cache, longer when downloading; log: $LOG)"
         fi
         quietly "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
         quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[dev]'
