@@ -85,9 +85,8 @@ class AdminServer:
             if method != "GET":
                 response = Response(405, b"only GET\n")
             elif handler is None:
-                response = Response(
-                    404, b"not found; try " + ", ".join(self.routes).encode() + b"\n"
-                )
+                paths = [*self.routes, *(f"{prefix}<td>" for prefix in self.prefixes)]
+                response = Response(404, b"not found; try " + ", ".join(paths).encode() + b"\n")
             else:
                 response = handler()
             head = (
