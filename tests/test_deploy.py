@@ -652,6 +652,29 @@ def test_envoy_configs_pass_envoy_validate_for_every_version() -> None:
     assert failures == []
 
 
+@pytest.mark.hostile
+def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
+    """On loopback TCP any local user could stop Envoy (POST /quitquitquit): issue 7, hole 5."""
+    paths = sorted({path for path, _ in envoy_configs()} | set((REPO / "envoy").glob("*.yaml")))
+    admins = {}
+    for path in paths:
+        config = _yaml(path)
+        if "admin" in config:
+            admins[path.relative_to(REPO).as_posix()] = config["admin"]["address"]
+    assert len(admins) == 7
+    assert {name: address for name, address in admins.items() if "pipe" not in address} == {}
+    assert {a["pipe"]["mode"] for a in admins.values()} == {0o600}
+    # The compose and Kubernetes Envoys get the admin's directory as a private mount.
+    compose = load_compose()["services"]
+    for name in ("envoy-server", "envoy-client"):
+        assert compose[name]["tmpfs"] == ["/run/envoy:mode=0700,uid=101,gid=101"]
+    for _, pod in _all_pods():
+        for container in _containers(pod):
+            if container["image"].startswith(ENVOY_IMAGE + ":"):
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                assert mounts.get("/run/envoy") == "envoy-admin", container["name"]
+
+
 # =========================================================================== Kubernetes
 
 _KUSTOMIZE_KEYS = {
