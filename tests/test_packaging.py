@@ -46,6 +46,7 @@ def test_changelog_has_the_current_version() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # builds twice and installs a venv: minutes on a loaded 2-core machine
 def test_sdist_and_wheel_build_check_and_run_from_a_clean_venv(tmp_path: Path) -> None:
     out = tmp_path / "dist"
     # Default mode: build the sdist, then the wheel from that sdist (what a release does).
