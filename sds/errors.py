@@ -9,6 +9,7 @@ module knows nothing of gRPC.
 
     SdsError
     ├── ConfigError                   a config or identities file is wrong (CLI exit 2)
+    │   └── StartupError              cannot start as configured: socket dir, address in use
     ├── InvalidSpiffeId               not a valid SPIFFE ID or trust domain (also ValueError)
     ├── InvalidMaterial               certificates, keys, bundles or tokens that fail checks
     │   ├── InvalidSvid               an X.509-SVID that must not be published
@@ -34,6 +35,7 @@ __all__ = [
     "NotEntitled",
     "SdsError",
     "SdsServerError",
+    "StartupError",
     "WorkloadApiDenied",
     "WorkloadApiError",
     "WorkloadApiMisconfigured",
@@ -47,6 +49,10 @@ class SdsError(Exception):
 
 class ConfigError(SdsError):
     """A configuration or identities file is invalid; the message names the file and field."""
+
+
+class StartupError(ConfigError):
+    """The process cannot start as configured (socket directory, permissions, address in use)."""
 
 
 class InvalidSpiffeId(SdsError, ValueError):
