@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from grpclib.client import Channel
 
-from tests.conftest import Processes, wait_for
+from tests.conftest import PYTHON, Processes, wait_for
 from tests.sdsfake import fetch
 from tests.stack import Stack
 
@@ -364,3 +366,118 @@ def test_reload_names_keys_that_need_a_restart(procs: Processes, sockdir: Path) 
     ]
     # Nothing that needs a restart was applied: still serving on the old socket.
     assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+
+
+# -- the admin endpoint under attack -----------------------------------------------------------
+
+
+async def _admin_get(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.hostile
+async def test_admin_limits_header_size_idle_and_connection_cap() -> None:
+    from sds._sds.admin import AdminLimits, AdminServer, Response
+
+    limits = AdminLimits(max_connections=2, idle_timeout=0.5, request_deadline=2.0)
+    admin = AdminServer("127.0.0.1", 0, {"/ok": lambda: Response(200, b"ok\n")}, limits=limits)
+    await admin.start()
+    try:
+        big = b"GET /ok HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"
+        assert (await _admin_get(admin.port, big)).startswith(b"HTTP/1.1 431 ")
+        # Two silent clients take both slots; a third is not served until one times out.
+        silent = [await asyncio.open_connection("127.0.0.1", admin.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert admin.active == 2
+        answer = await asyncio.wait_for(_admin_get(admin.port, b"GET /ok HTTP/1.1\r\n\r\n"), 10)
+        assert answer.endswith(b"\r\n\r\nok\n")
+        for reader, writer in silent:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the idle timeout
+            writer.close()
+        # A client trickling one byte at a time is cut off by the whole-request deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        closed = False
+        for _ in range(50):
+            try:
+                writer.write(b"X")
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if reader.at_eof() or await _eof_within(reader, 0.2):
+                closed = True
+                break
+        writer.close()
+        assert closed
+    finally:
+        await admin.close()
+
+
+async def _eof_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except TimeoutError:
+        return False
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.hostile
+def test_admin_flood_does_not_starve_sds_or_the_upstream(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.write_config()
+
+    bridge = procs.start(  # prlimit execs: the pid is the bridge's
+        [
+            "prlimit",
+            "--nofile=1024:1024",
+            PYTHON,
+            "-m",
+            "sds",
+            "run",
+            "--config",
+            str(stack.config_path),
+        ],
+        "bridge",
+    )
+    stack.bridge = bridge
+    wait_for(stack.sds_socket.exists, 15, "SDS socket")
+    port = int(wait_for(stack._admin_port_from_log, 10, "admin port"))
+    baseline_log = len(procs.log(bridge))
+
+    flood = []
+    try:
+        for _ in range(1100):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            flood.append(sock)
+        time.sleep(1)
+        for sock in flood:  # a request line, never finished
+            with contextlib.suppress(OSError):
+                sock.send(b"GET /metrics HTTP/1.1\r\n")
+        assert _fd_count(bridge.pid) < 300
+        # A new SDS client is served while the flood holds.
+        assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+        # The upstream goes away and comes back: the bridge reconnects to it.
+        assert procs.stop(stack.provider) == 0
+        stack.start_provider()
+        wait_for(lambda: procs.log(bridge).count("workload_api.connected") >= 2, 30, "reconnect")
+        assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+        assert _fd_count(bridge.pid) < 300
+    finally:
+        for sock in flood:
+            sock.close()
+    wait_for(lambda: _readyz(port)[0] == 200, 30, "admin answers again")
+    log = procs.log(bridge)
+    assert "Traceback" not in log
+    assert len(log) - baseline_log < 20_000
