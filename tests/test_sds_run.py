@@ -481,3 +481,32 @@ def test_admin_flood_does_not_starve_sds_or_the_upstream(procs: Processes, sockd
     log = procs.log(bridge)
     assert "Traceback" not in log
     assert len(log) - baseline_log < 20_000
+
+
+@pytest.mark.hostile
+def test_reload_of_mutated_configs_keeps_the_old_state(procs: Processes, sockdir: Path) -> None:
+    from sds._sds.config import parse_config_text
+    from sds.errors import ConfigError
+    from tests.mutate import mutations
+
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    policy = {"name": "callers", "allow": ["spiffe://example.org/client-a"]}
+    stack.write_config(allowed_uids=[0], policies=[policy])
+    stack.start_bridge()
+    before = stack.admin("/secrets")
+    sample = []
+    for raw in mutations(2_000, seed=9, base=stack.config_path.read_bytes()):
+        try:
+            parse_config_text(raw, "x")
+        except ConfigError:
+            sample.append(raw)
+        if len(sample) == 25:
+            break
+    for raw in sample:
+        stack.config_path.write_bytes(raw)
+        lines = _hup_and_wait(procs, stack.bridge, "config.reload_failed")
+        assert not any(line.startswith("config.reloaded") for line in lines), lines
+    assert stack.admin("/secrets") == before
+    assert _readyz(stack.admin_port) == (200, "ready\n")
+    assert "Traceback" not in procs.log(stack.bridge)

@@ -145,6 +145,11 @@ class BridgeConfig:
         """This config with command-line flags applied on top (flags win)."""
         updated = self
         if workload_api:
+            for address in workload_api:
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+                    raise ConfigError(
+                        f"--workload-api: {address!r}: must not contain control characters"
+                    )
             updated = replace(updated, workload_api=tuple(workload_api))
         if listen is not None:
             updated = replace(updated, listen=parse_listen(listen, "--listen"))
@@ -411,23 +416,32 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
     return config
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader without implicit timestamps (``2024-02-30`` stays a string), refusing
-    duplicate keys, nesting deeper than MAX_DEPTH and integers longer than MAX_INT_DIGITS."""
+# libyaml's parser when PyYAML has it (every PyYAML wheel does): ~10x faster on hostile input.
+_Base: Any = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth = getattr(self, "_depth", 0) + 1
-        try:
-            if self._depth > MAX_DEPTH:
+
+class _StrictLoader(_Base):  # type: ignore[misc]
+    """A safe loader without implicit timestamps (``2024-02-30`` stays a string), refusing
+    duplicate keys, integers longer than MAX_INT_DIGITS and tags other than plain data."""
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing (composing recurses)."""
+    depth = 0
+    starts = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+    ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+    for item in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(item, starts):
+            depth += 1
+            if depth > MAX_DEPTH:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
                     f"nested deeper than {MAX_DEPTH} levels",
-                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                    item.start_mark,  # type: ignore[arg-type]
                 )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        elif isinstance(item, ends):
+            depth -= 1
 
 
 _StrictLoader.yaml_implicit_resolvers = {
@@ -451,7 +465,8 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen.add(key)
-    return loader.construct_mapping(node)
+    mapping: dict[Any, Any] = loader.construct_mapping(node)
+    return mapping
 
 
 def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
@@ -464,8 +479,16 @@ def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
     return value
 
 
+def _refuse_tag(loader: _StrictLoader, node: yaml.Node) -> None:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"tag {node.tag} is not allowed in this file", node.start_mark
+    )
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+for _tag in ("timestamp", "binary", "set", "omap", "pairs"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
 
 
 def read_config_bytes(path: str | Path) -> bytes:
@@ -504,7 +527,8 @@ def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 (byte {exc.start})") from exc
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        _check_depth(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
