@@ -510,3 +510,27 @@ def test_reload_of_mutated_configs_keeps_the_old_state(procs: Processes, sockdir
     assert stack.admin("/secrets") == before
     assert _readyz(stack.admin_port) == (200, "ready\n")
     assert "Traceback" not in procs.log(stack.bridge)
+
+
+@pytest.mark.hostile
+def test_wait_socket_needs_an_sds_server_not_just_a_socket(procs: Processes, sockdir: Path) -> None:
+    path = sockdir / "foreign.sock"
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(str(path))
+    foreign.listen(16)  # accepts connections, speaks nothing
+    try:
+        waited = _wait("--socket", f"unix://{path}", "--timeout", "0.5")
+    finally:
+        foreign.close()
+    assert waited.returncode == 1
+    assert waited.stderr == (
+        "sds wait: not ready after 0.5s: socket does not answer an SDS call within 2s\n"
+    )
+    # A gRPC server that is not SDS (our Workload API provider) is not mistaken for one either.
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    waited = _wait("--socket", f"unix://{stack.workload_socket}", "--timeout", "0.5")
+    assert waited.returncode == 1
+    # UNIMPLEMENTED once the provider sends a content-type with it; UNKNOWN before.
+    [line] = waited.stderr.splitlines()
+    assert line.startswith("sds wait: not ready after 0.5s: socket is not an SDS server: U"), line
