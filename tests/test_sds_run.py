@@ -222,7 +222,8 @@ def test_stale_socket_is_replaced_and_a_foreign_one_is_left_on_exit(
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(stack.sds_socket))  # bound, never listening: what a dead process leaves
     stale.close()
-    stack.start_bridge()
+    stack.start_bridge()  # returns once the path exists, which the stale socket already does
+    wait_for(lambda: "sds.listening" in procs.log(stack.bridge), 15, "sds.listening")
     assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
     # Someone replaces our socket; on exit we must not delete theirs.
     stack.sds_socket.unlink()

@@ -315,11 +315,16 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
             server = Server([servicer], codec=PassthroughCodec())
             try:
                 if socket_path is not None:
-                    _prepare_socket_dir(socket_path)
+                    directory = _prepare_socket_dir(socket_path)
                     _claim_socket_path(socket_path)
                     sock = bind_unix_socket(socket_path, config.socket_mode)
                     ours = _inode(socket_path)
-                    _prepare_socket_dir(socket_path)  # re-check: nobody swapped it meanwhile
+                    try:  # re-check after bind: nobody swapped the directory or the socket
+                        _check_bound(socket_path, directory, ours)
+                    except StartupError:
+                        sock.close()
+                        ours = None
+                        raise
                     await server.start(sock=sock)
                 else:
                     event(
@@ -409,11 +414,25 @@ def _inode(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def _prepare_socket_dir(path: str) -> None:
+def _check_bound(path: str, directory: tuple[int, int], ours: tuple[int, int] | None) -> None:
+    """After bind: the directory is the one checked, and ``path`` is a socket we own."""
+    import stat  # noqa: PLC0415
+
+    from ..errors import StartupError  # noqa: PLC0415
+
+    if _prepare_socket_dir(path) != directory:
+        raise StartupError(f"socket directory of {path} was replaced while binding")
+    info = os.lstat(path) if ours is not None else None
+    if info is None or not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+        raise StartupError(f"{path} was replaced while binding")
+
+
+def _prepare_socket_dir(path: str) -> tuple[int, int]:
     """Create the socket's directory 0700 if missing; refuse one another user could swap files in.
 
     Accepted: a directory owned by us or root, not writable by group or others
     unless the sticky bit is set (then only the owner of a file may rename it).
+    Returns the directory's (device, inode), to re-check after binding.
     """
     import stat  # noqa: PLC0415
 
@@ -441,6 +460,7 @@ def _prepare_socket_dir(path: str) -> None:
             f"(mode {stat.S_IMODE(info.st_mode):04o}, no sticky bit); "
             "use a directory we own (mode 0700 or 0750)"
         )
+    return info.st_dev, info.st_ino
 
 
 def _claim_socket_path(path: str) -> None:
