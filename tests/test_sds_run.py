@@ -535,3 +535,39 @@ def test_wait_socket_needs_an_sds_server_not_just_a_socket(procs: Processes, soc
     # UNIMPLEMENTED once the provider sends a content-type with it; UNKNOWN before.
     [line] = waited.stderr.splitlines()
     assert line.startswith("sds wait: not ready after 0.5s: socket is not an SDS server: U"), line
+
+
+@pytest.mark.chaos
+def test_default_is_withdrawn_not_repointed_when_the_upstream_dies(
+    procs: Processes, sockdir: Path
+) -> None:
+    """Provider killed; web (short TTL) expires while the clients' SVIDs (1 h) live on."""
+    stack = Stack(procs, sockdir, x509_ttl="4s")
+    stack.start_provider()
+    stack.start_bridge()
+    wait_for(lambda: _readyz(stack.admin_port)[0] == 200, 15, "ready")
+    assert procs.stop(stack.provider, signal.SIGKILL) != 0
+
+    def withdrawn() -> tuple[int, str] | None:
+        status, body = _readyz(stack.admin_port)
+        return (status, body) if status == 503 else None
+
+    _, body = wait_for(withdrawn, 30, "default withdrawn at expiry")
+    assert body.startswith("not ready: default: SVID spiffe://example.org/web expired at ")
+    assert body.endswith(
+        "and the Workload API sent no replacement (not re-pointed to another identity)\n"
+    )
+    names = {item["name"] for item in stack.admin("/secrets")}
+    assert "default" not in names
+    assert "spiffe://example.org/client-a" in names  # held, but never served as `default`
+    assert "svid.default_changed" not in procs.log(stack.bridge)
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.admin_port}/metrics", timeout=5
+    ).read()
+    assert b'sds_unservable{name="default"} 1.0' in metrics
+    # The upstream comes back with a fresh web SVID: default is web again, ready again.
+    stack.start_provider()
+    wait_for(lambda: _readyz(stack.admin_port) == (200, "ready\n"), 30, "ready again")
+    default = next(i for i in stack.admin("/secrets") if i["name"] == "default")
+    assert default["spiffe_id"] == "spiffe://example.org/web"
+    assert "svid.default_changed" not in procs.log(stack.bridge)
