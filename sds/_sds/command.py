@@ -94,10 +94,8 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
     import signal  # noqa: PLC0415
     from dataclasses import replace  # noqa: PLC0415
 
-    from grpclib.server import Server  # noqa: PLC0415
-
     from .._log import event  # noqa: PLC0415
-    from .._peercred import bind_unix_socket  # noqa: PLC0415
+    from .._peercred import UnixListener  # noqa: PLC0415
     from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
     from ..errors import ConfigError, StartupError, WorkloadApiDenied  # noqa: PLC0415
     from .admin import AdminServer, Response  # noqa: PLC0415
@@ -111,7 +109,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
     )
     from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
-    from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
+    from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
     loop = asyncio.get_running_loop()
@@ -122,9 +120,9 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
 
     listen = config.listen
     socket_path: str | None = listen.path
-    if socket_path is not None:
-        _prepare_socket_dir(socket_path)  # fail fast, before waiting for upstream
-        _claim_socket_path(socket_path)
+    if socket_path is not None:  # fail fast, before waiting for upstream
+        _prepare_socket_dir(socket_path)
+        _try_bind(socket_path, config.socket_mode)
     metrics = Metrics()
     addresses = list(config.workload_api) or [None]
     watchers = [Watcher(address, events=metrics) for address in addresses]
@@ -181,8 +179,8 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         return Response.json(out)
 
     admin = None
-    server: Server | None = None
-    ours: tuple[int, int] | None = None
+    server: SdsServer | None = None
+    ours: UnixListener | None = None
     tasks: list[asyncio.Task[None]] = []
     reloads: set[asyncio.Task[None]] = set()
     try:
@@ -312,20 +310,13 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
             waiting.cancel()
 
         if not stop.is_set():
-            server = Server([servicer], codec=PassthroughCodec())
+            server = SdsServer(servicer)
             try:
                 if socket_path is not None:
-                    directory = _prepare_socket_dir(socket_path)
-                    _claim_socket_path(socket_path)
-                    sock = bind_unix_socket(socket_path, config.socket_mode)
-                    ours = _inode(socket_path)
-                    try:  # re-check after bind: nobody swapped the directory or the socket
-                        _check_bound(socket_path, directory, ours)
-                    except StartupError:
-                        sock.close()
-                        ours = None
-                        raise
-                    await server.start(sock=sock)
+                    _prepare_socket_dir(socket_path)
+                    # probe (a live socket is refused), stale removal and bind via one dir fd
+                    ours = _listen(socket_path, config.socket_mode)
+                    await server.start(sock=ours.sock)
                 else:
                     event(
                         log,
@@ -352,7 +343,6 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
     finally:
         await _shutdown(
             server=server,
-            socket_path=socket_path,
             ours=ours,
             bridge=bridge,
             jwt_client=jwt_client,
@@ -366,8 +356,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
 async def _shutdown(
     *,
     server: Any,
-    socket_path: str | None,
-    ours: tuple[int, int] | None,
+    ours: Any,
     bridge: Any,
     jwt_client: Any,
     tasks: list[Any],
@@ -383,9 +372,9 @@ async def _shutdown(
         server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5)
-    if socket_path is not None and ours is not None and _inode(socket_path) == ours:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+    if ours is not None:
+        ours.remove()  # only if the path is still the socket we bound
+        ours.sock.close()
     if bridge.jwt is not None:
         await bridge.jwt.close()
     jwt_client.close()
@@ -406,96 +395,47 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _inode(path: str) -> tuple[int, int] | None:
+def _listen(path: str, mode: int) -> Any:
+    """:func:`sds._peercred.listen_unix`: probe (a live socket is refused), stale removal and
+    bind, all through one directory fd; the refusal names the bridge's ``listen``."""
+    from .._peercred import listen_unix  # noqa: PLC0415
+    from ..errors import SocketInUse  # noqa: PLC0415
+
     try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
+        return listen_unix(path, mode)
+    except SocketInUse as exc:
+        raise SocketInUse(
+            f"{path}: another server is already listening there; "
+            "stop it or choose another listen address"
+        ) from exc
 
 
-def _check_bound(path: str, directory: tuple[int, int], ours: tuple[int, int] | None) -> None:
-    """After bind: the directory is the one checked, and ``path`` is a socket we own."""
-    import stat  # noqa: PLC0415
-
-    from ..errors import StartupError  # noqa: PLC0415
-
-    if _prepare_socket_dir(path) != directory:
-        raise StartupError(f"socket directory of {path} was replaced while binding")
-    info = os.lstat(path) if ours is not None else None
-    if info is None or not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-        raise StartupError(f"{path} was replaced while binding")
+def _try_bind(path: str, mode: int) -> None:
+    """A dry run of the bind at start: every refusal :func:`_listen` would give, now, not
+    after the first SVID; the socket is closed and removed at once (no accept ever ran)."""
+    listener = _listen(path, mode)
+    listener.remove()
+    listener.sock.close()
 
 
-def _prepare_socket_dir(path: str) -> tuple[int, int]:
-    """Create the socket's directory 0700 if missing; refuse one another user could swap files in.
-
-    Accepted: a directory owned by us or root, not writable by group or others
-    unless the sticky bit is set (then only the owner of a file may rename it).
-    Returns the directory's (device, inode), to re-check after binding.
-    """
-    import stat  # noqa: PLC0415
-
+def _prepare_socket_dir(path: str) -> None:
+    """Create the socket's directory 0700 if missing; refuse one another user could swap files in
+    (the rule of :func:`sds._peercred.check_socket_dir`, checked again when binding)."""
+    from .._peercred import check_socket_dir  # noqa: PLC0415
     from ..errors import StartupError  # noqa: PLC0415
 
     directory = os.path.dirname(path) or "/"
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.stat(directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise StartupError(
             f"socket directory {directory}: cannot create: {exc.strerror or exc}"
         ) from exc
-    if not stat.S_ISDIR(info.st_mode):
-        raise StartupError(f"socket directory {directory}: not a directory")
-    uid = os.geteuid()
-    if info.st_uid not in (uid, 0):
-        raise StartupError(
-            f"socket directory {directory} is owned by uid {info.st_uid}, not by us ({uid}) "
-            "or root; use a directory we own (mode 0700 or 0750)"
-        )
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        raise StartupError(
-            f"socket directory {directory} is writable by others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}, no sticky bit); "
-            "use a directory we own (mode 0700 or 0750)"
-        )
-    return info.st_dev, info.st_ino
-
-
-def _claim_socket_path(path: str) -> None:
-    """Refuse ``path`` if something accepts connections there; remove it if it is a stale socket."""
-    import socket  # noqa: PLC0415
-    import stat  # noqa: PLC0415
-
-    from ..errors import StartupError  # noqa: PLC0415
-
     try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StartupError(f"{path}: cannot inspect: {exc.strerror or exc}") from exc
-    if not stat.S_ISSOCK(info.st_mode):
-        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens on it
-        return
-    except OSError as exc:
-        raise StartupError(
-            f"{path}: cannot tell whether another process serves it "
-            f"({exc.strerror or exc}); refusing to replace it"
-        ) from exc
+        check_socket_dir(fd, directory)
     finally:
-        probe.close()
-    raise StartupError(
-        f"{path}: another process is already serving on this socket; refusing to replace it"
-    )
+        os.close(fd)
 
 
 class _ThrottledLoopErrors:
