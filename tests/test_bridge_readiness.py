@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,6 +20,16 @@ from sds._x509 import BundleSet, X509Context, X509Svid
 
 TD = TrustDomain.parse("example.org")
 HOUR = dt.timedelta(hours=1)
+
+
+@pytest.fixture(autouse=True)
+def _sds_logs_reach_caplog() -> Iterator[None]:
+    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
+    root = logging.getLogger("sds")
+    saved = (root.handlers[:], root.level, root.propagate)
+    root.handlers[:], root.propagate = [], True
+    yield
+    root.handlers[:], root.level, root.propagate = saved
 
 
 class Source:

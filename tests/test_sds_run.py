@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,16 @@ from grpclib.client import Channel
 from tests.conftest import PYTHON, Processes, wait_for
 from tests.sdsfake import fetch
 from tests.stack import Stack
+
+
+@pytest.fixture(autouse=True)
+def _sds_logs_reach_caplog() -> Iterator[None]:
+    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
+    root = logging.getLogger("sds")
+    saved = (root.handlers[:], root.level, root.propagate)
+    root.handlers[:], root.propagate = [], True
+    yield
+    root.handlers[:], root.level, root.propagate = saved
 
 
 def _readyz(port: int) -> tuple[int, str]:
@@ -579,3 +591,76 @@ def test_default_is_withdrawn_not_repointed_when_the_upstream_dies(
     default = next(i for i in stack.admin("/secrets") if i["name"] == "default")
     assert default["spiffe_id"] == "spiffe://example.org/web"
     assert "svid.default_changed" not in procs.log(stack.bridge)
+
+
+@pytest.mark.hostile
+async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import errno
+    import logging
+
+    from sds._sds.admin import AdminLimits, AdminServer, Response
+
+    routes = {"/ok": lambda: Response(200, b"ok\n")}
+    loop = asyncio.get_running_loop()
+    failures = 0
+    real_accept = loop.sock_accept
+
+    async def emfile(sock: socket.socket) -> tuple[socket.socket, object]:
+        nonlocal failures
+        if failures < 15:
+            failures += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real_accept(sock)
+
+    admin = AdminServer("127.0.0.1", 0, routes)
+    with caplog.at_level(logging.INFO, logger="sds"):
+        loop.sock_accept = emfile  # type: ignore[method-assign]
+        try:
+            await admin.start()
+            answer = await asyncio.wait_for(_admin_get(admin.port, b"GET /ok HTTP/1.1\r\n\r\n"), 30)
+        finally:
+            del loop.sock_accept
+            await admin.close()
+    assert answer.endswith(b"ok\n")
+    assert failures == 15
+    lines = [r.getMessage() for r in caplog.records if "admin.accept_failed" in r.getMessage()]
+    assert lines == ['admin.accept_failed error="Too many open files" action="retrying in 0.1s"']
+    assert not any(r.exc_info for r in caplog.records)
+
+    # No descriptor left above the reserve: nothing is accepted, and that is said once.
+    caplog.clear()
+    starved = AdminServer("127.0.0.1", 0, routes, limits=AdminLimits(fd_reserve=10**9))
+    with caplog.at_level(logging.INFO, logger="sds"):
+        await starved.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_admin_get(starved.port, b"GET /ok HTTP/1.1\r\n\r\n"), 1)
+        finally:
+            await starved.close()
+    reserve = [r.getMessage() for r in caplog.records if "admin.fd_reserve" in r.getMessage()]
+    assert len(reserve) == 1
+    assert reserve[0].endswith(
+        'reserve=1000000000 action="not accepting admin connections until descriptors are free"'
+    )
+
+
+def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sds._sds.command import _ThrottledLoopErrors
+
+    handler = _ThrottledLoopErrors(interval=3600)
+    error = OSError(24, "Too many open files")
+    with caplog.at_level(logging.INFO, logger="sds"):
+        for _ in range(1000):
+            handler(None, {"message": "socket.accept() out of system resource", "exception": error})
+    assert [r.getMessage() for r in caplog.records] == [
+        'loop.error message="socket.accept() out of system resource" '
+        'error="OSError: [Errno 24] Too many open files"'
+    ]
+    handler.interval = 0
+    with caplog.at_level(logging.INFO, logger="sds"):
+        handler(None, {"message": "socket.accept() out of system resource", "exception": error})
+    assert caplog.records[-1].getMessage().endswith(" suppressed=999")
