@@ -97,6 +97,7 @@ def test_expired_default_is_withdrawn_never_repointed(
         bridge.refresh()  # any later recomputation (a JWT refresh, a reload) keeps it withdrawn
     assert _served_id(bridge) is None
     assert _served_id(bridge, "spiffe://example.org/other") == "spiffe://example.org/other"
+    assert bridge.default_spiffe_id() == "spiffe://example.org/web"  # JWT-SVIDs: still web's
     assert not bridge.ready
     reason = (
         f"default: SVID spiffe://example.org/web expired at {web.not_after.isoformat()} and the "

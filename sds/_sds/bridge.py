@@ -117,7 +117,10 @@ class Bridge:
             source.subscribe(self.refresh)
 
     def default_spiffe_id(self) -> str | None:
-        """The SPIFFE ID of the SVID served as ``default`` (JWT-SVIDs are issued for it)."""
+        """The SPIFFE ID ``default`` stands for (JWT-SVIDs are issued for it), also while its
+        SVID is withdrawn: a JWT-SVID is never asked for on another identity's behalf."""
+        if self._default is not None:
+            return str(self._default.spiffe_id)
         spec = self.cache.spec(self.config.names.default_svid)
         return str(spec.svid.spiffe_id) if isinstance(spec, TlsSpec) else None
 
