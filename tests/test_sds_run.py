@@ -642,7 +642,7 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
     reserve = [r.getMessage() for r in caplog.records if "admin.fd_reserve" in r.getMessage()]
     assert len(reserve) == 1
     assert reserve[0].endswith(
-        'reserve=1000000000 action="not accepting admin connections until descriptors are free"'
+        'reserve=1000000000 action="not accepting connections until descriptors are free"'
     )
 
 

@@ -102,7 +102,12 @@ class _Throttled:
 
 
 class AdminServer:
-    """Serves ``routes`` (path -> handler) on ``host:port`` (loopback only; port 0 = any)."""
+    """Serves ``routes`` (path -> handler) on ``host:port`` (port 0 = any), within ``limits``.
+
+    The caller picks the address: loopback for the admin endpoint, any IP for
+    the metrics listener, whose routes carry nothing secret. ``name`` prefixes
+    the ``<name>.listening`` log event.
+    """
 
     def __init__(
         self,
@@ -111,7 +116,10 @@ class AdminServer:
         routes: dict[str, Route],
         prefixes: dict[str, Callable[[str], Response]] | None = None,
         limits: AdminLimits | None = None,
+        *,
+        name: str = "admin",
     ) -> None:
+        self.name = name
         self.host = host
         self.port = port
         self.routes = routes
@@ -121,8 +129,8 @@ class AdminServer:
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.limits.max_connections)
-        self._accept_failed = _Throttled("admin.accept_failed", self.limits.log_interval)
-        self._reserve_hit = _Throttled("admin.fd_reserve", self.limits.log_interval)
+        self._accept_failed = _Throttled(f"{name}.accept_failed", self.limits.log_interval)
+        self._reserve_hit = _Throttled(f"{name}.fd_reserve", self.limits.log_interval)
 
     @property
     def active(self) -> int:
@@ -143,8 +151,9 @@ class AdminServer:
             raise
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self._accepting = asyncio.create_task(self._accept_loop(), name="admin-accept")
-        event(log, logging.INFO, "admin.listening", address=f"http://{self.host}:{self.port}")
+        self._accepting = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        event(log, logging.INFO, f"{self.name}.listening", address=f"http://{host}:{self.port}")
 
     async def close(self) -> None:
         """Stop accepting, end every open connection, and close."""
@@ -171,7 +180,7 @@ class AdminServer:
             fds=in_use,
             limit=soft,
             reserve=self.limits.fd_reserve,
-            action="not accepting admin connections until descriptors are free",
+            action="not accepting connections until descriptors are free",
         )
         return False
 
@@ -250,7 +259,8 @@ class AdminServer:
         if method != "GET":
             return Response(405, b"only GET\n")
         if handler is None:
-            return Response(404, b"not found; try " + ", ".join(self.routes).encode() + b"\n")
+            paths = [*self.routes, *(f"{prefix}<td>" for prefix in self.prefixes)]
+            return Response(404, b"not found; try " + ", ".join(paths).encode() + b"\n")
         return handler()
 
     @staticmethod

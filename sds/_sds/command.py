@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="loopback HTTP for /readyz, /metrics ('off' to disable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="IP:PORT",
+        help="scrape listener: /metrics, /healthz, /readyz only; may bind any IP (default off)",
+    )
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
@@ -72,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .config import BridgeConfig, load_config  # noqa: PLC0415
 
-        flags = {"workload_api": args.workload_api, "listen": args.listen, "admin": args.admin}
+        flags = {
+            "workload_api": args.workload_api,
+            "listen": args.listen,
+            "admin": args.admin,
+            "metrics": getattr(args, "metrics", None),
+        }
         config = load_config(args.config) if args.config else BridgeConfig(source="flags")
         config = config.with_overrides(**flags)
         _require_listen(config)
@@ -179,6 +189,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         return Response.json(out)
 
     admin = None
+    scrape = None
     server: SdsServer | None = None
     ours: UnixListener | None = None
     tasks: list[asyncio.Task[None]] = []
@@ -207,6 +218,30 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
                 admin = None
                 raise StartupError(
                     f"admin: cannot listen on {config.admin.host}:{config.admin.port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+
+        # The scrape listener: probes and metrics only, never /secrets, /envoys or JWKS,
+        # so it may bind a pod IP; the admin endpoint above stays loopback-only.
+        if config.metrics is not None:
+            scrape = AdminServer(
+                config.metrics.host,
+                config.metrics.port,
+                {
+                    "/healthz": lambda: Response(200, b"ok\n"),
+                    "/readyz": readyz,
+                    "/metrics": lambda: Response(
+                        200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                    ),
+                },
+                name="metrics",
+            )
+            try:
+                await scrape.start()
+            except OSError as exc:
+                scrape = None
+                raise StartupError(
+                    f"metrics: cannot listen on {config.metrics.host}:{config.metrics.port}: "
                     f"{exc.strerror or exc}"
                 ) from exc
 
@@ -349,6 +384,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
             tasks=tasks,
             reloads=reloads,
             admin=admin,
+            scrape=scrape,
         )
     return 0
 
@@ -362,6 +398,7 @@ async def _shutdown(
     tasks: list[Any],
     reloads: set[Any],
     admin: Any,
+    scrape: Any,
 ) -> None:
     """Stop everything that was started, in reverse order; remove only our own socket."""
     import asyncio  # noqa: PLC0415
@@ -383,9 +420,13 @@ async def _shutdown(
     await asyncio.gather(*tasks, *reloads, return_exceptions=True)
     if admin is not None:
         await admin.close()
+    if scrape is not None:
+        await scrape.close()
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "off"
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "none"
     if isinstance(value, int):

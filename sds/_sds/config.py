@@ -29,6 +29,7 @@ __all__ = [
     "AdminConfig",
     "BridgeConfig",
     "ListenAddress",
+    "MetricsConfig",
     "NamedSecret",
     "Names",
     "Policy",
@@ -118,6 +119,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The scrape listener: /metrics, /healthz and /readyz only, on any IP (port 0 = any).
+
+    It serves nothing about secrets or Envoys, so unlike the admin endpoint it
+    may bind a pod IP or ``0.0.0.0`` for Prometheus and kubelet probes.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything ``sds run`` needs, validated."""
 
@@ -133,6 +146,7 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig | None = None
     source: str = "<defaults>"
 
     def with_overrides(
@@ -141,6 +155,7 @@ class BridgeConfig:
         workload_api: Sequence[str] = (),
         listen: str | None = None,
         admin: str | None = None,
+        metrics: str | None = None,
     ) -> BridgeConfig:
         """This config with command-line flags applied on top (flags win)."""
         updated = self
@@ -155,6 +170,8 @@ class BridgeConfig:
             updated = replace(updated, listen=parse_listen(listen, "--listen"))
         if admin is not None:
             updated = replace(updated, admin=_parse_admin(admin, "--admin"))
+        if metrics is not None:
+            updated = replace(updated, metrics=_parse_metrics(metrics, "--metrics"))
         return updated
 
 
@@ -171,6 +188,7 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "metrics",
 }
 
 
@@ -296,6 +314,29 @@ def _parse_admin(text: str, where: str) -> AdminConfig:
     return AdminConfig(host=str(ip), port=number)
 
 
+def _parse_metrics(text: str, where: str) -> MetricsConfig | None:
+    """``HOST:PORT`` (any IP, ``[v6]`` in brackets; port 0 = any), or ``off``."""
+    if text in ("", "off", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ip = ipaddress.ip_address(host)
+        if not port.isdigit() or len(port) > 5:
+            raise ValueError(port)
+        number = int(port)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: {text!r}: want IP:PORT (e.g. 0.0.0.0:9102 or [::]:9102), or off"
+        ) from exc
+    if not sep or (ip.version == 6 and not bracketed):
+        raise ConfigError(f"{where}: {text!r}: write an IPv6 address in brackets, e.g. [::]:9102")
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{where}: {text!r}: port out of range")
+    return MetricsConfig(host=str(ip), port=number)
+
+
 def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
     data = reader.mapping(value, path, {"name", "trust_domains", "allow"})
     if "name" not in data:
@@ -324,12 +365,8 @@ def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
 def parse_config(data: Any, source: str) -> BridgeConfig:
     """Validate parsed YAML ``data``; raise ConfigError naming ``source`` and the key."""
     reader = _Reader(source)
-    if data is None or data == {}:
-        raise reader.fail(
-            "",
-            "is empty: a config file must be a non-empty mapping (refused, never read "
-            "as 'no restrictions')",
-        )
+    if data is None:
+        data = {}
     top = reader.mapping(data, "", _TOP_KEYS)
     config = BridgeConfig(source=source)
     if "workload_api" in top:
@@ -412,6 +449,15 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         else:
             config = replace(
                 config, admin=_parse_admin(reader.string(admin, "admin"), f"{source}: admin")
+            )
+    if "metrics" in top:
+        metrics = top["metrics"]
+        if metrics in (None, False, "off"):
+            config = replace(config, metrics=None)
+        else:
+            config = replace(
+                config,
+                metrics=_parse_metrics(reader.string(metrics, "metrics"), f"{source}: metrics"),
             )
     return config
 
@@ -537,6 +583,11 @@ def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
     except (ValueError, OverflowError, RecursionError) as exc:
         # explicit tags such as !!timestamp or !!float with values PyYAML cannot construct
         raise ConfigError(f"{source}: invalid YAML value: {str(exc)[:100]}") from exc
+    if data is None or data == {}:
+        raise ConfigError(
+            f"{source}: is empty: a config file must be a non-empty mapping "
+            "(refused, never read as 'no restrictions')"
+        )
     return parse_config(data, source)
 
 
@@ -546,7 +597,7 @@ def load_config(path: str | Path) -> BridgeConfig:
 
 
 # Keys that take effect only at start (the socket, the upstream, the admin listener).
-RESTART_KEYS = ("workload_api", "listen", "socket_mode", "admin")
+RESTART_KEYS = ("workload_api", "listen", "socket_mode", "admin", "metrics")
 
 
 def changed_keys(old: BridgeConfig, new: BridgeConfig) -> list[str]:
