@@ -21,6 +21,9 @@ import yaml
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from grpclib.client import Channel
 
+from sds._sds.command import _prepare_socket_dir
+from sds.errors import StartupError
+from tests.asuser import run_as
 from tests.conftest import PYTHON, Processes, wait_for
 from tests.sdsfake import fetch
 from tests.stack import Stack
@@ -664,3 +667,20 @@ def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="sds"):
         handler(None, {"message": "socket.accept() out of system resource", "exception": error})
     assert caplog.records[-1].getMessage().endswith(" suppressed=999")
+
+
+def _prepare_as_other_user(path: str) -> str:
+    """In the child: the bridge's start-up directory check, its error text as the result."""
+    try:
+        _prepare_socket_dir(path)
+    except StartupError as exc:
+        return str(exc)
+    return "accepted"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+def test_socket_directory_we_cannot_create_is_one_line(sockdir: Path) -> None:
+    locked = sockdir / "locked"
+    locked.mkdir(mode=0o755)  # root's; uid 1000 may not create anything in it
+    result = run_as(1000, _prepare_as_other_user, f"{locked}/sub/sds.sock")
+    assert result == f"socket directory {locked}/sub: cannot create: Permission denied"
