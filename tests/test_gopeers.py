@@ -180,7 +180,7 @@ def test_go_spiffe_fetches_validates_and_watches_rotation(
     assert len(rotation["serials"]) == 3
     assert len(set(rotation["serials"])) == 3
     assert rotation["verified"] == [True, True, True]
-    assert rotation["watch_errors"] is None
+    assert rotation["watch_errors"] == []
 
 
 @pytest.mark.xfail(

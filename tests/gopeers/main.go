@@ -8,6 +8,7 @@
 //	gopeers fetch  -addr unix:///w.sock                  (X.509 context or the error)
 //	gopeers client -addr ... -hint H -server-id ID -url https://127.0.0.1:P/path [-n N]
 //	gopeers server -addr ... -hint H -allow ID           (prints {"listening": ...})
+//	gopeers app                                          (plain HTTP on loopback, for benchmarks)
 //	gopeers load   -addr ... -hint H -server-id ID -url U -c 8 -duration 10s [-keep-alive]
 package main
 
@@ -119,6 +120,8 @@ func main() {
 		err = server(os.Args[2:])
 	case "load":
 		err = load(os.Args[2:])
+	case "app":
+		err = app(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown subcommand %q", os.Args[1])
 	}
@@ -340,7 +343,7 @@ func (w *rotationWatcher) OnX509ContextWatchError(err error) {
 func checkRotation(ctx context.Context, wl *workloadapi.Client, rotations int, timeout time.Duration) {
 	record := map[string]any{"check": "rotation"}
 	defer emit(record)
-	watcher := &rotationWatcher{done: make(chan struct{}), want: rotations + 1}
+	watcher := &rotationWatcher{done: make(chan struct{}), want: rotations + 1, errs: []string{}}
 	watchCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	result := make(chan error, 1)
@@ -568,8 +571,8 @@ func load(args []string) error {
 	}
 	var mu sync.Mutex
 	var latencies []float64
-	var serials []string
-	var errs []string
+	serials := []string{}
+	errs := []string{}
 	failures := 0
 	deadline := time.Now().Add(*duration)
 	var wg sync.WaitGroup
@@ -636,4 +639,26 @@ func load(args []string) error {
 		"workers": *workers, "keep_alive": *keepAlive,
 	})
 	return nil
+}
+
+// ---------------------------------------------------------------------------- app
+
+// app is the plain-HTTP application behind the mTLS fronts in bench/peers.py: it
+// listens on a kernel-chosen loopback port and answers every request with a short body.
+func app(args []string) error {
+	fs := flag.NewFlagSet("app", flag.ContinueOnError)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	body := []byte("hello from app\n")
+	handler := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("content-type", "text/plain")
+		_, _ = w.Write(body)
+	})
+	emit(map[string]any{"check": "app", "listening": listener.Addr().String()})
+	return (&http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}).Serve(listener)
 }
