@@ -432,7 +432,7 @@ def test_ghostunnel_rotates_without_failed_requests(
 # --------------------------------------------------------------------------- README
 
 
-def tested_peers_table() -> dict[str, tuple[str, str]]:
+def readme_peer_rows() -> dict[str, tuple[str, str]]:
     """Peer -> (version, covers) from the README's "Tested peers" table."""
     text = (REPO / "README.md").read_text()
     section = text.split("### Tested peers", 1)[1].split("\n#", 1)[0]
@@ -445,7 +445,7 @@ def tested_peers_table() -> dict[str, tuple[str, str]]:
 
 
 def test_readme_tested_peers_table_matches_what_the_suite_runs() -> None:
-    rows = tested_peers_table()
+    rows = readme_peer_rows()
     go_mod = (gobuild.GOPEERS_SOURCES / "go.mod").read_text()
     assert f"github.com/spiffe/go-spiffe/v2 {gobuild.GO_SPIFFE_VERSION}" in go_mod
     envoy_versions = ", ".join(
