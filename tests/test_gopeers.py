@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,14 @@ def test_go_spiffe_gets_unimplemented_for_methods_we_do_not_serve(
     argv = [str(gopeers), "check", "-addr", f"unix://{provider}"]
     argv += ["-sections", "wit,unknown_method", "-wit-timeout", "20s"]
     out = by_check(run_go(procs, argv, "gopeers-unimplemented"))
-    assert out["unknown_method"]["call"]["code"] == "Unimplemented", out["unknown_method"]
+    call = out["unknown_method"]["call"]
+    assert call["code"] == "Unimplemented", call
+    assert call["message"] == "unknown method /SpiffeWorkloadAPI/NoSuchMethod"
     wit = out["wit"]
     assert wit["fetch"]["code"] == "Unimplemented", wit
     assert wit["fetch_bundles"]["code"] == "Unimplemented", wit
     assert wit["watch"]["code"] == "Unimplemented", wit
+    assert wit["watch"]["message"] == "unknown method /SpiffeWorkloadAPI/FetchWITSVID"
     assert wit["watch_stopped_by_server"] is True
     assert wit["watch_updates"] == 0
 
@@ -379,6 +383,10 @@ def start_ghostunnel(
 def test_ghostunnel_on_our_provider_admits_the_allowed_client_only(
     procs: Processes, gopeers: Path, ghostunnel: Path, stack: Stack, echo_app: EchoApp
 ) -> None:
+    version = subprocess.run(
+        [str(ghostunnel), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert (version.stdout + version.stderr).startswith(f"rev {gobuild.GHOSTUNNEL_VERSION} ")
     stack.start_provider()
     port = start_ghostunnel(procs, ghostunnel, stack, echo_app, [CLIENT_A])
     a, b = stack.material("client-a"), stack.material("client-b")
@@ -445,6 +453,7 @@ def readme_peer_rows() -> dict[str, tuple[str, str]]:
 
 
 def test_readme_tested_peers_table_matches_what_the_suite_runs() -> None:
+    """Versions come from what the suite pins; the built binaries are checked in their tests."""
     rows = readme_peer_rows()
     go_mod = (gobuild.GOPEERS_SOURCES / "go.mod").read_text()
     assert f"github.com/spiffe/go-spiffe/v2 {gobuild.GO_SPIFFE_VERSION}" in go_mod
