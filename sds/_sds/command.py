@@ -59,8 +59,6 @@ async def _main(config: Any, config_path: str | None) -> int:
     import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
-    from grpclib.server import Server  # noqa: PLC0415
-
     from .._log import event  # noqa: PLC0415
     from .._peercred import bind_unix_socket  # noqa: PLC0415
     from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
@@ -70,7 +68,7 @@ async def _main(config: Any, config_path: str | None) -> int:
     from .config import load_config  # noqa: PLC0415
     from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
-    from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
+    from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
     loop = asyncio.get_running_loop()
@@ -201,7 +199,7 @@ async def _main(config: Any, config_path: str | None) -> int:
             )
     waiting.cancel()
 
-    server = Server([servicer], codec=PassthroughCodec())
+    server = SdsServer(servicer)
     listen = config.listen
     socket_path = listen.path
     if not stop.is_set():
