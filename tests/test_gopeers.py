@@ -184,11 +184,6 @@ def test_go_spiffe_fetches_validates_and_watches_rotation(
     assert rotation["watch_errors"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the provider answers unknown methods without content-type (grpc-go: Unknown); "
-    "fixed on wt/provider",
-)
 def test_go_spiffe_gets_unimplemented_for_methods_we_do_not_serve(
     procs: Processes, gopeers: Path, provider: Path
 ) -> None:
