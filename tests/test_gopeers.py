@@ -280,7 +280,7 @@ def go_client(
 def test_spiffetls_client_through_the_envoy_inbound_listener(
     procs: Processes, gopeers: Path, stack: Stack, envoys: Envoys, echo_app: EchoApp
 ) -> None:
-    _, port = inbound_envoy(stack, envoys, echo_app, CLIENT_A)
+    envoy, port = inbound_envoy(stack, envoys, echo_app, CLIENT_A)
 
     allowed = go_client(procs, gopeers, stack, port, hint="client-a", server_id=WEB)
     assert allowed["own_id"] == CLIENT_A
@@ -294,7 +294,10 @@ def test_spiffetls_client_through_the_envoy_inbound_listener(
     refused = go_client(procs, gopeers, stack, port, hint="client-b", server_id=WEB)
     assert refused["own_id"] == CLIENT_B
     assert "status" not in refused, refused
-    assert "remote error: tls:" in refused["error"], refused
+    # TLS 1.3: Envoy rejects the certificate after the client's Finished, so the client sees
+    # the alert or, if its request write races the close, a broken pipe / reset.
+    assert re.search(r"remote error: tls: |broken pipe|connection reset by peer", refused["error"])
+    assert envoy.stat("listener.inbound.ssl.fail_verify_san") == 1
 
     # The client authorizes the server: web is not the backend it expects.
     wrong = go_client(procs, gopeers, stack, port, hint="client-a", server_id=BACKEND)

@@ -535,7 +535,6 @@ func server(args []string) error {
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, connKey{}, c)
 		},
-		ErrorLog: nil,
 	}
 	emit(map[string]any{"check": "server", "listening": listener.Addr().String(), "own_id": own.ID.String()})
 	return srv.Serve(listener)
