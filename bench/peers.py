@@ -21,7 +21,10 @@ server SVID is re-issued, counting failed requests and the leaf serials seen.
 
 Both Go programs and Ghostunnel are built (once, cached) by tests/gobuild.py.
 
-    .venv/bin/python bench/peers.py [--quick]        # ~3.5 min (--quick ~1 min)
+    .venv/bin/python bench/peers.py [--quick]        # ~3 min (--quick ~1 min)
+
+A full run rewrites docs/bench/peers.json (the summary BENCHMARKS.md cites, committed)
+and docs/bench/peers.png; the raw runs go to bench/results/ (gitignored).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import _common
 import yaml
 from _common import (
     REPO,
@@ -60,7 +62,7 @@ MODES = (("new", False), ("keep-alive", True))
 WORKERS = (1, 8)
 TD = "spiffe://example.org"
 WEB, CLIENT = f"{TD}/web", f"{TD}/client-a"
-SUMMARY = _common.RESULTS / "peers-summary.json"
+SUMMARY = REPO / "docs" / "bench" / "peers.json"
 PLOT = REPO / "docs" / "bench" / "peers.png"
 
 
@@ -435,7 +437,7 @@ def plot(med: dict[str, dict[str, float]], rss_mb: dict[str, float]) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    fig.savefig(PLOT, dpi=100, metadata={"Software": None})  # same JSON -> same bytes
     plt.close(fig)
 
 
