@@ -242,8 +242,8 @@ def test_upstream_backoff_and_jwt_limits_are_read() -> None:
     [
         (
             {"workload_api": "unix:///run/a\x00b.sock"},
-            "sds.yaml: workload_api: workload API address 'unix:///run/a\\x00b.sock' "
-            "contains a NUL byte",
+            "sds.yaml: workload_api[0]: 'unix:///run/a\\x00b.sock': "
+            "must not contain control characters",
         ),
         (
             {"workload_api": ["unix:///ok.sock", "tcp://localhost:1"]},
@@ -318,6 +318,6 @@ def test_sds_run_with_a_nul_in_workload_api_exits_2_with_one_line(tmp_path: Path
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"sds run: {config}: workload_api: workload API address 'unix:///run/a\\x00b.sock' "
-        "contains a NUL byte"
+        f"sds run: {config}: workload_api[0]: 'unix:///run/a\\x00b.sock': "
+        "must not contain control characters"
     ]
