@@ -624,6 +624,9 @@ async def test_rapid_stream_resets_leave_no_state(served: Served) -> None:
             client.writer.write(client.conn.data_to_send())
             await client.writer.drain()
         await _eventually(lambda: not served.servicer.streams, "every stream to close")
+        # Streams reset before their task ran were held until the connection closed.
+        await _eventually(lambda: served.server.open_streams() == 0, "HTTP/2 streams released")
+        assert not client.closed.is_set()
     finally:
         await client.close()
     assert served.servicer.cache.watch_count == 0

@@ -41,6 +41,7 @@ import contextlib
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -904,8 +905,12 @@ class _GuardedProtocol(H2Protocol):
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+        if self.connection.streams_started >= _BUSY_CONNECTION:
+            _reclaim_soon()
 
 
+#: A connection that started this many streams triggers a memory reclaim when it closes.
+_BUSY_CONNECTION = 1000
 _CONNECTION_LOG = RateLimiter(10, 60.0, max_keys=10)
 
 
@@ -916,6 +921,58 @@ def _connection_log(reason: str, seconds: float) -> None:
         if suppressed:
             fields["suppressed"] = suppressed
         event(log, logging.INFO, "sds.connection_closed", **fields)
+
+
+class _Handler(Handler):
+    """grpclib's per-connection handler, releasing streams whose task never ran.
+
+    grpclib releases a stream (drops it from the connection's table and returns its
+    flow-control credit) at the end of its request task. A stream reset in the same read
+    as its HEADERS has its task cancelled before it starts, so it was never released and
+    stayed in memory until the connection closed (10,000 rapid resets held ~75 MB).
+    """
+
+    def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                release_stream()
+
+        super().accept(stream, headers, release)
+        task = self._tasks.get(stream)
+        if task is not None:
+            task.add_done_callback(lambda _: release())
+
+
+_reclaim_handle: asyncio.TimerHandle | None = None
+
+
+def _reclaim_soon() -> None:
+    """After a busy connection closes, collect its cycles and give freed heap back to the OS.
+
+    Debounced to once a second. ``malloc_trim`` is glibc's; elsewhere only the collection
+    runs. Without it, RSS stayed ~50 MB above baseline after a burst of 10,000 streams.
+    """
+    global _reclaim_handle  # noqa: PLW0603 - one debounce timer per process
+    if _reclaim_handle is None:
+        _reclaim_handle = asyncio.get_running_loop().call_later(1.0, _reclaim)
+
+
+def _reclaim() -> None:
+    global _reclaim_handle  # noqa: PLW0603
+    _reclaim_handle = None
+    import ctypes  # noqa: PLC0415
+    import ctypes.util  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 class SdsServer(Server):
@@ -940,14 +997,23 @@ class SdsServer(Server):
         self._mapping = _Methods(self._mapping)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self._protocols: weakref.WeakSet[_GuardedProtocol] = weakref.WeakSet()
+
+    def open_streams(self) -> int:
+        """HTTP/2 streams the server's connections hold now (for tests and diagnostics)."""
+        return sum(len(p.processor.streams) for p in list(self._protocols))
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
-        handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        handler = _Handler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
         self._handlers.add(handler)
-        return _GuardedProtocol(
+        protocol = _GuardedProtocol(
             handler, self._config, self._h2_config, self.handshake_timeout, self.idle_timeout
         )
+        self._protocols.add(protocol)
+        return protocol
 
     async def start(self, *args: Any, backlog: int = LISTEN_BACKLOG, **kwargs: Any) -> None:
         """grpclib's ``start`` with a backlog sized for 1,000+ Envoys connecting at once."""
