@@ -1,141 +1,169 @@
-"""A minimal raw HTTP/2 gRPC client for hostile-input tests: it sends exactly the bytes it
-is given (broken framing, bad protobuf, unknown methods) and records what comes back,
-headers included, which grpclib's client would hide or refuse to produce."""
+"""A blocking raw HTTP/2 client for gRPC edge cases no well-behaved gRPC client produces.
+
+It speaks h2 (the library grpclib is built on) over a Unix socket and
+exposes the response exactly as sent: headers, DATA bytes, trailers and
+whether the server reset the stream. Flow control is obeyed, so the amount
+of data the server let in is visible in ``Response.sent``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import socket
+import struct
 from dataclasses import dataclass, field
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-)
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
-SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+__all__ = ["RawH2", "Response", "grpc_frame"]
 
 
-def grpc_frame(message: bytes, *, flag: int = 0, length: int | None = None) -> bytes:
-    """A gRPC length-prefixed message; ``flag``/``length`` override the prefix."""
-    size = len(message) if length is None else length
-    return bytes([flag]) + size.to_bytes(4, "big") + message
+def grpc_frame(body: bytes, *, compressed: bool = False, length: int | None = None) -> bytes:
+    """A gRPC Length-Prefixed-Message; ``length`` overrides the declared size."""
+    declared = len(body) if length is None else length
+    return struct.pack(">?I", compressed, declared) + body
 
 
 @dataclass
-class Reply:
-    """What the server sent on one stream."""
+class Response:
+    """What came back on one stream."""
 
     headers: dict[str, str] = field(default_factory=dict)
     trailers: dict[str, str] = field(default_factory=dict)
     data: bytes = b""
     reset: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: bool = False
+    sent: int = 0  # request DATA bytes the server's flow control let through
 
     @property
-    def status(self) -> str | None:
-        """grpc-status, from the trailers or a trailers-only response."""
+    def grpc_status(self) -> str | None:
+        """grpc-status from the trailers, or from a trailers-only response's headers."""
         return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
 
     @property
-    def message(self) -> str | None:
-        from urllib.parse import unquote
-
-        raw = self.trailers.get("grpc-message", self.headers.get("grpc-message"))
-        return unquote(raw) if raw is not None else None
+    def grpc_message(self) -> str | None:
+        return self.trailers.get("grpc-message", self.headers.get("grpc-message"))
 
 
-class RawClient:
-    """One HTTP/2 connection to a Unix socket; many streams may be in flight at once."""
+def _text(pairs: list[tuple[bytes | str, bytes | str]]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in pairs
+    }
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+
+class RawH2:
+    """One HTTP/2 connection to a Unix socket; call :meth:`call` per stream."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
-        self.replies: dict[int, Reply] = {}
-        self.closed = asyncio.Event()
-        self.writer.write(self.conn.data_to_send())
-        self._task = asyncio.create_task(self._read())
+        self._flush()
+        self._responses: dict[int, Response] = {}
 
-    @classmethod
-    async def connect(cls, path: str) -> RawClient:
-        reader, writer = await asyncio.open_unix_connection(path)
-        return cls(reader, writer)
+    def close(self) -> None:
+        self.sock.close()
 
-    async def _read(self) -> None:
+    def __enter__(self) -> RawH2:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def _pump(self) -> bool:
+        """Read once from the socket and process events; False when the connection closed."""
         try:
-            while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    break
-                for ev in self.conn.receive_data(data):
-                    reply = self.replies.get(getattr(ev, "stream_id", 0) or 0)
-                    if isinstance(ev, ResponseReceived) and reply is not None:
-                        reply.headers = dict(ev.headers)  # type: ignore[arg-type]
-                    elif isinstance(ev, TrailersReceived) and reply is not None:
-                        reply.trailers = dict(ev.headers)  # type: ignore[arg-type]
-                    elif isinstance(ev, DataReceived):
-                        if reply is not None:
-                            reply.data += ev.data
-                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                    elif isinstance(ev, StreamEnded) and reply is not None:
-                        reply.done.set()
-                    elif isinstance(ev, StreamReset) and reply is not None:
-                        reply.reset = True
-                        reply.done.set()
-                    elif isinstance(ev, ConnectionTerminated):
-                        break
-                out = self.conn.data_to_send()
-                if out:
-                    self.writer.write(out)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.closed.set()
-            for reply in self.replies.values():
-                reply.done.set()
+            data = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        if not data:
+            return False
+        for ev in self.conn.receive_data(data):
+            response = self._responses.get(getattr(ev, "stream_id", 0) or 0)
+            if isinstance(ev, h2.events.ResponseReceived) and response is not None:
+                response.headers = _text(ev.headers)
+            elif isinstance(ev, h2.events.TrailersReceived) and response is not None:
+                response.trailers = _text(ev.headers)
+            elif isinstance(ev, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if response is not None:
+                    response.data += ev.data
+            elif isinstance(ev, h2.events.StreamEnded) and response is not None:
+                response.ended = True
+            elif isinstance(ev, h2.events.StreamReset) and response is not None:
+                response.reset = True
+        self._flush()
+        return True
 
-    def start(
-        self, path: str, body: bytes, *, end: bool = True, content_type: str | None = None
-    ) -> Reply:
-        """Open a stream to ``path`` and send ``body`` as DATA (as much as the window allows)."""
-        stream_id = self.conn.get_next_available_stream_id()
-        headers = [
+    def call(
+        self,
+        path: str,
+        chunks: list[bytes] | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        repeat: int = 1,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Response:
+        """POST ``path``, send ``chunks`` (``repeat`` times, as flow control allows), end, read all.
+
+        Sending stops early once the server answered or reset the stream.
+        """
+        sid = self.conn.get_next_available_stream_id()
+        response = Response()
+        self._responses[sid] = response
+        request_headers = headers or [
             (":method", "POST"),
             (":scheme", "http"),
             (":path", path),
             (":authority", "localhost"),
+            ("content-type", "application/grpc"),
             ("te", "trailers"),
-            ("content-type", content_type or "application/grpc"),
         ]
-        reply = self.replies[stream_id] = Reply()
-        self.conn.send_headers(stream_id, headers, end_stream=not body and end)
-        if body:
-            window = min(self.conn.local_flow_control_window(stream_id), len(body))
-            chunk = self.conn.max_outbound_frame_size
-            for i in range(0, window, chunk):
-                last = i + chunk >= window
-                self.conn.send_data(
-                    stream_id, body[i : min(i + chunk, window)], end_stream=end and last
-                )
-        self.writer.write(self.conn.data_to_send())
-        return reply
-
-    async def call(self, path: str, body: bytes, *, timeout: float = 10.0, **kw: object) -> Reply:
-        reply = self.start(path, body, **kw)  # type: ignore[arg-type]
-        await asyncio.wait_for(reply.done.wait(), timeout)
-        return reply
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+        request_headers += list((metadata or {}).items())
+        self.conn.send_headers(sid, request_headers, end_stream=not chunks)
+        self._flush()
+        for _ in range(repeat if chunks else 0):
+            for chunk in chunks or ():
+                view = memoryview(chunk)
+                while view and not (response.ended or response.reset):
+                    try:
+                        window = min(
+                            self.conn.local_flow_control_window(sid),
+                            self.conn.max_outbound_frame_size,
+                        )
+                    except h2.exceptions.StreamClosedError:
+                        response.reset = True
+                        break
+                    if window <= 0:
+                        if not self._pump():
+                            return response
+                        continue
+                    piece = view[:window]
+                    self.conn.send_data(sid, piece.tobytes())
+                    self._flush()
+                    response.sent += len(piece)
+                    view = view[len(piece) :]
+                if response.ended or response.reset:
+                    break
+            if response.ended or response.reset:
+                break
+        if chunks and not (response.ended or response.reset):
+            try:
+                self.conn.end_stream(sid)
+                self._flush()
+            except h2.exceptions.StreamClosedError:
+                pass
+        while not (response.ended or response.reset):
+            if not self._pump():
+                break
+        return response

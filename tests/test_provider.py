@@ -26,7 +26,7 @@ from grpclib.exceptions import GRPCError
 
 from sds._ca import LocalCA
 from sds._jwt import validate_jwt_svid
-from sds._peercred import bind_unix_socket
+from sds._peercred import listen_unix
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
 from sds._provider.identities import (
@@ -99,7 +99,7 @@ async def serve(sockdir: Path) -> AsyncIterator[Serve]:
             ca or LocalCA.ephemeral(TD), identities, federation, **kwargs
         )
         path = str(sockdir / f"p{len(running)}.sock")
-        await provider.start(bind_unix_socket(path))
+        await provider.start(listen_unix(path))
         channel = Channel(path=path)
         running.append((provider, channel))
         return provider, SpiffeWorkloadAPIStub(channel)
@@ -481,7 +481,7 @@ async def test_validate_jwt_svid_own_and_federated(serve: Serve) -> None:
 async def test_close_removes_socket_file_and_ends_streams(sockdir: Path) -> None:
     path = str(sockdir / "c.sock")
     provider = WorkloadApiProvider(LocalCA.ephemeral(TD), [ident("web", "/web")])
-    await provider.start(bind_unix_socket(path))
+    await provider.start(listen_unix(path))
     channel = Channel(path=path)
     try:
         stub = SpiffeWorkloadAPIStub(channel)
@@ -680,7 +680,9 @@ def test_cli_config_errors_exit_2_with_one_line(
     assert not (sockdir / "x.sock").exists()
 
 
-def test_cli_unusable_socket_path_exits_1(procs: Processes, sockdir: Path, tmp_path: Path) -> None:
+def test_cli_missing_socket_dir_exits_2_with_one_line(
+    procs: Processes, sockdir: Path, tmp_path: Path
+) -> None:
     ids = tmp_path / "ids.yaml"
     ids.write_text(WEB)
     sock = sockdir / "missing-dir" / "w.sock"
@@ -694,9 +696,10 @@ def test_cli_unusable_socket_path_exits_1(procs: Processes, sockdir: Path, tmp_p
         str(ids),
         "--ephemeral",
     )
-    assert proc.wait(30) == 1
+    assert proc.wait(30) == 2
     assert procs.log(proc) == (
-        f"sds workload-api: cannot listen on {sock}: [Errno 2] No such file or directory\n"
+        f"sds workload-api: socket directory {sock.parent}: cannot open: "
+        "No such file or directory\n"
     )
 
 

@@ -34,7 +34,7 @@ from sds._sds.envoy import (
     decode_sotw_request,
     node_info,
 )
-from tests.h2raw import SERVICE, grpc_frame
+from tests.h2async import SERVICE, grpc_frame
 from tests.test_sds_hostile import (
     SECRET_TYPE,
     Served,

@@ -1,7 +1,7 @@
 """Hostile clients against the real SDS server (issue 7 holes 6-8, issue 9 items 5 and 13).
 
 An in-process :class:`SdsServer` with fixed material; attacks go through a raw HTTP/2
-client (``tests/h2raw.py``) that sends exactly the bytes it is given, and good clients
+client (``tests/h2async.py``) that sends exactly the bytes it is given, and good clients
 through the strict fake Envoy. Each test states the limit it checks.
 """
 
@@ -27,6 +27,7 @@ from envoy_data_plane.google.protobuf import Struct, Value
 from grpclib.client import Channel
 from h2.exceptions import StreamClosedError
 
+import sds
 from sds._ca import LocalCA
 from sds._peercred import bind_unix_socket
 from sds._sds.bridge import Bridge
@@ -36,7 +37,7 @@ from sds._sds.metrics import Metrics
 from sds._sds.server import INSPECTOR_NODE, SdsServer, SdsServicer
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context
-from tests.h2raw import SERVICE, RawClient, grpc_frame
+from tests.h2async import SERVICE, RawClient, grpc_frame
 from tests.sdsfake import node, sotw
 from tests.test_sds_server import StaticSource
 
@@ -451,7 +452,7 @@ async def test_sds_inspect_is_not_an_envoy(served: Served) -> None:
 
 def test_metrics_have_build_info_no_created_series_and_timestamp_names() -> None:
     text = Metrics().render().decode()
-    assert 'sds_build_info{version="0.1.0"} 1.0' in text
+    assert f'sds_build_info{{version="{sds.__version__}"}} 1.0' in text
     assert "_created" not in text
     ca = LocalCA.ephemeral(TD)
     svid = ca.issue_x509_svid(SpiffeId.from_path(TD, "/web"), dt.timedelta(hours=1))

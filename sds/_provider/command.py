@@ -144,11 +144,10 @@ async def _serve(
 ) -> int:
     import asyncio  # noqa: PLC0415
     import signal  # noqa: PLC0415
-    import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from .._log import event  # noqa: PLC0415
-    from .._peercred import bind_unix_socket  # noqa: PLC0415
+    from .._peercred import listen_unix  # noqa: PLC0415
     from ..errors import ConfigError  # noqa: PLC0415
     from .identities import load_federation, load_identities  # noqa: PLC0415
     from .server import WorkloadApiProvider  # noqa: PLC0415
@@ -178,13 +177,12 @@ async def _serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        sock = bind_unix_socket(args.socket, mode)
-    except OSError as exc:
+        listener = listen_unix(args.socket, mode)
+    except BaseException:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        print(f"sds workload-api: cannot listen on {args.socket}: {exc}", file=sys.stderr)
-        return 1
-    await provider.start(sock)
+        raise
+    await provider.start(listener)
     event(
         logger,
         logging.INFO,
