@@ -143,9 +143,7 @@ async def test_declared_4gb_message_is_refused_before_its_body_is_read(
         # The prefix declares 4 GiB - 1; only 16 kB follow. The old server waited for the rest.
         reply = await client.call(STREAM, grpc_frame(b"\x0a" * 16000, length=0xFFFFFFFF), end=False)
         assert reply.status == "8"  # RESOURCE_EXHAUSTED, as gRPC answers an oversized message
-        assert reply.message == (
-            "request message of 4294967295 bytes exceeds the limit of 4194304 bytes"
-        )
+        assert reply.message == ("request message is 4294967295 bytes; the limit is 4194304")
         assert reply.headers["content-type"].startswith("application/grpc")
     finally:
         await client.close()
@@ -499,16 +497,16 @@ def test_metrics_have_build_info_no_created_series_and_timestamp_names() -> None
             STREAM,
             grpc_frame(sotw_request(["default"]), flag=1),
             "3",
-            "compressed or flagged gRPC messages are not supported "
-            "(compressed-flag 1, no grpc-encoding negotiated)",
+            "compressed request messages are not supported (no grpc-encoding negotiated)",
         ),
         (
             STREAM,
             grpc_frame(b"\x1a\x01a", length=100),
             "3",
-            "truncated gRPC message: the stream ended inside a frame",
+            "request ended inside a gRPC message frame",
         ),
-        (STREAM, b"\x00\x00", "3", "truncated gRPC message: the stream ended inside a frame"),
+        (STREAM, b"\x00\x00", "3", "request ended inside a gRPC message frame"),
+        (STREAM, grpc_frame(b"", length=100), "3", "request ended inside a gRPC message frame"),
         (FETCH, b"", "3", "FetchSecrets needs a DiscoveryRequest; the call ended without one"),
         (FETCH, grpc_frame(b"\xff"), "3", "malformed request: truncated or oversized varint"),
         (f"{SERVICE}/NoSuchMethod", b"", "12", f"unknown method {SERVICE}/NoSuchMethod"),
@@ -522,6 +520,7 @@ def test_metrics_have_build_info_no_created_series_and_timestamp_names() -> None
         "compressed",
         "truncated-body",
         "truncated-prefix",
+        "prefix-only",
         "fetch-empty",
         "fetch-garbage",
         "unknown-sds-method",

@@ -52,6 +52,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler, Server
 
+from .._grpcedge import answer_unknown_methods, recv_request, server_config
 from .._log import event
 from .._peercred import PeerCredentials, peer_credentials
 from .._ratelimit import RateLimiter
@@ -144,50 +145,6 @@ class PassthroughCodec(ProtoCodec):
         if message_type is RawMessage:
             return data
         return super().decode(data, message_type)
-
-
-def _truncated() -> GRPCError:
-    return GRPCError(
-        Status.INVALID_ARGUMENT, "truncated gRPC message: the stream ended inside a frame"
-    )
-
-
-async def _receive(stream: Any, limit: int) -> bytes | None:
-    """The next request message's bytes, or None at end of stream (gRPC length-prefixed framing).
-
-    Replaces grpclib's ``recv_message``, which reads whatever length the prefix declares and
-    fails on bad framing with an AssertionError (a traceback and UNKNOWN). Here the 5-byte
-    prefix is checked first: a message over ``limit`` is refused with RESOURCE_EXHAUSTED
-    before its body is read (unread DATA stays bounded by the HTTP/2 flow-control window),
-    and broken framing ends the stream with INVALID_ARGUMENT. grpclib==0.4.9 is pinned;
-    ``stream._stream`` is its HTTP/2 stream.
-    """
-    h2 = stream._stream
-    try:
-        prefix = await h2.recv_data(5)
-    except AssertionError:  # grpclib's Buffer: the stream ended inside the prefix
-        raise _truncated() from None
-    if not prefix:
-        return None
-    flag, length = prefix[0], int.from_bytes(prefix[1:5], "big")
-    if flag != 0:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT,
-            "compressed or flagged gRPC messages are not supported "
-            f"(compressed-flag {flag}, no grpc-encoding negotiated)",
-        )
-    if length > limit:
-        raise GRPCError(
-            Status.RESOURCE_EXHAUSTED,
-            f"request message of {length} bytes exceeds the limit of {limit} bytes",
-        )
-    try:
-        data: bytes = await h2.recv_data(length)
-    except AssertionError:
-        raise _truncated() from None
-    if len(data) != length:
-        raise _truncated()
-    return data
 
 
 @dataclass(slots=True)
@@ -645,7 +602,7 @@ class SdsServicer:
         otherwise each pin their last one.
         """
         limit = self.limits.max_message_bytes
-        recv: asyncio.Future[Any] = asyncio.ensure_future(_receive(stream, limit))
+        recv: asyncio.Future[Any] = asyncio.ensure_future(recv_request(stream, limit))
         wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
         try:
             while True:
@@ -654,7 +611,7 @@ class SdsServicer:
                 del done
                 if got_request:
                     raw = recv.result()
-                    recv = asyncio.ensure_future(_receive(stream, limit))
+                    recv = asyncio.ensure_future(recv_request(stream, limit))
                     if raw is None:
                         return
                     yield raw
@@ -801,7 +758,7 @@ class SdsServicer:
 
     async def _fetch_secrets(self, stream: Any) -> None:
         info = self._admit(stream, "fetch")
-        raw = await _receive(stream, self.limits.max_message_bytes)
+        raw = await recv_request(stream, self.limits.max_message_bytes)
         if raw is None:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
@@ -826,30 +783,6 @@ class SdsServicer:
 
 
 # -- the HTTP/2 server ---------------------------------------------------------------------------
-
-
-async def _unimplemented(stream: Any) -> None:
-    raise GRPCError(
-        Status.UNIMPLEMENTED, f"unknown method {_truncate(str(stream._method_name), 200)}"
-    )
-
-
-_UNIMPLEMENTED = grpclib.const.Handler(
-    _unimplemented, grpclib.const.Cardinality.UNARY_UNARY, RawMessage, RawMessage
-)
-
-
-class _Methods(dict[str, grpclib.const.Handler]):
-    """The method table, answering an unknown path with a handler that says UNIMPLEMENTED.
-
-    grpclib itself aborts an unknown method with ``grpc-status 12`` but no ``content-type``,
-    which grpc-go reports as ``Unknown``; going through a handler gives a proper gRPC
-    trailers-only response (``content-type: application/grpc+proto``).
-    """
-
-    def get(self, key: str, default: Any = None) -> grpclib.const.Handler:
-        found = super().get(key)
-        return _UNIMPLEMENTED if found is None else found
 
 
 class _GuardedProtocol(H2Protocol):
@@ -978,12 +911,15 @@ def _reclaim() -> None:
 class SdsServer(Server):
     """grpclib's server for one :class:`SdsServicer`, hardened for hostile local clients.
 
-    Adds to grpclib: UNIMPLEMENTED with a gRPC content-type for unknown methods; a
-    ``handshake_timeout`` (10 s) for connections that never open a stream; an
-    ``idle_timeout`` (300 s) for connections with no stream; a listen backlog of
-    :data:`LISTEN_BACKLOG` (grpclib's default is 100, and asyncio re-applies it to a
-    socket that is already listening). grpclib==0.4.9 is pinned; ``_protocol_factory``
-    and ``_mapping`` are its internals.
+    Adds to grpclib: UNIMPLEMENTED with a gRPC content-type for unknown methods and
+    64 KiB HTTP/2 receive windows (both from ``sds._grpcedge``, shared with the
+    provider), so data a handler has not read yet (a caller being refused) is at most
+    one window per connection; a ``handshake_timeout`` (10 s) for connections that never
+    open a stream; an ``idle_timeout`` (300 s) for connections with no stream; a listen
+    backlog of :data:`LISTEN_BACKLOG` (grpclib's default is 100, and asyncio re-applies
+    it to a socket that is already listening); streams reset before their task ran are
+    released, and memory is reclaimed after a busy connection closes. grpclib==0.4.9 is
+    pinned; ``_protocol_factory``, ``_handlers`` and ``Handler._tasks`` are its internals.
     """
 
     def __init__(
@@ -993,8 +929,8 @@ class SdsServer(Server):
         handshake_timeout: float = 10.0,
         idle_timeout: float = 300.0,
     ) -> None:
-        super().__init__([servicer], codec=PassthroughCodec())
-        self._mapping = _Methods(self._mapping)
+        super().__init__([servicer], codec=PassthroughCodec(), config=server_config())
+        answer_unknown_methods(self, RawMessage)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self._protocols: weakref.WeakSet[_GuardedProtocol] = weakref.WeakSet()
