@@ -43,7 +43,7 @@ ensure_venv() {
             say "pyproject.toml changed: updating $VENV (usually under a minute)"
         else
             say "installing sds, Envoy and the dev tools into $VENV" \
-                "(about 2 minutes from a warm pip cache, longer when downloading; log: $LOG)"
+                "(2-4 minutes from a warm pip cache, longer when downloading; log: $LOG)"
         fi
         quietly "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
         quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[dev]'
@@ -84,7 +84,7 @@ shift || true
 case "$cmd" in
     demo)
         ensure_venv
-        say "starting the demo (.venv/bin/sds demo $*)"
+        say "starting the demo ($VENV/bin/sds demo${*:+ $*})"
         exec "$VENV/bin/sds" demo "$@"
         ;;
     test)

@@ -7,10 +7,10 @@ fields, so a line can be grepped by event and parsed by any logfmt reader::
 
 With ``--log-format json`` the same events become one JSON object per line,
 keys in a fixed order: ``ts``, ``level``, ``logger``, ``event``, then the
-event's fields as logfmt has them (integers, floats and booleans stay JSON
-numbers and booleans (a non-finite float
-is a string), ``None`` is ``null``, anything else is its ``str()``),
-then ``exc`` for an error logged with a traceback::
+event's fields in the order logfmt has them, then ``exc`` for an error logged
+with a traceback. Integers, finite floats and booleans stay JSON numbers and
+booleans, ``None`` is ``null``, anything else is its ``str()``; a message not
+logged through :func:`event` is the ``event`` value, without fields::
 
     {"ts": "2026-11-21T12:00:00.000Z", "level": "INFO", "logger": "sds.provider",
      "event": "svid.issued", "spiffe_id": "spiffe://td/web", "serial": "ab.."}

@@ -74,7 +74,7 @@ def test_first_run_says_what_it_does_and_hides_tool_output(tmp_path: Path) -> No
     lines = first.stderr.splitlines()
     assert lines[0] == "dev.sh: first run: creating .venv with /usr/bin/python3 3.11.7"
     assert lines[1] == (
-        "dev.sh: installing sds, Envoy and the dev tools into .venv (about 2 minutes from a "
+        "dev.sh: installing sds, Envoy and the dev tools into .venv (2-4 minutes from a "
         "warm pip cache, longer when downloading; log: .venv/install.log)"
     )
     assert re.fullmatch(r"dev\.sh: installed in \d+ s", lines[2])
@@ -85,7 +85,7 @@ def test_first_run_says_what_it_does_and_hides_tool_output(tmp_path: Path) -> No
 
     again = devsh(work, env, "demo")
     assert again.returncode == 0, again.stderr
-    assert again.stderr == "dev.sh: starting the demo (.venv/bin/sds demo )\n"
+    assert again.stderr == "dev.sh: starting the demo (.venv/bin/sds demo)\n"
 
     with (work / "pyproject.toml").open("a") as f:
         f.write("# changed\n")
