@@ -39,7 +39,12 @@ Route = Callable[[], Response]
 
 
 class AdminServer:
-    """Serves ``routes`` (path -> handler) on ``host:port`` (loopback only; port 0 = any)."""
+    """Serves ``routes`` (path -> handler) on ``host:port`` (port 0 = any).
+
+    The caller picks the address: loopback for the admin endpoint, any IP for
+    the metrics listener, whose routes carry nothing secret. ``name`` prefixes
+    the ``<name>.listening`` log event.
+    """
 
     def __init__(
         self,
@@ -47,7 +52,10 @@ class AdminServer:
         port: int,
         routes: dict[str, Route],
         prefixes: dict[str, Callable[[str], Response]] | None = None,
+        *,
+        name: str = "admin",
     ) -> None:
+        self.name = name
         self.host = host
         self.port = port
         self.routes = routes
@@ -58,7 +66,8 @@ class AdminServer:
         """Bind and start serving; ``self.port`` becomes the bound port."""
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        event(log, logging.INFO, "admin.listening", address=f"http://{self.host}:{self.port}")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        event(log, logging.INFO, f"{self.name}.listening", address=f"http://{host}:{self.port}")
 
     async def close(self) -> None:
         """Stop accepting and close."""
@@ -85,9 +94,8 @@ class AdminServer:
             if method != "GET":
                 response = Response(405, b"only GET\n")
             elif handler is None:
-                response = Response(
-                    404, b"not found; try " + ", ".join(self.routes).encode() + b"\n"
-                )
+                paths = [*self.routes, *(f"{prefix}<td>" for prefix in self.prefixes)]
+                response = Response(404, b"not found; try " + ", ".join(paths).encode() + b"\n")
             else:
                 response = handler()
             head = (

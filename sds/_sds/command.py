@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="loopback HTTP for /readyz, /metrics ('off' to disable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="IP:PORT",
+        help="scrape listener: /metrics, /healthz, /readyz only; may bind any IP (default off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else BridgeConfig(source="flags")
     config = config.with_overrides(
-        workload_api=args.workload_api, listen=args.listen, admin=args.admin
+        workload_api=args.workload_api,
+        listen=args.listen,
+        admin=args.admin,
+        metrics=getattr(args, "metrics", None),
     )
     if config.listen is None:
         from ..errors import ConfigError  # noqa: PLC0415
@@ -59,8 +67,6 @@ async def _main(config: Any, config_path: str | None) -> int:
     import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
-    from grpclib.server import Server  # noqa: PLC0415
-
     from .._log import event  # noqa: PLC0415
     from .._peercred import bind_unix_socket  # noqa: PLC0415
     from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
@@ -70,7 +76,7 @@ async def _main(config: Any, config_path: str | None) -> int:
     from .config import load_config  # noqa: PLC0415
     from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
-    from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
+    from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
     loop = asyncio.get_running_loop()
@@ -158,6 +164,30 @@ async def _main(config: Any, config_path: str | None) -> int:
                 f"admin: cannot listen on {config.admin.host}:{config.admin.port}: {exc.strerror}"
             ) from exc
 
+    # The scrape listener: probes and metrics only, never /secrets, /envoys or JWKS,
+    # so it may bind a pod IP; the admin endpoint above stays loopback-only.
+    scrape = None
+    if config.metrics is not None:
+        scrape = AdminServer(
+            config.metrics.host,
+            config.metrics.port,
+            {
+                "/healthz": lambda: Response(200, b"ok\n"),
+                "/readyz": readyz,
+                "/metrics": lambda: Response(
+                    200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                ),
+            },
+            name="metrics",
+        )
+        try:
+            await scrape.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics: cannot listen on {config.metrics.host}:{config.metrics.port}: "
+                f"{exc.strerror}"
+            ) from exc
+
     stop = asyncio.Event()
     first = asyncio.Event()
     bridge.on_change(lambda: first.set() if bridge.ready else None)
@@ -201,7 +231,7 @@ async def _main(config: Any, config_path: str | None) -> int:
             )
     waiting.cancel()
 
-    server = Server([servicer], codec=PassthroughCodec())
+    server = SdsServer(servicer)
     listen = config.listen
     socket_path = listen.path
     if not stop.is_set():
@@ -239,6 +269,8 @@ async def _main(config: Any, config_path: str | None) -> int:
     await asyncio.gather(*tasks, return_exceptions=True)
     if admin is not None:
         await admin.close()
+    if scrape is not None:
+        await scrape.close()
     return 0
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "AdminConfig",
     "BridgeConfig",
     "ListenAddress",
+    "MetricsConfig",
     "NamedSecret",
     "Names",
     "Policy",
@@ -103,6 +104,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The scrape listener: /metrics, /healthz and /readyz only, on any IP (port 0 = any).
+
+    It serves nothing about secrets or Envoys, so unlike the admin endpoint it
+    may bind a pod IP or ``0.0.0.0`` for Prometheus and kubelet probes.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything ``sds run`` needs, validated."""
 
@@ -118,6 +131,7 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig | None = None
     source: str = "<defaults>"
 
     def with_overrides(
@@ -126,6 +140,7 @@ class BridgeConfig:
         workload_api: Sequence[str] = (),
         listen: str | None = None,
         admin: str | None = None,
+        metrics: str | None = None,
     ) -> BridgeConfig:
         """This config with command-line flags applied on top (flags win)."""
         updated = self
@@ -135,6 +150,8 @@ class BridgeConfig:
             updated = replace(updated, listen=parse_listen(listen, "--listen"))
         if admin is not None:
             updated = replace(updated, admin=_parse_admin(admin, "--admin"))
+        if metrics is not None:
+            updated = replace(updated, metrics=_parse_metrics(metrics, "--metrics"))
         return updated
 
 
@@ -151,6 +168,7 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "metrics",
 }
 
 
@@ -268,6 +286,27 @@ def _parse_admin(text: str, where: str) -> AdminConfig:
     return AdminConfig(host=str(ip), port=number)
 
 
+def _parse_metrics(text: str, where: str) -> MetricsConfig | None:
+    """``HOST:PORT`` (any IP, ``[v6]`` in brackets; port 0 = any), or ``off``."""
+    if text in ("", "off", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ip = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: {text!r}: want IP:PORT (e.g. 0.0.0.0:9102 or [::]:9102), or off"
+        ) from exc
+    if not sep or (ip.version == 6 and not bracketed):
+        raise ConfigError(f"{where}: {text!r}: write an IPv6 address in brackets, e.g. [::]:9102")
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{where}: {text!r}: port out of range")
+    return MetricsConfig(host=str(ip), port=number)
+
+
 def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
     data = reader.mapping(value, path, {"name", "trust_domains", "allow"})
     if "name" not in data:
@@ -381,6 +420,15 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         else:
             config = replace(
                 config, admin=_parse_admin(reader.string(admin, "admin"), f"{source}: admin")
+            )
+    if "metrics" in top:
+        metrics = top["metrics"]
+        if metrics in (None, False, "off"):
+            config = replace(config, metrics=None)
+        else:
+            config = replace(
+                config,
+                metrics=_parse_metrics(reader.string(metrics, "metrics"), f"{source}: metrics"),
             )
     return config
 
