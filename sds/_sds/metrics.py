@@ -94,7 +94,16 @@ class Metrics:
         self.upstream_errors = Counter(
             "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
         )
-        self.ready = Gauge("sds_ready", "1 when at least one valid SVID is served", registry=r)
+        self.ready = Gauge(
+            "sds_ready", "1 when every configured name can be served now", registry=r
+        )
+        self.unservable = Gauge(
+            "sds_unservable",
+            "1 for each configured name that cannot be served now (reason on /readyz)",
+            ["name"],
+            registry=r,
+        )
+        self._unservable: set[str] = set()
         self.streams = Gauge("sds_streams", "Connected SDS streams", ["kind"], registry=r)
         self.pushes = Counter("sds_pushes_total", "SDS responses sent", ["node"], registry=r)
         self.acks = Counter("sds_acks_total", "SDS ACKs received", ["node"], registry=r)
@@ -148,6 +157,14 @@ class Metrics:
         for name in held | self._bundles:
             self.bundle_present.labels(name).set(1 if name in held else 0)
         self._bundles |= held
+
+    def unservable_changed(self, names: list[str]) -> None:
+        """Set ``sds_unservable{name}`` to 1 for ``names``; remove the series of the others."""
+        for name in self._unservable - set(names):
+            self.unservable.remove(name)
+        for name in names:
+            self.unservable.labels(name).set(1)
+        self._unservable = set(names)
 
     # -- WatcherEvents -----------------------------------------------------------------------
 
