@@ -27,8 +27,8 @@ from sds._peercred import (
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
 from sds._provider import server as provider_server
-from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
 from sds._provider.identities import Identity
+from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
