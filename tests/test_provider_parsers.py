@@ -359,3 +359,52 @@ async def test_sighup_with_bad_files_keeps_old_state_and_logs_each_failure(
         channel.close()
     assert [s.spiffe_id for s in response.svids] == ["spiffe://example.org/svc/web"]
     assert proc.poll() is None
+
+
+CLI_VALUES: dict[str, tuple[list[str], str]] = {
+    "NUL in --identities": (["--identities", "a\0b"], "'a\\x00b': cannot read: embedded null byte"),
+    "device as --identities": (["--identities", "/dev/null"], "/dev/null: not a regular file"),
+    "NUL in --federate": (
+        ["--federate", "other.org=a\0b"],
+        "'a\\x00b': cannot read: embedded null byte",
+    ),
+    "NUL in --trust-domain": (["--trust-domain", "exa\0mple.org"], "--trust-domain: "),
+    "huge --jwt-ttl": (["--jwt-ttl", "9" * 5000 + "s"], "--jwt-ttl: duration '999"),
+    "NUL in --socket": (
+        ["--socket", "/tmp/a\0b"],
+        "'/tmp/a\\x00b': a socket path cannot contain NUL",
+    ),
+    "NUL in --state-dir": (
+        ["--state-dir", "/tmp/a\0b"],
+        "'/tmp/a\\x00b': a directory path cannot contain NUL",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_VALUES))
+def test_hostile_cli_values_exit_2_with_one_line(
+    case: str, tmp_path: Path, sockdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sds.cli import main  # noqa: PLC0415
+
+    ids = tmp_path / "ids.yaml"
+    ids.write_text(WEB)
+    override, message = CLI_VALUES[case]
+    options = {
+        "--socket": str(sockdir / "w.sock"),
+        "--trust-domain": "example.org",
+        "--identities": str(ids),
+    }
+    extra: list[str] = []
+    for flag, value in zip(override[::2], override[1::2], strict=True):
+        if flag in options:
+            options[flag] = value
+        else:
+            extra += [flag, value]
+    if "--state-dir" not in extra:
+        extra.append("--ephemeral")
+    argv = ["workload-api", *[x for pair in options.items() for x in pair], *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"sds workload-api: {message}"), err
