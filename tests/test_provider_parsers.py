@@ -385,7 +385,7 @@ CLI_VALUES: dict[str, tuple[list[str], str]] = {
 def test_hostile_cli_values_exit_2_with_one_line(
     case: str, tmp_path: Path, sockdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sds.cli import main  # noqa: PLC0415
+    from sds.cli import main
 
     ids = tmp_path / "ids.yaml"
     ids.write_text(WEB)
