@@ -25,7 +25,6 @@ INVALID_ARGUMENT; JWT audiences are capped in count and length.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import json
@@ -42,13 +41,13 @@ from grpclib.server import Server
 
 from .._ca import LocalCA
 from .._grpcedge import answer_unknown_methods, recv_request, server_config
-from .._jwt import JwtBundle, validate_jwt_svid
+from .._jwt import JwtBundle, b64url_decode, validate_jwt_svid
 from .._log import event
 from .._peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
 from .._proto import workload_pb2 as pb
 from .._proto.workload_grpc import SpiffeWorkloadAPIBase
 from .._spiffe import SpiffeId, TrustDomain
-from .._x509 import X509Svid, utcnow
+from .._x509 import X509Svid, utc_text, utcnow
 from ..errors import InvalidJwt, InvalidSpiffeId
 from .identities import FederatedBundle, Identity, entitled
 
@@ -90,14 +89,10 @@ MSG_TOO_MANY_AUDIENCES = f"at most {MAX_AUDIENCES} audiences per request"
 MSG_AUDIENCE_TOO_LONG = f"an audience is at most {MAX_AUDIENCE_BYTES} bytes"
 
 
-def _stamp(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _jwt_expiry(token: str) -> dt.datetime:
     """The ``exp`` claim of a token this provider just signed."""
     payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims = json.loads(b64url_decode(payload))
     return dt.datetime.fromtimestamp(claims["exp"], dt.UTC)
 
 
@@ -326,7 +321,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             identity=identity.name,
             spiffe_id=svid.spiffe_id,
             serial=f"{svid.serial:x}",
-            expires=_stamp(svid.not_after),
+            expires=utc_text(svid.not_after),
             pid=creds.pid,
             uid=creds.uid,
             gid=creds.gid,
@@ -452,7 +447,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
                 identity=identity.name,
                 spiffe_id=identity.spiffe_id,
                 audience=",".join(audience),
-                expires=_stamp(_jwt_expiry(token)),
+                expires=utc_text(_jwt_expiry(token)),
                 pid=creds.pid,
                 uid=creds.uid,
                 gid=creds.gid,

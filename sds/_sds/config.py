@@ -161,7 +161,7 @@ class BridgeConfig:
         updated = self
         if workload_api:
             for address in workload_api:
-                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+                if _has_control(address):
                     raise ConfigError(
                         f"--workload-api: {address!r}: must not contain control characters"
                     )
@@ -215,7 +215,7 @@ class _Reader:
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(path, "must be a non-empty string")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if _has_control(value):
             raise self.fail(path, f"{value!r}: must not contain control characters")
         return value
 
@@ -263,9 +263,25 @@ class _Reader:
         return SvidSelector(spiffe_id, hint)
 
 
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a C0 control character or DEL (refused in every string)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``host`` as an IP address and ``port`` (at most five digits) as a number; else ValueError.
+
+    The range (0-65535) is the caller's check, so its message can come after others.
+    """
+    ip = ipaddress.ip_address(host)
+    if not port.isdigit() or len(port) > 5:
+        raise ValueError(port)
+    return ip, int(port)
+
+
 def parse_listen(text: str, where: str) -> ListenAddress:
     """Parse ``unix:///abs/path`` or ``tcp://127.0.0.1:PORT``; TCP must be loopback."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _has_control(text):
         raise ConfigError(f"{where}: {text!r}: must not contain control characters")
     if text.startswith("unix://"):
         path = text[len("unix://") :]
@@ -278,10 +294,7 @@ def parse_listen(text: str, where: str) -> ListenAddress:
         host, _, port = text[len("tcp://") :].rpartition(":")
         host = host.strip("[]")
         try:
-            ip = ipaddress.ip_address(host)
-            if not port.isdigit() or len(port) > 5:
-                raise ValueError(port)
-            number = int(port)
+            ip, number = _ip_port(host, port)
         except ValueError as exc:
             raise ConfigError(f"{where}: {text!r}: want tcp://IP:PORT") from exc
         if not ip.is_loopback:
@@ -301,10 +314,7 @@ def _parse_admin(text: str, where: str) -> AdminConfig:
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
-        ip = ipaddress.ip_address(host)
-        if not port.isdigit() or len(port) > 5:
-            raise ValueError(port)
-        number = int(port)
+        ip, number = _ip_port(host, port)
     except ValueError as exc:
         raise ConfigError(f"{where}: {text!r}: want HOST:PORT on loopback, or off") from exc
     if not ip.is_loopback:
@@ -322,10 +332,7 @@ def _parse_metrics(text: str, where: str) -> MetricsConfig | None:
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
     try:
-        ip = ipaddress.ip_address(host)
-        if not port.isdigit() or len(port) > 5:
-            raise ValueError(port)
-        number = int(port)
+        ip, number = _ip_port(host, port)
     except ValueError as exc:
         raise ConfigError(
             f"{where}: {text!r}: want IP:PORT (e.g. 0.0.0.0:9102 or [::]:9102), or off"
