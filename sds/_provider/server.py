@@ -31,7 +31,7 @@ import json
 import logging
 import socket
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,17 +387,32 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def FetchX509Bundles(self, stream: Any) -> None:
         """Stream the own and federated X.509 bundles (DER): at once and on change."""
-        creds = self._admit(stream, "FetchX509Bundles")
-        self._selected(creds, "FetchX509Bundles", utcnow())
+        await self._stream_bundles(
+            stream,
+            "FetchX509Bundles",
+            lambda: {self._ca.trust_domain.id: self._ca.bundle.der(), **self._x509_bundles()},
+            lambda bundles: pb.X509BundlesResponse(bundles=bundles),
+        )
+
+    async def _stream_bundles(
+        self,
+        stream: Any,
+        method: str,
+        current: Callable[[], dict[str, bytes]],
+        response: Callable[[dict[str, bytes]], Any],
+    ) -> None:
+        """Send ``response(current())`` at once, then again whenever the bundles change."""
+        creds = self._admit(stream, method)
+        self._selected(creds, method, utcnow())
         await self._request(stream)
         last: dict[str, bytes] | None = None
         while True:
             changed = self._changed
             now = utcnow()
-            self._selected(creds, "FetchX509Bundles", now)
-            bundles = {self._ca.trust_domain.id: self._ca.bundle.der(), **self._x509_bundles()}
+            self._selected(creds, method, now)
+            bundles = current()
             if bundles != last:
-                await stream.send_message(pb.X509BundlesResponse(bundles=bundles))
+                await stream.send_message(response(bundles))
                 last = bundles
             await self._wait(changed, self._next_expiry(self._state.identities, now))
 
@@ -459,19 +474,12 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def FetchJWTBundles(self, stream: Any) -> None:
         """Stream JWKS documents per trust domain (own and federated): at once and on change."""
-        creds = self._admit(stream, "FetchJWTBundles")
-        self._selected(creds, "FetchJWTBundles", utcnow())
-        await self._request(stream)
-        last: dict[str, bytes] | None = None
-        while True:
-            changed = self._changed
-            now = utcnow()
-            self._selected(creds, "FetchJWTBundles", now)
-            bundles = {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()}
-            if bundles != last:
-                await stream.send_message(pb.JWTBundlesResponse(bundles=bundles))
-                last = bundles
-            await self._wait(changed, self._next_expiry(self._state.identities, now))
+        await self._stream_bundles(
+            stream,
+            "FetchJWTBundles",
+            lambda: {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()},
+            lambda bundles: pb.JWTBundlesResponse(bundles=bundles),
+        )
 
     async def ValidateJWTSVID(self, stream: Any) -> None:
         """Validate a JWT-SVID against the own and federated JWT bundles (JWT-SVID section 4)."""
