@@ -114,6 +114,15 @@ IDENTITY_CASES: dict[str, tuple[bytes, str]] = {
         "than 87600h",
     ),
     "NUL": (b"kind: workload_identity\x00\n", "{f}: invalid YAML: "),
+    # The strict YAML rules shared with the bridge config (sds/_strictyaml.py):
+    "non-plain key": (
+        b"? [a]\n: 1\n",
+        "{f}: document 1: line 1: invalid YAML: a key must be a plain value",
+    ),
+    "merge overriding a key": (
+        b"a: &a {x: 1}\nb: {<<: *a, x: 2}\n",
+        "{f}: document 1: line 2: invalid YAML: duplicate key 'x'",
+    ),
 }
 
 
