@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -44,6 +43,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import sds
 from sds._peercred import PeerCredentials
 from sds._provider.identities import entitled, load_identities
 from sds._sds.config import BridgeConfig, Policy, load_config, parse_config
@@ -52,7 +52,7 @@ from sds.errors import ConfigError
 from tests.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent
-VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VERSION: str = sds.__version__
 OUR_IMAGE = f"spiffe-envoy-sds:{VERSION}"
 ENVOY_IMAGE = "envoyproxy/envoy"
 # Oldest release with native sidecar containers on by default, and the newest

@@ -103,7 +103,7 @@ def test_metrics_listener_serves_probes_and_metrics_never_secrets(
     status, body = _get(port, "/metrics")
     assert status == 200
     assert b"\nsds_ready 1.0\n" in body
-    assert b"sds_svid_not_after_seconds{" in body
+    assert b"sds_svid_not_after_timestamp_seconds{" in body
     # What only the loopback admin endpoint may say: secrets, Envoys, JWT bundles.
     for path in ("/secrets", "/envoys", f"/jwks/{TRUST_DOMAIN}", "/jwks/", "/secrets/"):
         assert _get(port, path) == (404, b"not found; try /healthz, /readyz, /metrics\n"), path
