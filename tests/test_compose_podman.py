@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 PODMAN_COMPOSE = "podman-compose==1.1.0"
 CLIENT_IMAGE = containers.CLIENT_IMAGE
 HEALTHY = ("workload-api", "bridge-server", "bridge-client", "envoy-server", "envoy-client")
-pytestmark = pytest.mark.timeout(3600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def podman_compose_path() -> Path:

@@ -42,7 +42,7 @@ MONITORING = REPO / "k8s" / "monitoring"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 HELM = ("helm.sh/helm/v3", "cmd/helm", "v3.22.0")
 CRD_GROUP = "monitoring.coreos.com/"
-pytestmark = pytest.mark.timeout(2400)  # the first run builds helm
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first run builds helm
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.test_deploy import VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 ENVOY_VERSION = containers.ENVOY_VERSION
-pytestmark = pytest.mark.timeout(3600)  # a first run makes the base image and builds
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a first run makes the base image
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ from tests.test_deploy import render
 REPO = Path(__file__).resolve().parent.parent
 TRUST_DOMAIN = "example.org"
 POD_ID = f"spiffe://{TRUST_DOMAIN}/ns/sds-demo/sa/sds-demo"
-pytestmark = pytest.mark.timeout(3600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 IDENTITIES = """\
 kind: workload_identity

@@ -65,6 +65,7 @@ def _promtool(binary: Path, *argv: str, cwd: Path) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_alert_rules_pass_promtool_check(promtool: Path) -> None:
     result = _promtool(promtool, "check", "rules", RULES.name, cwd=MONITORING)
@@ -72,6 +73,7 @@ def test_alert_rules_pass_promtool_check(promtool: Path) -> None:
     assert "SUCCESS: 5 rules found" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_every_alert_passes_its_promtool_unit_test(promtool: Path) -> None:
     rules = yaml.safe_load(RULES.read_text())
@@ -88,6 +90,7 @@ def test_every_alert_passes_its_promtool_unit_test(promtool: Path) -> None:
     assert "SUCCESS" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_promtool_catches_a_broken_rule_and_a_wrong_threshold(
     promtool: Path, tmp_path: Path
