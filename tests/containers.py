@@ -259,12 +259,43 @@ def base_image(tool: Podman) -> str:
     return BASE_IMAGE
 
 
+def _context_digest(context: Path, dockerfile: Path | None, args: Sequence[str]) -> str:
+    """A digest of what a build reads: the context's files (no caches) and its arguments."""
+    import hashlib
+
+    digest = hashlib.sha256("\0".join(args).encode())
+    files = [dockerfile] if dockerfile is not None else []
+    files += sorted(p for p in context.rglob("*") if p.is_file())
+    for path in files:
+        parts = path.relative_to(context).parts if path.is_relative_to(context) else ()
+        if any(part in _SKIPPED or part.endswith(".pyc") for part in parts):
+            continue
+        digest.update(str(path).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+_SKIPPED = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+_SOURCES = ("pyproject.toml", "README.md", "Dockerfile", ".dockerignore", "sds")
+
+
 def build(
     tool: Podman, tag: str, context: Path, *, dockerfile: Path | None = None, args: Sequence[str]
 ) -> None:
-    """``podman build`` with the host's network (pip inside reaches PyPI as the host does)."""
+    """``podman build`` with the host's network (pip inside reaches PyPI as the host does).
+
+    podman 4.3 (buildah 1.28) can reuse a cached ``COPY`` layer after the
+    copied files changed (seen with our .dockerignore's negations), so a
+    build whose inputs changed since the last one runs with ``--no-cache``.
+    """
     # docker format: OCI images cannot carry the Dockerfile's HEALTHCHECK.
     argv = ["build", "--format", "docker", "--network", "host", "--tag", tag]
+    if context == _REPO:
+        digest = _sources_digest(args)
+    else:
+        digest = _context_digest(context, dockerfile, args)
+    stamp = cache_dir() / "podman" / f"{tag.replace('/', '_').replace(':', '_')}.inputs"
+    if not stamp.is_file() or stamp.read_text() != digest:
+        argv.append("--no-cache")
     if dockerfile is not None:
         argv += ["--file", str(dockerfile)]
     for arg in args:
@@ -272,6 +303,22 @@ def build(
     started = time.monotonic()
     tool.run(*argv, str(context), timeout=1800)
     FIRST_RUN_SECONDS.setdefault(f"build {tag}", time.monotonic() - started)
+    stamp.write_text(digest)
+
+
+def _sources_digest(args: Sequence[str]) -> str:
+    """The digest of what our Dockerfile's build context sends (see .dockerignore)."""
+    import hashlib
+
+    digest = hashlib.sha256("\0".join(args).encode())
+    for name in _SOURCES:
+        root = _REPO / name
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            if any(part in _SKIPPED or part.endswith(".pyc") for part in path.parts):
+                continue
+            digest.update(str(path.relative_to(_REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the project's images
@@ -286,10 +333,9 @@ _built: dict[str, str] = {}
 
 
 def _version() -> str:
-    import tomllib
+    import sds
 
-    version: str = tomllib.loads((_REPO / "pyproject.toml").read_text())["project"]["version"]
-    return version
+    return sds.__version__
 
 
 def sds_image(tool: Podman) -> str:

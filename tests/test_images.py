@@ -62,6 +62,8 @@ def test_sds_image_is_non_root_and_works_read_only(tool: Podman, sds_image: str)
     assert info["Config"]["User"] == "10001:10001"
     assert info["Config"]["Entrypoint"] == ["sds"]
     assert info["Config"]["Labels"]["org.opencontainers.image.version"] == VERSION
+    result = tool.run("run", "--rm", *RESTRICTED, sds_image, "--version")
+    assert result.stdout == f"sds {VERSION}\n"
     result = tool.run("run", "--rm", *RESTRICTED, sds_image, "--help")
     assert result.stdout.startswith("usage: sds ")
     ids = tool.run("run", "--rm", *RESTRICTED, "--entrypoint", "id", sds_image).stdout
