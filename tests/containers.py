@@ -284,18 +284,22 @@ def build(
     """``podman build`` with the host's network (pip inside reaches PyPI as the host does).
 
     podman 4.3 (buildah 1.28) can reuse a cached ``COPY`` layer after the
-    copied files changed (seen with our .dockerignore's negations), so a
-    build whose inputs changed since the last one runs with ``--no-cache``.
+    copied files changed (seen with our .dockerignore's negations), so its
+    layer cache is never used: the image is rebuilt with ``--no-cache`` when
+    a digest of the build's inputs differs from the one recorded with the
+    image's id, and not built at all when both still match.
     """
-    # docker format: OCI images cannot carry the Dockerfile's HEALTHCHECK.
-    argv = ["build", "--format", "docker", "--network", "host", "--tag", tag]
     if context == _REPO:
         digest = _sources_digest(args)
     else:
         digest = _context_digest(context, dockerfile, args)
     stamp = cache_dir() / "podman" / f"{tag.replace('/', '_').replace(':', '_')}.inputs"
-    if not stamp.is_file() or stamp.read_text() != digest:
-        argv.append("--no-cache")
+    current = tool.run("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    recorded = stamp.read_text() if stamp.is_file() else ""
+    if current.returncode == 0 and recorded == f"{digest} {current.stdout.strip()}":
+        return
+    # docker format: OCI images cannot carry the Dockerfile's HEALTHCHECK.
+    argv = ["build", "--no-cache", "--format", "docker", "--network", "host", "--tag", tag]
     if dockerfile is not None:
         argv += ["--file", str(dockerfile)]
     for arg in args:
@@ -303,7 +307,10 @@ def build(
     started = time.monotonic()
     tool.run(*argv, str(context), timeout=1800)
     FIRST_RUN_SECONDS.setdefault(f"build {tag}", time.monotonic() - started)
-    stamp.write_text(digest)
+    built = tool.run("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    stamp.write_text(f"{digest} {built}")
+    # The previous image of this tag, and --no-cache's intermediate layers, are dangling now.
+    tool.run("image", "prune", "--force", check=False, timeout=300)
 
 
 def _sources_digest(args: Sequence[str]) -> str:

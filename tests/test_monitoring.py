@@ -47,6 +47,7 @@ ALERTS = {
 # Labelled series that exist only after their event (a NACK, a rotation, an
 # upstream error): a fresh bridge declares them (# HELP) without samples.
 EVENT_ONLY = {
+    "sds_unservable",
     "sds_nacks_total",
     "sds_svid_rotations_total",
     "sds_svid_last_rotation_timestamp_seconds",
