@@ -18,7 +18,8 @@ from sds.errors import ConfigError
         (
             "listen: unix:///tmp/x.sock\nlisten_mode: 1\n",
             "sds.yaml: listen_mode: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-            "default_svid, disable_spiffe_cert_validation, listen, names, policies, secrets, "
+            "default_svid, disable_spiffe_cert_validation, failover, listen, names, policies, "
+            "secrets, "
             "socket_mode, trust_domain, workload_api)",
         ),
         (
@@ -85,7 +86,8 @@ def test_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"sds run: {path}: bogus: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-        "default_svid, disable_spiffe_cert_validation, listen, names, policies, secrets, "
+        "default_svid, disable_spiffe_cert_validation, failover, listen, names, policies, "
+        "secrets, "
         "socket_mode, trust_domain, workload_api)"
     ]
 

@@ -80,9 +80,12 @@ async def _main(config: Any, config_path: str | None) -> int:
     addresses = list(config.workload_api) or [None]
     watchers = [Watcher(address, events=metrics) for address in addresses]
     bridge = Bridge(config, watchers, metrics=metrics)
-    jwt_client = WorkloadApiClient(watchers[0].address)
+    jwt_clients = {str(w.address): WorkloadApiClient(w.address) for w in watchers}
 
     async def fetch_jwt(audience: str, spiffe_id: str | None) -> JwtToken:
+        # From the upstream serving that identity's X.509-SVID (it is the one that is up).
+        serving = bridge.selection.serving.get(spiffe_id or "", str(watchers[0].address))
+        jwt_client = jwt_clients.get(serving) or jwt_clients[str(watchers[0].address)]
         svids = await jwt_client.fetch_jwt_svids([audience], spiffe_id)
         if not svids:
             raise WorkloadApiDenied(f"no JWT-SVID issued for audience {audience!r}")
@@ -106,11 +109,14 @@ async def _main(config: Any, config_path: str | None) -> int:
         return Response(404, f"no JWT bundle for trust domain {trust_domain!r}\n".encode())
 
     def readyz() -> Response:
+        detail = bridge.upstreams_text().encode() if len(watchers) > 1 else b""
         if bridge.ready:
-            return Response(200, b"ready\n")
+            return Response(200, b"ready\n" + detail)
         if not any(w.current() for w in watchers):
-            return Response(503, b"not ready: no X.509 context from the Workload API yet\n")
-        return Response(503, b"not ready: no valid SVID to serve (expired or withdrawn)\n")
+            return Response(
+                503, b"not ready: no X.509 context from the Workload API yet\n" + detail
+            )
+        return Response(503, b"not ready: no valid SVID to serve (expired or withdrawn)\n" + detail)
 
     def secrets_view() -> Response:
         out = []
@@ -148,6 +154,7 @@ async def _main(config: Any, config_path: str | None) -> int:
                     [info.as_dict() for info in servicer.streams.values()]
                 ),
                 "/secrets": secrets_view,
+                "/upstreams": lambda: Response.json(bridge.upstreams_view()),
             },
             {"/jwks/": jwks},
         )
@@ -233,7 +240,8 @@ async def _main(config: Any, config_path: str | None) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
     await bridge.jwt.close()
-    jwt_client.close()
+    for jwt_client in jwt_clients.values():
+        jwt_client.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,6 +7,7 @@ the file and the key path (``sds.yaml: policies[0].allow[1]: ...``).
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from .._provider.identities import parse_duration
 from .._spiffe import SpiffeId, TrustDomain
 from ..errors import ConfigError, InvalidSpiffeId
+from .upstreams import FailoverPolicy
 
 __all__ = [
     "AdminConfig",
@@ -118,6 +121,7 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
     source: str = "<defaults>"
 
     def with_overrides(
@@ -151,6 +155,7 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "failover",
 }
 
 
@@ -374,6 +379,8 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         if name in seen:
             raise reader.fail(where, f"{name!r} is already used by {seen[name]}")
         seen[name] = where
+    if "failover" in top:
+        config = replace(config, failover=_parse_failover(reader, top["failover"]))
     if "admin" in top:
         admin = top["admin"]
         if admin in (None, False, "off"):
@@ -383,6 +390,28 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
                 config, admin=_parse_admin(reader.string(admin, "admin"), f"{source}: admin")
             )
     return config
+
+
+_MAX_GRACE = dt.timedelta(hours=1)
+
+
+def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
+    given = reader.mapping(value, "failover", {"grace", "margin"})
+    policy = FailoverPolicy()
+    if "grace" in given:
+        try:
+            grace = parse_duration(reader.string(given["grace"], "failover.grace"))
+        except ValueError as exc:
+            raise reader.fail("failover.grace", str(exc)) from exc
+        if grace > _MAX_GRACE:
+            raise reader.fail("failover.grace", f"{given['grace']!r}: must be at most 1h")
+        policy = replace(policy, grace=grace.total_seconds())
+    if "margin" in given:
+        margin = given["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise reader.fail("failover.margin", "must be a fraction of the lifetime, 0 <= m < 1")
+        policy = replace(policy, margin=float(margin))
+    return policy
 
 
 def load_config(path: str | Path) -> BridgeConfig:

@@ -6,6 +6,7 @@ not a TTL gauge, so alerts are ``sds_svid_not_after_seconds - time() < 600``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from .._peercred import PeerCredentials
 from .._x509 import X509Context
 from .server import StreamInfo
+from .upstreams import UpstreamView
 
 __all__ = ["Metrics"]
 
@@ -50,7 +52,16 @@ class Metrics:
             registry=r,
         )
         self.upstream_connected = Gauge(
-            "sds_upstream_connected", "1 while the Workload API stream is up", registry=r
+            "sds_upstream_connected",
+            "1 while the Workload API stream to this upstream is up",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_serving = Gauge(
+            "sds_upstream_serving",
+            "1 for the upstream whose SVID is served for each SPIFFE ID",
+            ["upstream", "spiffe_id"],
+            registry=r,
         )
         self.upstream_errors = Counter(
             "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
@@ -76,6 +87,7 @@ class Metrics:
         self._serials: dict[str, int] = {}
         self._bundles: set[str] = set()  # trust domains ever seen: a lost bundle reads 0
         self._acked: dict[tuple[str, str], tuple[str, str]] = {}
+        self._serving: set[tuple[str, str]] = set()
 
     def render(self) -> bytes:
         """The exposition text."""
@@ -106,13 +118,24 @@ class Metrics:
             self.bundle_present.labels(name).set(1 if name in held else 0)
         self._bundles |= held
 
+    def upstreams_changed(self, upstreams: Iterable[UpstreamView]) -> None:
+        """Record each upstream's connection and which SPIFFE IDs it serves."""
+        serving = set()
+        for view in upstreams:
+            self.upstream_connected.labels(view.upstream).set(1 if view.connected else 0)
+            serving |= {(view.upstream, spiffe_id) for spiffe_id in view.serving}
+        for labels in self._serving - serving:
+            self.upstream_serving.remove(*labels)
+        for labels in serving - self._serving:
+            self.upstream_serving.labels(*labels).set(1)
+        self._serving = serving
+
     # -- WatcherEvents -----------------------------------------------------------------------
 
     def on_connected(self) -> None:
-        self.upstream_connected.set(1)
+        pass  # per upstream, from upstreams_changed
 
     def on_disconnected(self, error: Exception) -> None:
-        self.upstream_connected.set(0)
         self.upstream_errors.labels(type(error).__name__).inc()
 
     def on_x509_update(self, ctx: Any) -> None:
