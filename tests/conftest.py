@@ -99,6 +99,21 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
             sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build SPIRE once before the first SPIRE test, so the build is not timed as a test."""
+    if not any(item.get_closest_marker("spire") for item in session.items):
+        return
+    from tests.spire import build_before_tests
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    build_before_tests(write)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -45,13 +45,19 @@ class GoToolError(Exception):
 
 
 def go_tool(
-    package: str, version: str, *, programs: Sequence[str] = (), timeout: float = _BUILD_TIMEOUT
+    package: str,
+    version: str,
+    *,
+    programs: Sequence[str] = (),
+    timeout: float = _BUILD_TIMEOUT,
+    on_build: Callable[[str], None] | None = None,
 ) -> Path:
     """The path of the binary built from ``package`` (``MODULE/cmd/PROG``) at ``version``.
 
     ``programs`` names sibling packages (full paths, same module) built into
     the same cache directory in the same step, e.g. ``spire-agent`` next to
-    ``spire-server``; their binaries sit next to the returned one. Raises
+    ``spire-server``; their binaries sit next to the returned one.
+    ``on_build`` is called with a one-line notice when a build starts. Raises
     GoToolError when the names are malformed, ``go`` is missing or fails.
     """
     if not _MODULE_RE.fullmatch(package):
@@ -80,6 +86,8 @@ def go_tool(
             return binaries[0]
         shutil.rmtree(target, ignore_errors=True)
         bindir.mkdir(parents=True)
+        if on_build is not None:
+            on_build(f"building {' '.join(wanted)} @ {version} into {bindir} (once) ...")
         started = time.monotonic()
         env = {**os.environ, "GOFLAGS": "-mod=mod", "GOBIN": str(bindir)}
         with tempfile.TemporaryDirectory(prefix="gotool-") as scratch:
