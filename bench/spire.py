@@ -35,7 +35,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -65,6 +67,7 @@ from _common import (
     workspace,
 )
 from cryptography.hazmat.primitives import serialization
+from rotation import profile_top
 
 from sds._workloadapi import WorkloadApiClient
 from tests.conftest import Processes
@@ -412,17 +415,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             agent.wait_svid(WEB)
             client = spire_server.mint(f"spiffe://{TRUST_DOMAIN}/client")
             sds_socket = wd / "sds" / "sds.sock"
-            bridge = procs.sds(
-                "--log-level",
-                "INFO",
-                "run",
-                "--workload-api",
-                f"unix://{agent.socket}",
-                "--listen",
-                f"unix://{sds_socket}",
-                "--admin",
-                "127.0.0.1:0",
-                name="bridge",
+            profile = wd / "bridge.prof" if args.profile else None
+            wrapper = [str(BENCH / "_profiled.py"), str(profile)] if profile else ["-m", "sds"]
+            bridge = procs.start(
+                [
+                    PYTHON,
+                    *wrapper,
+                    "--log-level",
+                    "INFO",
+                    "run",
+                    "--workload-api",
+                    f"unix://{agent.socket}",
+                    "--listen",
+                    f"unix://{sds_socket}",
+                    "--admin",
+                    "127.0.0.1:0",
+                ],
+                "bridge",
             )
             wait_until(sds_socket.exists, 60, "bridge SDS socket", bridge)
             assert agent.proc is not None
@@ -446,8 +455,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.skip_fanout:
                 for s in servers:
                     print(f"fan-out: {s.label}", flush=True)
+                    if profile is not None and s.name == "bridge":
+                        os.kill(bridge.pid, signal.SIGUSR1)
                     fanout_phase(s, watch, load_procs, args.streams, args.fanout_rotations)
-            return report(args, info, servers)
+            result = report(args, info, servers)
+            if profile is not None:
+                os.kill(bridge.pid, signal.SIGUSR2)
+                wait_until(profile.exists, 10, "bridge profile written")
+                time.sleep(0.5)
+                result["profile_top"] = profile_top(profile)
+                print("\ncProfile of the bridge over the fan-out (main thread):")
+                print(result["profile_top"])
+            return result
         except BaseException:
             for proc, log in procs._procs:
                 del proc
@@ -471,6 +490,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=None)
     parser.add_argument("--fanout-rotations", type=int, default=None)
     parser.add_argument("--skip-fanout", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the bridge over its fan-out rotations"
+    )
     args = parser.parse_args()
     if args.rotations is None:
         args.rotations = 6 if args.quick else 20

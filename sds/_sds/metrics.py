@@ -6,10 +6,12 @@ not a TTL gauge, so alerts are ``sds_svid_not_after_seconds - time() < 600``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .._peercred import PeerCredentials
 from .._x509 import X509Context
@@ -17,6 +19,23 @@ from .server import StreamInfo
 from .upstreams import UpstreamView
 
 __all__ = ["Metrics"]
+
+
+class _AckedInfo(Collector):
+    """``sds_envoy_acked_info{node,secret,version,serial}`` = 1, from the live ACK table."""
+
+    def __init__(self, acked: dict[tuple[str, str], tuple[str, str]]) -> None:
+        self._acked = acked
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sds_envoy_acked_info",
+            "1 for the version and serial each Envoy node last ACKed per secret",
+            labels=["node", "secret", "version", "serial"],
+        )
+        for (node, secret), (version, serial) in list(self._acked.items()):
+            family.add_metric([node, secret, version, serial], 1)
+        yield family
 
 
 class Metrics:
@@ -78,15 +97,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
-        self.acked_serial = Gauge(
-            "sds_envoy_acked_info",
-            "1 for the version and serial each Envoy node last ACKed per secret",
-            ["node", "secret", "version", "serial"],
-            registry=r,
-        )
+        # (node, secret) -> (version, serial); rendered at scrape time by _AckedInfo, so an
+        # ACK costs a dict store, not a label-set swap (1,000 Envoys ACK every rotation).
+        self._acked: dict[tuple[str, str], tuple[str, str]] = {}
+        r.register(_AckedInfo(self._acked))
         self._serials: dict[str, int] = {}
         self._bundles: set[str] = set()  # trust domains ever seen: a lost bundle reads 0
-        self._acked: dict[tuple[str, str], tuple[str, str]] = {}
         self._serving: set[tuple[str, str]] = set()
 
     def render(self) -> bytes:
@@ -167,16 +183,9 @@ class Metrics:
 
     def acked(self, info: StreamInfo) -> None:
         self.acks.labels(info.node_id).inc()
+        serials = info.acked_serials
         for secret, version in info.acked.items():
-            key = (info.node_id, secret)
-            label = (version, info.acked_serials.get(secret, ""))
-            previous = self._acked.get(key)
-            if previous == label:
-                continue
-            if previous is not None:
-                self.acked_serial.remove(info.node_id, secret, *previous)
-            self._acked[key] = label
-            self.acked_serial.labels(info.node_id, secret, *label).set(1)
+            self._acked[(info.node_id, secret)] = (version, serials.get(secret, ""))
 
     def nacked(self, info: StreamInfo, message: str) -> None:
         self.nacks.labels(info.node_id).inc()
