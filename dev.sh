@@ -8,22 +8,47 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=.venv
 
+say() { echo "dev.sh: $*" >&2; }
+
+# Run a quiet step; its output goes to the install log and is shown only on failure.
+LOG=$VENV/install.log
+quietly() {
+    if ! "$@" >>"$LOG" 2>&1; then
+        say "failed: $*"
+        say "last lines of $LOG:"
+        tail -n 40 "$LOG" >&2
+        exit 1
+    fi
+}
+
 ensure_venv() {
+    local started=$SECONDS
     if [ ! -x "$VENV/bin/python" ]; then
+        say "first run: creating $VENV with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+        mkdir -p "$VENV"
+        : >"$LOG"
         # Some distributions ship Python without ensurepip/venv; virtualenv from PyPI works there.
-        "$PY" -m venv "$VENV" 2>/dev/null || {
-            rm -rf "$VENV"
-            "$PY" -m pip install --quiet --user virtualenv
-            "$PY" -m virtualenv --quiet "$VENV"
-        }
+        if ! "$PY" -m venv "$VENV" >>"$LOG" 2>&1; then
+            say "python3 -m venv is unavailable here; using virtualenv from PyPI"
+            quietly "$PY" -m pip install --user virtualenv
+            rm -rf "$VENV/bin" "$VENV/lib" "$VENV/pyvenv.cfg"
+            quietly "$PY" -m virtualenv "$VENV"
+        fi
     fi
     local stamp="$VENV/.installed"
     local want
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-        echo "$want" > "$stamp"
+        if [ -f "$stamp" ]; then
+            say "pyproject.toml changed: updating $VENV (usually under a minute)"
+        else
+            say "installing sds, Envoy and the dev tools into $VENV" \
+                "(2-4 minutes from a warm pip cache, longer when downloading; log: $LOG)"
+        fi
+        quietly "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
+        quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[dev]'
+        echo "$want" >"$stamp"
+        say "installed in $((SECONDS - started)) s"
     fi
 }
 
@@ -35,8 +60,9 @@ ensure_test_tools() {
     command -v setpriv >/dev/null || missing+=(util-linux)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        say "installing ${missing[*]} with apt-get (log: $LOG)"
+        quietly apt-get update
+        quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
     else
         echo "dev.sh: the tests need: ${missing[*]}; install them and run again" >&2
         exit 1
@@ -58,6 +84,7 @@ shift || true
 case "$cmd" in
     demo)
         ensure_venv
+        say "starting the demo ($VENV/bin/sds demo${*:+ $*})"
         exec "$VENV/bin/sds" demo "$@"
         ;;
     test)

@@ -344,6 +344,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+# The verdict column of a target measured in absolute time: not judged, since
+# a shared machine's load moves it; the ratio rows next to it are the verdict.
+ABSOLUTE = "info (absolute)"
+
+
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -393,12 +398,13 @@ def code_version() -> dict[str, Any]:
         result = subprocess.run(
             ["git", *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=10
         )
-        return result.stdout.strip()
+        return result.stdout
 
+    # Porcelain lines are "XY path": the status columns may start with a space.
     changed = [line[3:] for line in git("status", "--porcelain", "--", "sds").splitlines()]
     return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "subject": git("log", "-1", "--format=%s").strip(),
         "uncommitted_sds_files": changed,
     }
 

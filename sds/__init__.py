@@ -57,6 +57,7 @@ __all__ = [
     "__version__",
 ]
 
+# The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"
 
 _LAZY = {

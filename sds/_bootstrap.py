@@ -17,6 +17,11 @@ The generated Envoy gets every certificate and trust bundle from the bridge
   or ``ALL`` when the IDs span trust domains). Envoy verified (1.36, 1.40):
   the matchers apply together with the SPIFFE certificate validator.
 
+Envoy's **admin** listens on a Unix socket (``--admin-socket``, default
+``/run/envoy/admin.sock``, mode 0600), so only Envoy's uid can reach it: on
+loopback TCP any local user could ``POST /quitquitquit``. ``--admin-port N``
+puts it on ``127.0.0.1:N`` instead, on request and with a warning.
+
 Everything here is a pure function from :class:`BootstrapOptions` to dicts
 and text; :func:`run` adds flag checks and file writing. User documentation,
 including why each timeout has its value: ``envoy/README.md``.
@@ -38,6 +43,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "DEFAULT_ADMIN_SOCKET",
     "DEFAULT_POLICY_NAME",
     "SNIPPET_MARKER",
     "BootstrapOptions",
@@ -60,6 +66,9 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_NAME = "inbound-allow"
+DEFAULT_ADMIN_SOCKET = "/run/envoy/admin.sock"
+#: Envoy's admin socket mode: only Envoy's uid may connect (Pipe.mode, an integer in the config).
+ADMIN_SOCKET_MODE = 0o600
 SNIPPET_MARKER = "# sds envoy-bootstrap: bridge policy snippet"
 _TYPE = "type.googleapis.com/"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -120,7 +129,9 @@ class BootstrapOptions:
     ``allow`` entries are exact SPIFFE IDs or prefixes written ``spiffe://td/path/*``
     (as in the bridge's ``policies[].allow``). Durations are whole seconds; 0
     disables ``max_connection_duration`` and ``request_timeout``, and makes
-    ``initial_fetch_timeout`` wait forever.
+    ``initial_fetch_timeout`` wait forever. The admin is the 0600 Unix socket
+    ``admin_socket`` unless ``admin_port`` is set (loopback TCP, open to every
+    local user).
     """
 
     node_id: str
@@ -132,7 +143,8 @@ class BootstrapOptions:
     allow_any_in_trust_domain: bool = False
     policy_name: str = DEFAULT_POLICY_NAME
     outbounds: tuple[Outbound, ...] = ()
-    admin_port: int = 9901
+    admin_socket: str = DEFAULT_ADMIN_SOCKET
+    admin_port: int | None = None
     api_type: str = "sotw"
     initial_fetch_timeout: int = 0
     max_connection_duration: int = 600
@@ -324,6 +336,13 @@ def _string_matcher(peer: str) -> dict[str, str]:
 
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _admin_address(options: BootstrapOptions) -> dict[str, Any]:
+    """The admin's address: the 0600 Unix socket, or loopback TCP when ``admin_port`` is set."""
+    if options.admin_port is not None:
+        return _address("127.0.0.1", options.admin_port)
+    return {"pipe": {"path": options.admin_socket, "mode": ADMIN_SOCKET_MODE}}
 
 
 def _cluster(name: str, host: str, port: int, **extra: Any) -> dict[str, Any]:
@@ -644,7 +663,7 @@ def _sds_cluster(options: BootstrapOptions) -> dict[str, Any]:
 
 
 def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
-    """The Envoy v3 bootstrap for ``options``: node, loopback admin, listeners, clusters."""
+    """The Envoy v3 bootstrap for ``options``: node, admin (0600 socket), listeners, clusters."""
     listeners: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [_sds_cluster(options)]
     if options.inbound is not None:
@@ -658,7 +677,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         clusters.append(_cluster("jwks", url.hostname or "127.0.0.1", url.port or 80))
     return {
         "node": {"id": options.node_id, "cluster": options.cluster},
-        "admin": {"address": _address("127.0.0.1", options.admin_port)},
+        "admin": {"address": _admin_address(options)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
@@ -727,8 +746,11 @@ def command_line(options: BootstrapOptions) -> str:
         for peer in outbound.expect:
             argv += ["--expect", peer]
     defaults = BootstrapOptions(node_id="", sds_socket="")
+    if options.admin_port is not None:
+        argv += ["--admin-port", str(options.admin_port)]
+    elif options.admin_socket != defaults.admin_socket:
+        argv += ["--admin-socket", options.admin_socket]
     for flag, attr in (
-        ("--admin-port", "admin_port"),
         ("--api-type", "api_type"),
         ("--initial-fetch-timeout", "initial_fetch_timeout"),
         ("--max-connection-duration", "max_connection_duration"),
@@ -756,6 +778,18 @@ def render_bootstrap(options: BootstrapOptions) -> str:
         "",
         f"Secrets come from the bridge (`sds run`) on unix socket {options.sds_socket}.",
     ]
+    if options.admin_port is None:
+        lines += [
+            f"Admin: unix socket {options.admin_socket}, mode 0600 (Envoy's uid only; its",
+            "directory must exist and be writable by Envoy), e.g.",
+            f"  curl --unix-socket {options.admin_socket} http://localhost/ready",
+        ]
+    else:
+        lines += [
+            f"WARNING: admin on TCP 127.0.0.1:{options.admin_port} (--admin-port): every local "
+            "user can",
+            "reach it and stop Envoy (POST /quitquitquit); the default is a 0600 unix socket.",
+        ]
     if options.initial_fetch_timeout == 0:
         lines += [
             "initial_fetch_timeout 0s: until every secret has arrived Envoy stays unready",
@@ -886,7 +920,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bridge-config", metavar="FILE", help="also write the bridge policy snippet here"
     )
-    parser.add_argument("--admin-port", metavar="N", default="9901", help="loopback (default 9901)")
+    parser.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        help=f"Envoy's admin as a 0600 unix socket (default {DEFAULT_ADMIN_SOCKET})",
+    )
+    parser.add_argument(
+        "--admin-port",
+        metavar="N",
+        help="Envoy's admin on loopback TCP instead (any local user can reach it)",
+    )
     parser.add_argument("--api-type", choices=["sotw", "delta"], default="sotw")
     parser.add_argument(
         "--initial-fetch-timeout",
@@ -977,7 +1020,10 @@ def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
         allow_any_in_trust_domain=bool(args.allow_any_in_trust_domain and inbound is not None),
         policy_name=policy_name,
         outbounds=tuple(outbounds),
-        admin_port=_port(args.admin_port, "--admin-port", zero=True),
+        admin_socket=_admin_socket(args.admin_socket, args.admin_port),
+        admin_port=None
+        if args.admin_port is None
+        else _port(args.admin_port, "--admin-port", zero=True),
         api_type=args.api_type,
         initial_fetch_timeout=_seconds(args.initial_fetch_timeout, "--initial-fetch-timeout"),
         max_connection_duration=_seconds(args.max_connection_duration, "--max-connection-duration"),
@@ -989,6 +1035,19 @@ def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
     )
     _check_ports(options)
     return options
+
+
+def _admin_socket(value: str | None, port: str | None) -> str:
+    if value is None:
+        return DEFAULT_ADMIN_SOCKET
+    if port is not None:
+        raise _config_error("--admin-socket and --admin-port exclude each other")
+    path = value.removeprefix("unix://")
+    if not path.startswith("/"):
+        raise _config_error(f"--admin-socket {value!r}: must be an absolute path")
+    if len(path.encode()) > 107:
+        raise _config_error(f"--admin-socket {value!r}: longer than 107 bytes")
+    return path
 
 
 def _jwt_audience(value: str | None) -> str | None:
@@ -1014,7 +1073,9 @@ def _jwks_uri(value: str | None, audience: str | None, inbound: bool) -> str | N
 
 def _check_ports(options: BootstrapOptions) -> None:
     """Refuse two listeners (or the admin) on one fixed port of overlapping addresses."""
-    used: list[tuple[str, int, str]] = [("127.0.0.1", options.admin_port, "--admin-port")]
+    used: list[tuple[str, int, str]] = []
+    if options.admin_port is not None:
+        used.append(("127.0.0.1", options.admin_port, "--admin-port"))
     if options.inbound is not None:
         used.append((options.inbound.address, options.inbound.port, "--inbound"))
     used += [(o.local_host, o.local_port, f"--outbound {o.spec!r}") for o in options.outbounds]
@@ -1059,6 +1120,13 @@ def run(args: argparse.Namespace) -> int:
             Path(options.output).write_text(text)
         except OSError as exc:
             raise _config_error(f"-o {options.output!r}: {exc.strerror}") from exc
+    if options.admin_port is not None:
+        print(
+            f"sds envoy-bootstrap: warning: --admin-port puts Envoy's admin on TCP "
+            f"127.0.0.1:{options.admin_port}, where every local user can stop Envoy "
+            "(POST /quitquitquit); the default is a 0600 unix socket (--admin-socket)",
+            file=sys.stderr,
+        )
     if snippet is not None and options.bridge_config is None:
         print(
             f"sds envoy-bootstrap: note: the bridge config must contain policy "

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._jwt import JwtBundle, sign_jwt_svid
+from ._peercred import open_private_dir, read_private_file, write_private_file
 from ._spiffe import SpiffeId, TrustDomain
 from ._x509 import X509Bundle, X509Svid, utcnow
 from .errors import ConfigError
@@ -59,39 +60,52 @@ class LocalCA:
     def load_or_create(cls, trust_domain: TrustDomain, state_dir: Path) -> LocalCA:
         """Load the CA from ``state_dir``, creating it (0700 dir, 0600 keys) on first start.
 
-        Raises ConfigError naming the file when the stored CA is unreadable,
-        too open, or belongs to another trust domain.
+        The directory must be ours and private (see
+        :func:`sds._peercred.open_private_dir`); every file is opened relative
+        to its fd without following symlinks, and new files are written
+        exclusively, fsynced and renamed into place (``ca.key`` last, so a
+        crash never leaves a half-written CA that looks complete). Raises
+        ConfigError (UnsafePath for a directory or file others could reach)
+        naming the file when the stored CA is unreadable, too open, or belongs
+        to another trust domain.
         """
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
-        key_path, cert_path, jwt_path = (
-            state_dir / "ca.key",
-            state_dir / "ca.crt",
-            state_dir / "jwt.key",
-        )
-        if not key_path.exists():
-            keys = _new_keys(trust_domain)
-            _write_private(key_path, keys.ca_key)
-            _write_private(jwt_path, keys.jwt_key)
-            cert_path.write_bytes(keys.ca_cert.public_bytes(serialization.Encoding.PEM))
-            return cls(trust_domain, keys)
-        for path in (key_path, jwt_path):
-            mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise ConfigError(f"{path}: private key is mode {mode:o}; want 600")
+        where = str(state_dir)
+        dir_fd = open_private_dir(where)
         try:
-            ca_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            jwt_key = serialization.load_pem_private_key(jwt_path.read_bytes(), password=None)
-            ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            return cls._load_or_create(trust_domain, dir_fd, where)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def _load_or_create(cls, trust_domain: TrustDomain, dir_fd: int, where: str) -> LocalCA:
+        key_pem = read_private_file(dir_fd, "ca.key", where=where)
+        if key_pem is None:
+            keys = _new_keys(trust_domain)
+            write_private_file(dir_fd, "jwt.key", _private_pem(keys.jwt_key))
+            write_private_file(
+                dir_fd, "ca.crt", keys.ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644
+            )
+            write_private_file(dir_fd, "ca.key", _private_pem(keys.ca_key))
+            return cls(trust_domain, keys)
+        jwt_pem = read_private_file(dir_fd, "jwt.key", where=where)
+        cert_pem = read_private_file(dir_fd, "ca.crt", where=where, secret=False)
+        cert_path = f"{where}/ca.crt"
+        try:
+            if jwt_pem is None or cert_pem is None:
+                missing = "jwt.key" if jwt_pem is None else "ca.crt"
+                raise ValueError(f"{missing} is missing")
+            ca_key = serialization.load_pem_private_key(key_pem, password=None)
+            jwt_key = serialization.load_pem_private_key(jwt_pem, password=None)
+            ca_cert = x509.load_pem_x509_certificate(cert_pem)
             uris = ca_cert.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName
             ).value.get_values_for_type(x509.UniformResourceIdentifier)
-        except (OSError, ValueError, TypeError, x509.ExtensionNotFound) as exc:
-            raise ConfigError(f"{state_dir}: stored CA does not load: {exc}") from exc
+        except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
+            raise ConfigError(f"{where}: stored CA does not load: {exc}") from exc
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(
             jwt_key, ec.EllipticCurvePrivateKey
         ):
-            raise ConfigError(f"{state_dir}: stored CA keys must be EC keys")
+            raise ConfigError(f"{where}: stored CA keys must be EC keys")
         if uris != [trust_domain.id]:
             raise ConfigError(f"{cert_path}: CA is for {uris}, not {trust_domain.id}")
         if ca_cert.not_valid_after_utc <= utcnow():
@@ -231,15 +245,9 @@ def _kid(key: ec.EllipticCurvePrivateKey) -> str:
     return hashlib.sha256(der).hexdigest()[:32]
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write a PEM key created with mode 0600 from the start (no chmod race)."""
-    data = key.private_bytes(
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)

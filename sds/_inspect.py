@@ -2,7 +2,8 @@
 
 Shows the caller's X.509-SVIDs (SPIFFE ID, hint, serial, expiry, DNS and IP
 SANs), the X.509 trust bundles, a JWT-SVID per identity when ``--audience``
-is given, and the JWT bundles; ``--json`` prints the same data as one JSON
+is given (the token truncated, since it is a bearer credential, unless
+``--show-token``), and the JWT bundles; ``--json`` prints the same data as one JSON
 object. Exit codes: 0 success; 1 the Workload API is unreachable, refuses the
 caller, or hands out material that fails validation (one line on stderr:
 ``sds inspect: <reason>``); 2 a bad address or option.
@@ -37,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="AUD",
         help="also fetch JWT-SVIDs for this audience (repeat for several)",
+    )
+    parser.add_argument(
+        "--show-token",
+        action="store_true",
+        help="print JWT-SVIDs whole (default: truncated; a token is a bearer credential)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -83,11 +89,22 @@ def run(args: argparse.Namespace) -> int:
     except (WorkloadApiError, InvalidMaterial) as exc:
         print(f"sds inspect: {exc}", file=sys.stderr)
         return 1
+    if not args.show_token:
+        for svid in report["jwt_svids"] or ():
+            svid["token"] = truncate_token(svid["token"])
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         sys.stdout.write(render(report))
     return 0
+
+
+TOKEN_SHOWN = 16  # characters of a JWT-SVID printed without --show-token
+
+
+def truncate_token(token: str) -> str:
+    """The first TOKEN_SHOWN characters of a bearer token and its length, never the whole."""
+    return f"{token[:TOKEN_SHOWN]}... ({len(token)} chars; --show-token prints it)"
 
 
 def _iso(when: dt.datetime) -> str:

@@ -4,6 +4,10 @@ Subcommand modules are imported only when chosen, so ``sds run`` does not pay
 for the provider's code and vice versa. Each module exposes
 ``add_arguments(parser)`` and ``run(args) -> int``. Exit codes: 0 success,
 1 runtime failure, 2 bad configuration or usage.
+
+The global options (``--log-level``, ``--log-format``) are accepted before
+or after the subcommand: ``sds --log-level DEBUG run`` and ``sds run
+--log-level DEBUG`` mean the same; given in both places, the later one wins.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._log import configure_logging
+from . import __version__
+from ._log import LOG_FORMATS, configure_logging
 from .errors import ConfigError, SdsError
 
 __all__ = ["main"]
@@ -29,7 +34,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate an Envoy sidecar bootstrap that uses this bridge",
     ),
     "demo": ("sds._demo", "run the whole mTLS topology on this machine and explain it"),
+    "version": ("sds._about", "print the versions of sds, Python and its main libraries"),
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--log-level``/``--log-format``; a subcommand's copy only overrides when given."""
+
+    def default(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--log-level",
+        default=default("INFO"),
+        choices=LOG_LEVELS,
+        type=str.upper,
+        help="log events at this level and above (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=default("logfmt"),
+        choices=LOG_FORMATS,
+        help="logfmt lines or one JSON object per line (default logfmt)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sds", description="SPIFFE Workload API to Envoy SDS bridge."
     )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    parser.add_argument("--version", action="version", version=f"sds {__version__}")
+    _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(command)
+        _add_global_options(command, defaults=False)
         command.set_defaults(_module=module)
     return parser
 
@@ -51,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sds`` command line; return the process exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         code: int = importlib.import_module(args._module).run(args)
     except ConfigError as exc:

@@ -9,6 +9,9 @@ module knows nothing of gRPC.
 
     SdsError
     ├── ConfigError                   a config or identities file is wrong (CLI exit 2)
+    │   ├── UnsafePath                a directory or file others could read or swap (exit 2)
+    │   ├── SocketInUse               another live server already answers on that socket (exit 2)
+    │   └── StartupError              cannot start as configured: no directory, address in use
     ├── InvalidSpiffeId               not a valid SPIFFE ID or trust domain (also ValueError)
     ├── InvalidMaterial               certificates, keys, bundles or tokens that fail checks
     │   ├── InvalidSvid               an X.509-SVID that must not be published
@@ -34,6 +37,9 @@ __all__ = [
     "NotEntitled",
     "SdsError",
     "SdsServerError",
+    "SocketInUse",
+    "StartupError",
+    "UnsafePath",
     "WorkloadApiDenied",
     "WorkloadApiError",
     "WorkloadApiMisconfigured",
@@ -47,6 +53,18 @@ class SdsError(Exception):
 
 class ConfigError(SdsError):
     """A configuration or identities file is invalid; the message names the file and field."""
+
+
+class UnsafePath(ConfigError):
+    """A state or socket directory (or a file in it) that another local user could read or swap."""
+
+
+class SocketInUse(ConfigError):
+    """A live server already accepts connections on the socket path we were asked to bind."""
+
+
+class StartupError(ConfigError):
+    """The process cannot start as configured (directory cannot be created, address in use)."""
 
 
 class InvalidSpiffeId(SdsError, ValueError):

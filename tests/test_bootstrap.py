@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,19 @@ BAD_FLAGS = [
         id="inbound-malformed",
     ),
     pytest.param(
-        [*BASE, "--inbound", "9901:127.0.0.1:8080", "--allow", CLIENT_A],
+        [*BASE, "--admin-port", "9901", "--inbound", "9901:127.0.0.1:8080", "--allow", CLIENT_A],
         "--inbound: port 9901 is already used by --admin-port",
         id="port-clash",
+    ),
+    pytest.param(
+        [*BASE, *OUTBOUND, "--admin-socket", "admin.sock"],
+        "--admin-socket 'admin.sock': must be an absolute path",
+        id="relative-admin-socket",
+    ),
+    pytest.param(
+        [*BASE, *OUTBOUND, "--admin-socket", "/run/envoy/a.sock", "--admin-port", "9901"],
+        "--admin-socket and --admin-port exclude each other",
+        id="admin-socket-and-port",
     ),
     pytest.param(
         ["--sds-socket", "/s.sock", *OUTBOUND], "--node-id is required", id="missing-node-id"
@@ -248,7 +259,38 @@ def test_stdout_output_notes_the_policy_the_bridge_needs(
     )
 
 
+def test_admin_port_warns_that_any_local_user_can_stop_envoy(
+    sds_cli: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["envoy-bootstrap", *BASE, *OUTBOUND, "--admin-port", "9901"]) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        "sds envoy-bootstrap: warning: --admin-port puts Envoy's admin on TCP 127.0.0.1:9901, "
+        "where every local user can stop Envoy (POST /quitquitquit); the default is a 0600 "
+        "unix socket (--admin-socket)\n"
+    )
+    assert "# WARNING: admin on TCP 127.0.0.1:9901 (--admin-port): every local user can\n" in out
+    assert yaml.safe_load(out)["admin"] == {
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}
+    }
+
+
 # --------------------------------------------------------------------------- generated config
+
+
+def test_admin_is_a_0600_unix_socket_by_default() -> None:
+    options, config = generate(*BASE, *OUTBOUND)
+    assert config["admin"] == {
+        "address": {"pipe": {"path": "/run/envoy/admin.sock", "mode": 0o600}}
+    }
+    text = _bootstrap.render_bootstrap(options)
+    assert "# Admin: unix socket /run/envoy/admin.sock, mode 0600 (Envoy's uid only; its\n" in text
+    assert "port_value: 9901" not in text
+    options, config = generate(*BASE, *OUTBOUND, "--admin-socket", "unix:///run/e/admin.sock")
+    assert config["admin"]["address"] == {"pipe": {"path": "/run/e/admin.sock", "mode": 0o600}}
+    command = _bootstrap.command_line(options)
+    assert "--admin-socket /run/e/admin.sock" in command
+    assert generate(*shlex.split(command)[2:])[0] == options
 
 
 def test_http_inbound_enforces_the_policy_in_handshake_and_rbac() -> None:
@@ -686,3 +728,48 @@ def test_generated_tcp_sidecars_proxy_mtls_and_refuse_strangers(scene: Scene) ->
             _get(port)
     assert client.stat("cluster.outbound_2.ssl.fail_verify_san") == 1
     assert len(scene.app.requests) == 1
+
+
+# --------------------------------------------------------------------------- local attacker
+
+
+def _curl_as(uid: int | None, *argv: str) -> subprocess.CompletedProcess[str]:
+    """curl (from /usr/bin, reachable by any uid) as ``uid`` (None: as us)."""
+    prefix = (
+        [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    )
+    command = [*prefix, "curl", "--silent", "--max-time", "5", "--output", "/dev/null"]
+    command += ["--write-out", "%{http_code}", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.hostile
+def test_other_uid_cannot_reach_or_stop_envoy_through_its_admin(
+    envoys: Envoys, sockdir: Path, envoy_version: str
+) -> None:
+    """Hole 5 of issue 7: a generated bootstrap's admin is a 0600 socket, not loopback TCP.
+
+    The socket sits in a world-searchable directory (``sockdir`` is 0755), so
+    only its own mode stands between uid 1000 and ``POST /quitquitquit``.
+    """
+    admin = sockdir / "admin.sock"
+    argv = [*OUTBOUND, "--sds-socket", str(sockdir / "sds.sock"), "--node-id", "n"]
+    _, config = generate(*argv, "--admin-socket", str(admin))
+    envoy = envoys.start(config, version=envoy_version, ready=False)
+    wait_for(admin.exists, 20, "Envoy's admin socket")
+    assert oct(admin.stat().st_mode & 0o777) == "0o600"
+    url = "http://localhost"
+    # Envoy's own uid (root here) reaches it: Envoy is initializing (no SDS yet), /ready 503.
+    assert wait_for(lambda: _curl_as(None, "--unix-socket", str(admin), f"{url}/ready").stdout)
+    assert _curl_as(None, "--unix-socket", str(admin), f"{url}/ready").stdout == "503"
+    attack = _curl_as(1000, "--unix-socket", str(admin), "-X", "POST", f"{url}/quitquitquit")
+    assert attack.stdout == "000"  # no HTTP exchange at all
+    assert attack.returncode == 7  # curl: couldn't connect (EACCES on the 0600 socket)
+    assert envoy.alive()
+    assert _curl_as(None, "--unix-socket", str(admin), f"{url}/ready").stdout == "503"
+
+    # The old default, now only on request: loopback TCP is open to uid 1000.
+    _, config = generate(*argv, "--admin-port", "0")
+    tcp = envoys.start(config, version=envoy_version, ready=False, name="tcp-admin")
+    port = tcp.admin_port(20)
+    assert _curl_as(1000, f"http://127.0.0.1:{port}/ready").stdout == "503"

@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -44,6 +43,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import sds
 from sds._peercred import PeerCredentials
 from sds._provider.identities import entitled, load_identities
 from sds._sds.config import BridgeConfig, Policy, load_config, parse_config
@@ -52,7 +52,7 @@ from sds.errors import ConfigError
 from tests.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent
-VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VERSION: str = sds.__version__
 OUR_IMAGE = f"spiffe-envoy-sds:{VERSION}"
 ENVOY_IMAGE = "envoyproxy/envoy"
 # Oldest release with native sidecar containers on by default, and the newest
@@ -650,6 +650,29 @@ def test_envoy_configs_pass_envoy_validate_for_every_version() -> None:
             output = (result.stdout + result.stderr)[-1500:]
             failures.append(f"{path.relative_to(REPO)} with Envoy {version}: {output}")
     assert failures == []
+
+
+@pytest.mark.hostile
+def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
+    """On loopback TCP any local user could stop Envoy (POST /quitquitquit): issue 7, hole 5."""
+    paths = sorted({path for path, _ in envoy_configs()} | set((REPO / "envoy").glob("*.yaml")))
+    admins = {}
+    for path in paths:
+        config = _yaml(path)
+        if "admin" in config:
+            admins[path.relative_to(REPO).as_posix()] = config["admin"]["address"]
+    assert len(admins) == 7
+    assert {name: address for name, address in admins.items() if "pipe" not in address} == {}
+    assert {a["pipe"]["mode"] for a in admins.values()} == {0o600}
+    # The compose and Kubernetes Envoys get the admin's directory as a private mount.
+    compose = load_compose()["services"]
+    for name in ("envoy-server", "envoy-client"):
+        assert compose[name]["tmpfs"] == ["/run/envoy:mode=0700,uid=101,gid=101"]
+    for _, pod in _all_pods():
+        for container in _containers(pod):
+            if container["image"].startswith(ENVOY_IMAGE + ":"):
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                assert mounts.get("/run/envoy") == "envoy-admin", container["name"]
 
 
 # =========================================================================== Kubernetes

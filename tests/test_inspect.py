@@ -9,6 +9,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,9 @@ async def test_inspect_prints_svids_bundles_and_jwt(
     fake: FakeWorkloadApi, world: dict[str, object], capsys: pytest.CaptureFixture[str]
 ) -> None:
     web, db = world["web"], world["db"]
-    code, out, err = await inspect(capsys, "--path", fake.address, "--audience", "payments")
+    code, out, err = await inspect(
+        capsys, "--path", fake.address, "--audience", "payments", "--show-token"
+    )
     assert (code, err) == (0, "")
     token_line = next(line for line in out.splitlines() if "token:" in line)
     token = token_line.split("token:")[1].strip()
@@ -100,6 +103,11 @@ async def test_inspect_prints_svids_bundles_and_jwt(
     )
     assert token.count(".") == 2
     assert all(c.metadata.get("workload.spiffe.io") == "true" for c in fake.calls)
+    # Without --show-token the bearer token is never printed whole.
+    code, out, err = await inspect(capsys, "--path", fake.address, "--audience", "payments")
+    assert (code, err) == (0, "")
+    assert token not in out
+    assert f"    token:  {token[:16]}... ({len(token)} chars; --show-token prints it)\n" in out
 
 
 async def test_inspect_json(
@@ -246,6 +254,7 @@ def test_inspect_against_the_real_provider(procs: Processes, sockdir: Path, tmp_
     )
     wait_for(path.exists, timeout=30, what="the provider's socket")
     argv = [PYTHON, "-m", "sds", "inspect", "--path", f"unix://{path}", "--audience", "payments"]
+    argv.append("--show-token")
     human = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert (human.returncode, human.stderr) == (0, "")
     assert "  spiffe://example.org/web\n    hint:      web\n" in human.stdout
@@ -266,3 +275,95 @@ def test_inspect_against_the_real_provider(procs: Processes, sockdir: Path, tmp_
     assert jwt["spiffe_id"] == "spiffe://example.org/web" and jwt["token"].count(".") == 2
     [jwt_bundle] = report["jwt_bundles"]
     assert jwt_bundle["trust_domain"] == "example.org" and len(jwt_bundle["key_ids"]) == 1
+
+
+class SpireLikeSds:
+    """What SPIRE agent's SDS does that matters to ``inspect --sds``: more than one bundle
+    name in one request, or a name it does not know, ends the stream with INVALID_ARGUMENT."""
+
+    def __init__(self, specs: dict[str, Any]) -> None:
+        self.specs = specs
+        self.requests: list[list[str]] = []
+
+    def __mapping__(self) -> dict[str, Any]:
+        from grpclib.const import Cardinality, Handler
+
+        from sds._sds.server import RawMessage
+
+        return {
+            "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets": Handler(
+                self._stream, Cardinality.STREAM_STREAM, RawMessage, RawMessage
+            )
+        }
+
+    async def _stream(self, stream: Any) -> None:
+        from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+        from grpclib.const import Status
+        from grpclib.exceptions import GRPCError
+
+        from sds._sds.envoy import render_secret, sotw_body, with_nonce
+
+        names = list(DiscoveryRequest.parse(await stream.recv_message()).resource_names)
+        self.requests.append(names)
+        bundles = [n for n in names if n in ("ROOTCA", "ALL") or n.count("/") == 2]
+        if len(bundles) > 1:
+            raise GRPCError(Status.INVALID_ARGUMENT, "only one bundle name per request")
+        for name in names:
+            if name not in self.specs:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"unknown resource {name}")
+        rendered = [render_secret(n, self.specs[n], trusted_ca=False) for n in names]
+        await stream.send_message(with_nonce(sotw_body("v1", rendered), "n1"))
+        await stream.recv_message()
+
+
+async def test_inspect_sds_against_spire_asks_per_name(
+    sockdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datetime as dt
+
+    from grpclib.server import Server
+
+    from sds._ca import LocalCA
+    from sds._sds.resources import TlsSpec, ValidationSpec
+    from sds._sds.server import PassthroughCodec
+    from sds._spiffe import SpiffeId, TrustDomain
+
+    td = TrustDomain.parse("example.org")
+    ca = LocalCA.ephemeral(td)
+    svid = ca.issue_x509_svid(SpiffeId.from_path(td, "/web"), dt.timedelta(hours=1))
+    bundle = ValidationSpec((ca.bundle,))
+    fake = SpireLikeSds({"default": TlsSpec(svid), "ROOTCA": bundle, "ALL": bundle})
+    server = Server([fake], codec=PassthroughCodec())
+    path = sockdir / "spire-sds.sock"
+    await server.start(path=str(path))
+    try:
+        code, out, err = await inspect(
+            capsys,
+            "--sds",
+            f"unix://{path}",
+            "--json",
+            "--name",
+            "default",
+            "--name",
+            "ROOTCA",
+            "--name",
+            "ALL",
+            "--name",
+            "bogus",
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert fake.requests == [
+        ["default", "ROOTCA", "ALL", "bogus"],
+        ["default"],
+        ["ROOTCA"],
+        ["ALL"],
+        ["bogus"],
+    ]
+    assert [item["name"] for item in report["secrets"]] == ["default", "ROOTCA", "ALL"]
+    assert report["secrets"][0]["spiffe_id"] == "spiffe://example.org/web"
+    assert report["refused"] == {"bogus": "INVALID_ARGUMENT: unknown resource bogus"}
+    assert report["not_served"] == []

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+from grpclib.client import Channel
 
-from tests.conftest import Processes, wait_for
+from sds._sds.command import _prepare_socket_dir
+from sds.errors import StartupError
+from tests.asuser import run_as
+from tests.conftest import PYTHON, Processes, wait_for
+from tests.sdsfake import fetch
 from tests.stack import Stack
+
+
+@pytest.fixture(autouse=True)
+def _sds_logs_reach_caplog() -> Iterator[None]:
+    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
+    root = logging.getLogger("sds")
+    saved = (root.handlers[:], root.level, root.propagate)
+    root.handlers[:], root.propagate = [], True
+    yield
+    root.handlers[:], root.level, root.propagate = saved
 
 
 def _readyz(port: int) -> tuple[int, str]:
@@ -22,6 +45,35 @@ def _readyz(port: int) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sds", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _fetch_ids(path: Path, names: list[str]) -> dict[str, str]:
+    """Fetch ``names`` over a new SDS connection; the SPIFFE ID (or type) per name served."""
+
+    async def go() -> dict[str, str]:
+        channel = Channel(path=str(path))
+        try:
+            async with asyncio.timeout(20):
+                response = await fetch(channel, names)
+        finally:
+            channel.close()
+        out = {}
+        for resource_ in response.resources:
+            secret = Secret.parse(resource_.value)
+            out[secret.name] = "tls" if secret.tls_certificate is not None else "validation"
+        return out
+
+    return asyncio.run(go())
 
 
 def _wait(*args: str) -> subprocess.CompletedProcess[str]:
@@ -62,26 +114,573 @@ def test_socket_appears_only_with_secrets_then_sigterm_cleans_up(
     assert "bridge.stopping" in procs.log(bridge)
 
 
+# -- socket directory and socket path ownership -------------------------------------------------
+
+
+@pytest.mark.hostile
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another uid")
-def test_listen_directory_others_can_write_is_refused(procs: Processes, sockdir: Path) -> None:
-    stack = Stack(procs, sockdir)
+@pytest.mark.parametrize(
+    ("owner", "mode", "message"),
+    [
+        (1000, 0o777, ": owned by uid 1000, not by us (uid 0) or root; use a directory we own"),
+        (1000, 0o755, ": owned by uid 1000, not by us (uid 0) or root; use a directory we own"),
+        (
+            0,
+            0o777,
+            ": mode 777 lets others replace the socket; remove group/other write or set "
+            "the sticky bit",
+        ),
+        (
+            0,
+            0o770,
+            ": mode 770 lets others replace the socket; remove group/other write or set "
+            "the sticky bit",
+        ),
+    ],
+)
+def test_socket_directory_another_user_controls_is_refused(
+    sockdir: Path, owner: int, mode: int, message: str
+) -> None:
     shared = sockdir / "shared"
     shared.mkdir()
-    shared.chmod(0o777)
-    os.chown(shared, 1000, 1000)
-    stack.sds_socket = shared / "sds.sock"
-    stack.write_config()
+    os.chown(shared, owner, owner)
+    shared.chmod(mode)
+    result = _run("--listen", f"unix://{shared}/sds.sock", "--admin", "off")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"sds run: socket directory {shared}{message}"]
+    assert not (shared / "sds.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("{file}/sds.sock", "socket directory {file}: cannot create: File exists"),
+        ("{file}/sub/sds.sock", "socket directory {file}/sub: cannot create: Not a directory"),
+        ("{file}", "{file}: exists and is not a socket"),
+    ],
+)
+def test_startup_failures_are_one_line_exit_2(sockdir: Path, listen: str, message: str) -> None:
+    regular = sockdir / "plain"
+    regular.write_text("x")
+    result = _run("--listen", "unix://" + listen.format(file=regular), "--admin", "off")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["sds run: " + message.format(file=regular)]
+
+
+def test_nul_in_listen_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "sds.yaml"
+    config.write_text('listen: "unix:///tmp/a\\0b"\n')
+    result = _run("--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"sds run: {config}: listen: 'unix:///tmp/a\\x00b': must not contain control characters"
+    ]
+
+
+def test_admin_port_in_use_is_one_line_exit_2(sockdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = _run(
+            "--workload-api",
+            f"unix://{sockdir}/none.sock",
+            "--listen",
+            f"unix://{sockdir}/s/sds.sock",
+            "--admin",
+            f"127.0.0.1:{port}",
+        )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"sds run: admin: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_tcp_listen_port_in_use_is_one_line_exit_2(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
     stack.start_provider()
-    result = subprocess.run(
-        [sys.executable, "-m", "sds", "run", "--config", str(stack.config_path), "--admin", "off"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = _run(
+            "--workload-api",
+            f"unix://{stack.workload_socket}",
+            "--listen",
+            f"tcp://127.0.0.1:{port}",
+            "--admin",
+            "off",
+        )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"sds run: cannot listen on tcp://127.0.0.1:{port}: Address already in use"
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"sds run: socket directory {shared} is writable by others and not ours; "
-        "use a directory we own (mode 0700 or 0750)"
+
+
+@pytest.mark.hostile
+def test_second_bridge_on_the_same_socket_is_refused_and_the_first_keeps_serving(
+    procs: Processes, sockdir: Path
+) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.start_bridge()
+    inode = stack.sds_socket.stat().st_ino
+    second = _run("--config", str(stack.config_path))
+    assert second.returncode == 2
+    assert second.stderr.splitlines()[-1] == (
+        f"sds run: {stack.sds_socket}: another server is already listening there; "
+        "stop it or choose another listen address"
     )
+    assert stack.sds_socket.stat().st_ino == inode
+    assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+
+
+@pytest.mark.hostile
+def test_stale_socket_is_replaced_and_a_foreign_one_is_left_on_exit(
+    procs: Processes, sockdir: Path
+) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.sds_socket.parent.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(stack.sds_socket))  # bound, never listening: what a dead process leaves
+    stale.close()
+    stack.start_bridge()  # returns once the path exists, which the stale socket already does
+    wait_for(lambda: "sds.listening" in procs.log(stack.bridge), 15, "sds.listening")
+    assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+    # Someone replaces our socket; on exit we must not delete theirs.
+    stack.sds_socket.unlink()
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(str(stack.sds_socket))
+    try:
+        assert procs.stop(stack.bridge) == 0
+        assert stack.sds_socket.exists()
+    finally:
+        foreign.close()
+
+
+# -- stopping at any moment ---------------------------------------------------------------------
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_before_the_first_svid_is_clean(
+    procs: Processes, sockdir: Path, sig: signal.Signals
+) -> None:
+    stack = Stack(procs, sockdir)
+    stack.write_config()
+    bridge = procs.sds("run", "--config", str(stack.config_path), name="bridge")
+    wait_for(lambda: "bridge.starting" in procs.log(bridge), 15, "bridge.starting")
+    assert procs.stop(bridge, sig) == 0
+    log = procs.log(bridge)
+    assert "Traceback" not in log
+    assert "bridge.stopping" in log
     assert not stack.sds_socket.exists()
+
+
+@pytest.mark.chaos
+def test_stop_during_a_reload_is_clean(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.start_bridge()
+    wait_for(lambda: "sds.listening" in procs.log(stack.bridge), 15, "sds.listening")
+    os.kill(stack.bridge.pid, signal.SIGHUP)  # the reload reads the file twice, 50 ms apart
+    assert procs.stop(stack.bridge, signal.SIGTERM) == 0
+    log = procs.log(stack.bridge)
+    assert "Traceback" not in log
+    assert "bridge.stopping" in log
+    assert not stack.sds_socket.exists()
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------------
+
+
+def _hup_and_wait(procs: Processes, bridge: subprocess.Popen[bytes], marker: str) -> list[str]:
+    """Send SIGHUP; return the log lines it produced once one contains ``marker``."""
+    before = len(procs.log(bridge).splitlines())
+    os.kill(bridge.pid, signal.SIGHUP)
+
+    def new_lines() -> list[str] | None:
+        lines = procs.log(bridge).splitlines()[before:]
+        return lines if any(marker in line for line in lines) else None
+
+    lines: list[str] = wait_for(new_lines, 20, marker)
+    return [line.split(" ", 3)[3] for line in lines]  # drop time, level, logger
+
+
+@pytest.mark.hostile
+def test_reload_of_an_empty_or_partial_file_keeps_the_old_state(
+    procs: Processes, sockdir: Path
+) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    policy = {"name": "callers", "allow": ["spiffe://example.org/client-a"]}
+    stack.write_config(socket_mode="0660", allowed_uids=[0], policies=[policy])
+    stack.start_bridge()
+    good = stack.config_path.read_text()
+    path = stack.config_path
+    for text, error in [
+        (b"", f"{path}: is empty: a config file must be a non-empty mapping"),
+        (b"# being rewritten\n", f"{path}: is empty: a config file must be a non-empty mapping"),
+        (good[: good.index("allowed_uids")].encode(), "no SDS listen address: set listen"),
+        (good[: good.index("allowed_uids") + 15].encode(), f"{path}: allowed_uids: must be a"),
+        (b"listen: \xff\n", f"{path}: not UTF-8 (byte 8)"),
+        (b"socket_mode: .inf\n", f"{path}: socket_mode: must be an octal string such as '0600'"),
+        (b"allowed_uids: 5\n", f"{path}: allowed_uids: must be a list of non-negative integers"),
+        (b"x: 2024-02-30\n", f"{path}: x: unknown key"),
+        (b"allowed_uids: [" + b"9" * 5000 + b"]\n", f"{path}: line 1: invalid YAML: integer"),
+    ]:
+        path.write_bytes(text)
+        lines = _hup_and_wait(procs, stack.bridge, "config.")
+        failed = [line for line in lines if line.startswith("config.reload_failed")]
+        assert len(failed) == 1, lines
+        assert failed[0].startswith(f'config.reload_failed error="{error}'), failed[0]
+        assert failed[0].endswith(" kept=previous")
+        assert not any("config.reloaded" in line for line in lines)
+    names = {item["name"] for item in stack.admin("/secrets")}
+    assert {"default", "callers"} <= names
+    assert "Traceback" not in procs.log(stack.bridge)
+
+
+@pytest.mark.hostile
+def test_reload_that_widens_access_is_logged_loudly(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    policy = {"name": "callers", "allow": ["spiffe://example.org/client-a"]}
+    stack.write_config(allowed_uids=[0], policies=[policy])
+    stack.start_bridge()
+    wider = {
+        "name": "callers",
+        "allow": ["spiffe://example.org/client-a", "spiffe://example.org/*"],
+    }
+    stack.write_config(socket_mode="0660", policies=[wider], disable_spiffe_cert_validation=True)
+    lines = _hup_and_wait(procs, stack.bridge, "config.reloaded")
+    assert [line for line in lines if line.startswith("config.")] == [
+        'config.widened key=allowed_uids old=[0] new="[] (anyone who can open the socket)" '
+        "applied=now",
+        'config.widened key=socket_mode old=0600 new=0660 applied="at restart"',
+        "config.widened key=disable_spiffe_cert_validation old=false new=true applied=now",
+        "config.widened key=policies[callers].allow old=spiffe://example.org/client-a "
+        "new=spiffe://example.org/client-a,spiffe://example.org/* applied=now",
+        'config.restart_needed keys=socket_mode detail="socket_mode: 0600 -> 0660"',
+        f"config.reloaded source={stack.config_path} "
+        "applied=allowed_uids,disable_spiffe_cert_validation,policies",
+    ]
+
+
+def test_reload_names_keys_that_need_a_restart(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.start_bridge()
+    config = yaml.safe_load(stack.config_path.read_text())
+    config |= {
+        "listen": f"unix://{sockdir}/other/sds.sock",
+        "workload_api": f"unix://{sockdir}/elsewhere.sock",
+        "admin": "127.0.0.1:1",
+        "trust_domain": "example.org",
+    }
+    stack.config_path.write_text(yaml.safe_dump(config))
+    lines = _hup_and_wait(procs, stack.bridge, "config.reloaded")
+    assert [line for line in lines if line.startswith("config.")] == [
+        "config.restart_needed keys=workload_api,listen,admin "
+        f'detail="workload_api: unix://{stack.workload_socket} -> unix://{sockdir}/elsewhere.sock; '
+        f"listen: unix://{stack.sds_socket} -> unix://{sockdir}/other/sds.sock; "
+        'admin: 127.0.0.1:0 -> 127.0.0.1:1"',
+        f"config.reloaded source={stack.config_path} applied=trust_domain",
+    ]
+    # Nothing that needs a restart was applied: still serving on the old socket.
+    assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+
+
+# -- the admin endpoint under attack -----------------------------------------------------------
+
+
+async def _admin_get(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.hostile
+async def test_admin_limits_header_size_idle_and_connection_cap() -> None:
+    from sds._sds.admin import AdminLimits, AdminServer, Response
+
+    limits = AdminLimits(max_connections=2, idle_timeout=0.5, request_deadline=2.0)
+    admin = AdminServer("127.0.0.1", 0, {"/ok": lambda: Response(200, b"ok\n")}, limits=limits)
+    await admin.start()
+    try:
+        big = b"GET /ok HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"
+        assert (await _admin_get(admin.port, big)).startswith(b"HTTP/1.1 431 ")
+        # Two silent clients take both slots; a third is not served until one times out.
+        silent = [await asyncio.open_connection("127.0.0.1", admin.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert admin.active == 2
+        answer = await asyncio.wait_for(_admin_get(admin.port, b"GET /ok HTTP/1.1\r\n\r\n"), 10)
+        assert answer.endswith(b"\r\n\r\nok\n")
+        for reader, writer in silent:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the idle timeout
+            writer.close()
+        # A client trickling one byte at a time is cut off by the whole-request deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        closed = False
+        for _ in range(50):
+            try:
+                writer.write(b"X")
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if reader.at_eof() or await _eof_within(reader, 0.2):
+                closed = True
+                break
+        writer.close()
+        assert closed
+    finally:
+        await admin.close()
+
+
+async def _eof_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except TimeoutError:
+        return False
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.hostile
+def test_admin_flood_does_not_starve_sds_or_the_upstream(procs: Processes, sockdir: Path) -> None:
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    stack.write_config()
+
+    bridge = procs.start(  # prlimit execs: the pid is the bridge's
+        [
+            "prlimit",
+            "--nofile=1024:1024",
+            PYTHON,
+            "-m",
+            "sds",
+            "run",
+            "--config",
+            str(stack.config_path),
+        ],
+        "bridge",
+    )
+    stack.bridge = bridge
+    wait_for(stack.sds_socket.exists, 15, "SDS socket")
+    port = int(wait_for(stack._admin_port_from_log, 10, "admin port"))
+    baseline_log = len(procs.log(bridge))
+
+    flood = []
+    try:
+        for _ in range(1100):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            flood.append(sock)
+        time.sleep(1)
+        for sock in flood:  # a request line, never finished
+            with contextlib.suppress(OSError):
+                sock.send(b"GET /metrics HTTP/1.1\r\n")
+        assert _fd_count(bridge.pid) < 300
+        # A new SDS client is served while the flood holds.
+        assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+        # The upstream goes away and comes back: the bridge reconnects to it.
+        assert procs.stop(stack.provider) == 0
+        stack.start_provider()
+        wait_for(lambda: procs.log(bridge).count("workload_api.connected") >= 2, 30, "reconnect")
+        assert _fetch_ids(stack.sds_socket, ["default"]) == {"default": "tls"}
+        assert _fd_count(bridge.pid) < 300
+    finally:
+        for sock in flood:
+            sock.close()
+    wait_for(lambda: _readyz(port)[0] == 200, 30, "admin answers again")
+    log = procs.log(bridge)
+    assert "Traceback" not in log
+    assert len(log) - baseline_log < 20_000
+
+
+@pytest.mark.hostile
+def test_reload_of_mutated_configs_keeps_the_old_state(procs: Processes, sockdir: Path) -> None:
+    from sds._sds.config import parse_config_text
+    from sds.errors import ConfigError
+    from tests.mutate import mutations
+
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    policy = {"name": "callers", "allow": ["spiffe://example.org/client-a"]}
+    stack.write_config(allowed_uids=[0], policies=[policy])
+    stack.start_bridge()
+    before = stack.admin("/secrets")
+    sample = []
+    for raw in mutations(2_000, seed=9, base=stack.config_path.read_bytes()):
+        try:
+            parse_config_text(raw, "x")
+        except ConfigError:
+            sample.append(raw)
+        if len(sample) == 25:
+            break
+    for raw in sample:
+        stack.config_path.write_bytes(raw)
+        lines = _hup_and_wait(procs, stack.bridge, "config.reload_failed")
+        assert not any(line.startswith("config.reloaded") for line in lines), lines
+    assert stack.admin("/secrets") == before
+    assert _readyz(stack.admin_port) == (200, "ready\n")
+    assert "Traceback" not in procs.log(stack.bridge)
+
+
+@pytest.mark.hostile
+def test_wait_socket_needs_an_sds_server_not_just_a_socket(procs: Processes, sockdir: Path) -> None:
+    path = sockdir / "foreign.sock"
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(str(path))
+    foreign.listen(16)  # accepts connections, speaks nothing
+    try:
+        waited = _wait("--socket", f"unix://{path}", "--timeout", "0.5")
+    finally:
+        foreign.close()
+    assert waited.returncode == 1
+    assert waited.stderr == (
+        "sds wait: not ready after 0.5s: socket does not answer an SDS call within 2s\n"
+    )
+    # A gRPC server that is not SDS (our Workload API provider) is not mistaken for one either.
+    stack = Stack(procs, sockdir)
+    stack.start_provider()
+    waited = _wait("--socket", f"unix://{stack.workload_socket}", "--timeout", "0.5")
+    assert waited.returncode == 1
+    # UNIMPLEMENTED once the provider sends a content-type with it; UNKNOWN before.
+    [line] = waited.stderr.splitlines()
+    assert line.startswith("sds wait: not ready after 0.5s: socket is not an SDS server: U"), line
+
+
+@pytest.mark.chaos
+def test_default_is_withdrawn_not_repointed_when_the_upstream_dies(
+    procs: Processes, sockdir: Path
+) -> None:
+    """Provider killed; web (short TTL) expires while the clients' SVIDs (1 h) live on."""
+    stack = Stack(procs, sockdir, x509_ttl="4s")
+    stack.start_provider()
+    stack.start_bridge()
+    wait_for(lambda: _readyz(stack.admin_port)[0] == 200, 15, "ready")
+    assert procs.stop(stack.provider, signal.SIGKILL) != 0
+
+    def withdrawn() -> tuple[int, str] | None:
+        status, body = _readyz(stack.admin_port)
+        return (status, body) if status == 503 else None
+
+    _, body = wait_for(withdrawn, 30, "default withdrawn at expiry")
+    assert body.startswith("not ready: default: SVID spiffe://example.org/web expired at ")
+    assert body.endswith(
+        "and the Workload API sent no replacement (not re-pointed to another identity)\n"
+    )
+    names = {item["name"] for item in stack.admin("/secrets")}
+    assert "default" not in names
+    assert "spiffe://example.org/client-a" in names  # held, but never served as `default`
+    assert "svid.default_changed" not in procs.log(stack.bridge)
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.admin_port}/metrics", timeout=5
+    ).read()
+    assert b'sds_unservable{name="default"} 1.0' in metrics
+    # The upstream comes back with a fresh web SVID: default is web again, ready again.
+    stack.start_provider()
+    wait_for(lambda: _readyz(stack.admin_port) == (200, "ready\n"), 30, "ready again")
+    default = next(i for i in stack.admin("/secrets") if i["name"] == "default")
+    assert default["spiffe_id"] == "spiffe://example.org/web"
+    assert "svid.default_changed" not in procs.log(stack.bridge)
+
+
+@pytest.mark.hostile
+async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import errno
+    import logging
+
+    from sds._sds.admin import AdminLimits, AdminServer, Response
+
+    routes = {"/ok": lambda: Response(200, b"ok\n")}
+    loop = asyncio.get_running_loop()
+    failures = 0
+    real_accept = loop.sock_accept
+
+    async def emfile(sock: socket.socket) -> tuple[socket.socket, object]:
+        nonlocal failures
+        if failures < 15:
+            failures += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real_accept(sock)
+
+    admin = AdminServer("127.0.0.1", 0, routes)
+    with caplog.at_level(logging.INFO, logger="sds"):
+        loop.sock_accept = emfile  # type: ignore[method-assign]
+        try:
+            await admin.start()
+            answer = await asyncio.wait_for(_admin_get(admin.port, b"GET /ok HTTP/1.1\r\n\r\n"), 30)
+        finally:
+            del loop.sock_accept
+            await admin.close()
+    assert answer.endswith(b"ok\n")
+    assert failures == 15
+    lines = [r.getMessage() for r in caplog.records if "admin.accept_failed" in r.getMessage()]
+    assert lines == ['admin.accept_failed error="Too many open files" action="retrying in 0.1s"']
+    assert not any(r.exc_info for r in caplog.records)
+
+    # No descriptor left above the reserve: nothing is accepted, and that is said once.
+    caplog.clear()
+    starved = AdminServer("127.0.0.1", 0, routes, limits=AdminLimits(fd_reserve=10**9))
+    with caplog.at_level(logging.INFO, logger="sds"):
+        await starved.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_admin_get(starved.port, b"GET /ok HTTP/1.1\r\n\r\n"), 1)
+        finally:
+            await starved.close()
+    reserve = [r.getMessage() for r in caplog.records if "admin.fd_reserve" in r.getMessage()]
+    assert len(reserve) == 1
+    assert reserve[0].endswith(
+        'reserve=1000000000 action="not accepting connections until descriptors are free"'
+    )
+
+
+def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sds._sds.command import _ThrottledLoopErrors
+
+    handler = _ThrottledLoopErrors(interval=3600)
+    error = OSError(24, "Too many open files")
+    with caplog.at_level(logging.INFO, logger="sds"):
+        for _ in range(1000):
+            handler(None, {"message": "socket.accept() out of system resource", "exception": error})
+    assert [r.getMessage() for r in caplog.records] == [
+        'loop.error message="socket.accept() out of system resource" '
+        'error="OSError: [Errno 24] Too many open files"'
+    ]
+    handler.interval = 0
+    with caplog.at_level(logging.INFO, logger="sds"):
+        handler(None, {"message": "socket.accept() out of system resource", "exception": error})
+    assert caplog.records[-1].getMessage().endswith(" suppressed=999")
+
+
+def _prepare_as_other_user(path: str) -> str:
+    """In the child: the bridge's start-up directory check, its error text as the result."""
+    try:
+        _prepare_socket_dir(path)
+    except StartupError as exc:
+        return str(exc)
+    return "accepted"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+def test_socket_directory_we_cannot_create_is_one_line(sockdir: Path) -> None:
+    locked = sockdir / "locked"
+    locked.mkdir(mode=0o755)  # root's; uid 1000 may not create anything in it
+    result = run_as(1000, _prepare_as_other_user, f"{locked}/sub/sds.sock")
+    assert result == f"socket directory {locked}/sub: cannot create: Permission denied"

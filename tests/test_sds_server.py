@@ -16,7 +16,6 @@ from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryResponse
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.server import Server
 
 from sds._ca import LocalCA
 from sds._peercred import bind_unix_socket
@@ -25,7 +24,7 @@ from sds._sds.cache import SecretCache
 from sds._sds.config import BridgeConfig, parse_config
 from sds._sds.envoy import sotw_body, with_nonce
 from sds._sds.metrics import Metrics
-from sds._sds.server import AccessPolicy, PassthroughCodec, SdsServicer
+from sds._sds.server import AccessPolicy, SdsServer, SdsServicer
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context
 from tests.sdsfake import delta, fetch, node, sotw
@@ -105,7 +104,7 @@ async def world(sockdir: Path) -> AsyncIterator[World]:
     metrics = Metrics()
     bridge = Bridge(config, [source], cache=SecretCache("inst1"), metrics=metrics)
     servicer = SdsServicer(bridge.cache, events=metrics)
-    server = Server([servicer], codec=PassthroughCodec())
+    server = SdsServer(servicer)
     path = str(sockdir / "sds.sock")
     await server.start(sock=bind_unix_socket(path))
     channel = Channel(path=path)

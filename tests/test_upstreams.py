@@ -138,13 +138,13 @@ def test_a_dead_upstream_keeps_serving_what_nobody_else_has(ca: Authority) -> No
     clock.now += 10
     sel = s.select([up("a", a_web, a_db, connected=False, ca=ca), up("b", b_web, ca=ca)])
     assert sel.serving == {WEB: "b", DB: "a"}
-    assert sel.context.svids == (b_web, a_db)  # web stays first: default does not move
+    assert sel.context.svids == (b_web, a_db)  # a leads (it still holds SVIDs): its order
     clock.now = T0 + 100
     gone = s.select([up("a", a_web, a_db, connected=False, ca=ca), up("b", b_web, ca=ca)])
     assert gone.context.svids == ()  # expired everywhere: nothing served
 
 
-def test_identity_order_is_first_seen_not_per_upstream(ca: Authority) -> None:
+def test_identity_order_follows_the_leading_upstream_and_stays(ca: Authority) -> None:
     clock = Clock()
     s = selector(clock, grace=1)
     a_web, a_db = svid(ca, 0, 100), svid(ca, 0, 100, "/db")
@@ -152,10 +152,22 @@ def test_identity_order_is_first_seen_not_per_upstream(ca: Authority) -> None:
     first = s.select([up("a", a_web, a_db, ca=ca), up("b", b_db, b_web, ca=ca)])
     assert [str(v.spiffe_id) for v in first.context.svids] == [WEB, DB]
     clock.now += 5
-    failed = s.select(
-        [UpstreamState("a", None, False), up("b", b_db, b_web, ca=ca)]
-    )  # a never came back with anything
-    assert failed.context.svids == (b_web, b_db)
+    gone = s.select([UpstreamState("a", None, False), up("b", b_db, b_web, ca=ca)])
+    assert gone.context.svids == (b_db, b_web)  # a holds nothing now: b's order
+    clock.now += 5
+    back = s.select([up("a", a_web, a_db, ca=ca), up("b", b_db, b_web, ca=ca)])
+    assert [str(v.spiffe_id) for v in back.context.svids] == [DB, WEB]  # b stays leading
+    assert back.serving == {DB: "b", WEB: "b"}
+
+
+def test_a_withdrawn_identity_comes_back_in_the_upstreams_order(ca: Authority) -> None:
+    clock = Clock()
+    s = selector(clock)
+    web, other = svid(ca, 0, 100), svid(ca, 0, 100, "/other")
+    s.select([up("a", web, other, ca=ca)])
+    s.select([up("a", other, ca=ca)])
+    web2 = svid(ca, 10, 110)
+    assert s.select([up("a", web2, other, ca=ca)]).context.svids == (web2, other)
 
 
 def test_hints_are_separate_identities(ca: Authority) -> None:

@@ -70,15 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _socket_mode(text: str) -> int:
+    import re  # noqa: PLC0415
+
     from ..errors import ConfigError  # noqa: PLC0415
 
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise ConfigError(f"--socket-mode: want an octal mode like 600 or 666, got {text!r}")
-    return mode
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        shown = repr(text) if len(text) <= 20 else repr(text[:15]) + "..."
+        raise ConfigError(f"--socket-mode: want an octal mode like 600 or 666, got {shown}")
+    return int(text, 8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,11 +143,10 @@ async def _serve(
 ) -> int:
     import asyncio  # noqa: PLC0415
     import signal  # noqa: PLC0415
-    import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from .._log import event  # noqa: PLC0415
-    from .._peercred import bind_unix_socket  # noqa: PLC0415
+    from .._peercred import listen_unix  # noqa: PLC0415
     from ..errors import ConfigError  # noqa: PLC0415
     from .identities import load_federation, load_identities  # noqa: PLC0415
     from .server import WorkloadApiProvider  # noqa: PLC0415
@@ -164,6 +162,14 @@ async def _serve(
         except ConfigError as exc:
             event(logger, logging.ERROR, "provider.reload_failed", error=str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - policy: a reload never takes the provider down
+            event(
+                logger,
+                logging.ERROR,
+                "provider.reload_failed",
+                error=f"unexpected {type(exc).__name__}: {exc}",
+            )
+            return
         provider.reload(new_identities, new_federation)
         event(
             logger,
@@ -178,13 +184,12 @@ async def _serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        sock = bind_unix_socket(args.socket, mode)
-    except OSError as exc:
+        listener = listen_unix(args.socket, mode)
+    except BaseException:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        print(f"sds workload-api: cannot listen on {args.socket}: {exc}", file=sys.stderr)
-        return 1
-    await provider.start(sock)
+        raise
+    await provider.start(listener)
     event(
         logger,
         logging.INFO,

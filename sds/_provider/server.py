@@ -14,6 +14,12 @@ X.509-SVIDs are minted per stream for that caller and re-issued at half
 their lifetime. Streams hold no queues: each waits on the current
 "state changed" event or its next rotation time and then sends the latest
 state if it differs from what it sent last.
+
+Hostile callers are bounded: entitlement is checked before a request is
+read; a request over MAX_REQUEST_BYTES is refused (RESOURCE_EXHAUSTED) from
+its 5-byte length prefix, and the HTTP/2 receive windows are 64 KiB, so an
+unread request costs at most that; broken framing or protobuf is
+INVALID_ARGUMENT; JWT audiences are capped in count and length.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import socket
 import weakref
 from collections.abc import Iterable, Sequence
@@ -36,9 +41,10 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from .._ca import LocalCA
+from .._grpcedge import answer_unknown_methods, recv_request, server_config
 from .._jwt import JwtBundle, validate_jwt_svid
 from .._log import event
-from .._peercred import PeerCredentials, peer_credentials
+from .._peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
 from .._proto import workload_pb2 as pb
 from .._proto.workload_grpc import SpiffeWorkloadAPIBase
 from .._spiffe import SpiffeId, TrustDomain
@@ -49,6 +55,10 @@ from .identities import FederatedBundle, Identity, entitled
 __all__ = [
     "DEFAULT_JWT_TTL",
     "DEFAULT_X509_TTL",
+    "MAX_AUDIENCES",
+    "MAX_AUDIENCE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "REQUEST_TIMEOUT",
     "SECURITY_HEADER",
     "WorkloadApiProvider",
     "WorkloadApiService",
@@ -64,10 +74,20 @@ _CLOSE_TIMEOUT = 5.0
 _MIN_RENEW = dt.timedelta(milliseconds=500)
 _ONE_SECOND = dt.timedelta(seconds=1)
 
+# Workload API requests are tiny (a few audiences, one token): 64 KiB is ample.
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_BYTES = 1024
+# A caller that opens a call and never finishes sending its (tiny) request is cut off.
+REQUEST_TIMEOUT = 10.0
+
 MSG_NO_HEADER = "security header missing from request"
 MSG_NO_AUDIENCE = "audience must be specified"
 MSG_NO_SVID = "svid must be specified"
 MSG_SHUTTING_DOWN = "Workload API provider is shutting down"
+MSG_NO_REQUEST = "request message missing"
+MSG_TOO_MANY_AUDIENCES = f"at most {MAX_AUDIENCES} audiences per request"
+MSG_AUDIENCE_TOO_LONG = f"an audience is at most {MAX_AUDIENCE_BYTES} bytes"
 
 
 def _stamp(when: dt.datetime) -> str:
@@ -184,6 +204,27 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             )
         return creds
 
+    async def _request(self, stream: Any) -> Any:
+        """The call's one request message, read only now that the caller is admitted."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await recv_request(stream, MAX_REQUEST_BYTES)
+        except TimeoutError:
+            raise GRPCError(
+                Status.DEADLINE_EXCEEDED,
+                f"request message not received within {REQUEST_TIMEOUT:g}s",
+            ) from None
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_REQUEST)
+        return request
+
+    @staticmethod
+    def _check_audience(audience: Sequence[str]) -> None:
+        if len(audience) > MAX_AUDIENCES:
+            raise GRPCError(Status.INVALID_ARGUMENT, MSG_TOO_MANY_AUDIENCES)
+        if any(len(a.encode()) > MAX_AUDIENCE_BYTES for a in audience):
+            raise GRPCError(Status.INVALID_ARGUMENT, MSG_AUDIENCE_TOO_LONG)
+
     def _deny(self, creds: PeerCredentials | None, method: str, reason: str) -> None:
         if creds is None:
             event(logger, logging.INFO, "workload.denied", method=method, reason=reason)
@@ -295,7 +336,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
     async def FetchX509SVID(self, stream: Any) -> None:
         """Stream the caller's X.509-SVIDs: at once, at each half-life, and on config change."""
         creds = self._admit(stream, "FetchX509SVID")
-        await stream.recv_message()
+        self._selected(creds, "FetchX509SVID", utcnow())
+        await self._request(stream)
         minted: dict[str, _Minted] = {}
         last: tuple[Any, ...] | None = None
         while True:
@@ -351,7 +393,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
     async def FetchX509Bundles(self, stream: Any) -> None:
         """Stream the own and federated X.509 bundles (DER): at once and on change."""
         creds = self._admit(stream, "FetchX509Bundles")
-        await stream.recv_message()
+        self._selected(creds, "FetchX509Bundles", utcnow())
+        await self._request(stream)
         last: dict[str, bytes] | None = None
         while True:
             changed = self._changed
@@ -368,7 +411,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
     async def FetchJWTSVID(self, stream: Any) -> None:
         """Issue ES256 JWT-SVIDs for the requested audience (one per identity, or the one asked)."""
         creds = self._admit(stream, "FetchJWTSVID")
-        request = await stream.recv_message()
+        self._selected(creds, "FetchJWTSVID", utcnow())
+        request = await self._request(stream)
+        self._check_audience(request.audience)
         audience = [a for a in request.audience if a]
         if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_AUDIENCE)
@@ -420,7 +465,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
     async def FetchJWTBundles(self, stream: Any) -> None:
         """Stream JWKS documents per trust domain (own and federated): at once and on change."""
         creds = self._admit(stream, "FetchJWTBundles")
-        await stream.recv_message()
+        self._selected(creds, "FetchJWTBundles", utcnow())
+        await self._request(stream)
         last: dict[str, bytes] | None = None
         while True:
             changed = self._changed
@@ -435,7 +481,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
     async def ValidateJWTSVID(self, stream: Any) -> None:
         """Validate a JWT-SVID against the own and federated JWT bundles (JWT-SVID section 4)."""
         creds = self._admit(stream, "ValidateJWTSVID")
-        request = await stream.recv_message()
+        self._selected(creds, "ValidateJWTSVID", utcnow())
+        request = await self._request(stream)
+        self._check_audience([request.audience])
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_AUDIENCE)
         if not request.svid:
@@ -453,9 +501,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 class WorkloadApiProvider:
     """A Workload API server for one trust domain, embeddable in any asyncio program.
 
-    ``start(sock)`` serves on an already bound, listening socket (normally
-    from :func:`sds._peercred.bind_unix_socket`); ``close()`` stops serving
-    and removes the Unix socket file; ``reload()`` swaps the configuration.
+    ``start(listener)`` serves on an already bound, listening socket (normally
+    a :class:`sds._peercred.UnixListener` from ``listen_unix``); ``close()``
+    stops serving and removes the Unix socket file if it is still the one we
+    bound; ``reload()`` swaps the configuration.
     """
 
     def __init__(
@@ -471,7 +520,7 @@ class WorkloadApiProvider:
             ca, identities, federation, x509_ttl=x509_ttl, jwt_ttl=jwt_ttl
         )
         self._server: Server | None = None
-        self._socket_file: tuple[str, int] | None = None
+        self._listener: UnixListener | None = None
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -492,16 +541,22 @@ class WorkloadApiProvider:
         """Replace identities and federated bundles; open streams push what changed for them."""
         self.service.reload(identities, federation)
 
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on ``sock`` (listening, non-blocking); returns once accepting."""
+    async def start(self, listener: UnixListener | socket.socket) -> None:
+        """Serve on ``listener`` (listening, non-blocking); returns once accepting.
+
+        A UnixListener's socket file is removed by :meth:`close` while it is
+        still ours; a bare socket's file is left to the caller.
+        """
         if self._server is not None:
             raise RuntimeError("provider already started")
-        if sock.family == socket.AF_UNIX:
-            path = sock.getsockname()
-            if isinstance(path, str) and path:
-                self._socket_file = (path, os.lstat(path).st_ino)
-        self._server = Server([self.service])
-        await self._server.start(sock=sock)
+        if isinstance(listener, UnixListener):
+            self._listener, sock = listener, listener.sock
+        else:
+            sock = listener
+        self._server = answer_unknown_methods(
+            Server([self.service], config=server_config()), pb.X509SVIDRequest
+        )
+        await self._server.start(sock=sock, backlog=DEFAULT_BACKLOG)
 
     async def close(self) -> None:
         """Stop serving and remove the socket file if it is still ours.
@@ -519,9 +574,6 @@ class WorkloadApiProvider:
                     await server.wait_closed()
             except TimeoutError:
                 event(logger, logging.WARNING, "provider.close_timeout", seconds=_CLOSE_TIMEOUT)
-        if self._socket_file is not None:
-            path, inode = self._socket_file
-            self._socket_file = None
-            with contextlib.suppress(FileNotFoundError):
-                if os.lstat(path).st_ino == inode:
-                    os.unlink(path)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.remove()

@@ -4,8 +4,20 @@ Startup order matters to Envoy and Istio, which probe the socket: the admin
 endpoint comes up first (``/readyz`` says 503 with a reason), the upstream
 watch starts, and the SDS socket is bound only once the first valid X.509
 context has arrived, so anything that finds the socket can get secrets.
-SIGHUP reloads the config file without dropping streams; SIGTERM and SIGINT
-stop gracefully and remove the socket.
+
+The socket's directory must be ours (or root's) and not writable by others
+without the sticky bit; a socket path where something still accepts
+connections is refused (another bridge owns it); only a stale socket is
+replaced; on exit the socket is removed only if it is still our inode.
+Every start-up failure is one line and exit 2.
+
+SIGHUP reloads the config file without dropping streams: the file is read
+twice a moment apart (a file still being written is a failed reload), an
+empty or invalid file is a failed reload (``config.reload_failed``, old
+state kept), widened security settings are logged loudly
+(``config.widened``), keys that need a restart are named
+(``config.restart_needed``) and the rest is applied live (``config.reloaded
+applied=...``). SIGTERM and SIGINT stop gracefully at any moment (exit 0).
 """
 
 from __future__ import annotations
@@ -16,6 +28,14 @@ import os
 from typing import Any
 
 __all__ = ["add_arguments", "run"]
+
+READ_SETTLE_SECONDS = 0.05  # a reloaded file is read twice this far apart
+READ_ATTEMPTS = 3
+LOOP_ERROR_LOG_INTERVAL = 10.0  # unexpected loop errors: one line per interval per kind
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived before the event loop took over the signal."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,46 +56,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="loopback HTTP for /readyz, /metrics ('off' to disable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="IP:PORT",
+        help="scrape listener: /metrics, /healthz, /readyz only; may bind any IP (default off)",
+    )
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
+    import signal  # noqa: PLC0415
 
-    from .config import BridgeConfig, load_config  # noqa: PLC0415
+    # Until the loop installs its handlers: SIGTERM stops cleanly, SIGHUP is not fatal.
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        from .config import BridgeConfig, load_config  # noqa: PLC0415
 
-    config = load_config(args.config) if args.config else BridgeConfig(source="flags")
-    config = config.with_overrides(
-        workload_api=args.workload_api, listen=args.listen, admin=args.admin
-    )
+        flags = {
+            "workload_api": args.workload_api,
+            "listen": args.listen,
+            "admin": args.admin,
+            "metrics": getattr(args, "metrics", None),
+        }
+        config = load_config(args.config) if args.config else BridgeConfig(source="flags")
+        config = config.with_overrides(**flags)
+        _require_listen(config)
+        return asyncio.run(_main(config, args.config, flags))
+    except (_Stopped, KeyboardInterrupt):
+        return 0
+
+
+def _require_listen(config: Any) -> None:
+    from ..errors import ConfigError  # noqa: PLC0415
+
     if config.listen is None:
-        from ..errors import ConfigError  # noqa: PLC0415
-
         raise ConfigError("no SDS listen address: set listen in the config or pass --listen")
-    return asyncio.run(_main(config, args.config))
 
 
-async def _main(config: Any, config_path: str | None) -> int:
+async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> int:
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
-
-    from grpclib.server import Server  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
 
     from .._log import event  # noqa: PLC0415
-    from .._peercred import bind_unix_socket  # noqa: PLC0415
+    from .._peercred import UnixListener  # noqa: PLC0415
     from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
-    from ..errors import ConfigError, SdsServerError, WorkloadApiDenied  # noqa: PLC0415
+    from ..errors import ConfigError, StartupError, WorkloadApiDenied  # noqa: PLC0415
     from .admin import AdminServer, Response  # noqa: PLC0415
     from .bridge import Bridge  # noqa: PLC0415
-    from .config import load_config  # noqa: PLC0415
+    from .config import (  # noqa: PLC0415
+        RESTART_KEYS,
+        changed_keys,
+        parse_config_text,
+        read_config_bytes,
+        widened_keys,
+    )
     from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
     from .metrics import Metrics  # noqa: PLC0415
-    from .server import AccessPolicy, PassthroughCodec, SdsServicer  # noqa: PLC0415
+    from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
     loop = asyncio.get_running_loop()
-    if config.listen.path is not None:
-        _check_socket_dir(config.listen.path)  # fail fast, before waiting for upstream
+    loop.set_exception_handler(_ThrottledLoopErrors(LOOP_ERROR_LOG_INTERVAL))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    listen = config.listen
+    socket_path: str | None = listen.path
+    if socket_path is not None:  # fail fast, before waiting for upstream
+        _prepare_socket_dir(socket_path)
+        _try_bind(socket_path, config.socket_mode)
     metrics = Metrics()
     addresses = list(config.workload_api) or [None]
     watchers = [Watcher(address, events=metrics) for address in addresses]
@@ -112,11 +169,7 @@ async def _main(config: Any, config_path: str | None) -> int:
         detail = bridge.upstreams_text().encode() if len(watchers) > 1 else b""
         if bridge.ready:
             return Response(200, b"ready\n" + detail)
-        if not any(w.current() for w in watchers):
-            return Response(
-                503, b"not ready: no X.509 context from the Workload API yet\n" + detail
-            )
-        return Response(503, b"not ready: no valid SVID to serve (expired or withdrawn)\n" + detail)
+        return Response(503, f"not ready: {bridge.readiness_reason()}\n".encode() + detail)
 
     def secrets_view() -> Response:
         out = []
@@ -140,130 +193,328 @@ async def _main(config: Any, config_path: str | None) -> int:
         return Response.json(out)
 
     admin = None
-    if config.admin.port is not None:
-        admin = AdminServer(
-            config.admin.host,
-            config.admin.port,
-            {
-                "/healthz": lambda: Response(200, b"ok\n"),
-                "/readyz": readyz,
-                "/metrics": lambda: Response(
-                    200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
-                ),
-                "/envoys": lambda: Response.json(
-                    [info.as_dict() for info in servicer.streams.values()]
-                ),
-                "/secrets": secrets_view,
-                "/upstreams": lambda: Response.json(bridge.upstreams_view()),
-            },
-            {"/jwks/": jwks},
-        )
-        try:
-            await admin.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"admin: cannot listen on {config.admin.host}:{config.admin.port}: {exc.strerror}"
-            ) from exc
-
-    stop = asyncio.Event()
-    first = asyncio.Event()
-    bridge.on_change(lambda: first.set() if bridge.ready else None)
-    tasks = [asyncio.create_task(w.run(), name=f"watch-{i}") for i, w in enumerate(watchers)]
-
-    def reload() -> None:
-        if config_path is None:
-            event(log, logging.WARNING, "config.reload_skipped", reason="no --config file")
-            return
-        try:
-            fresh = load_config(config_path).with_overrides(
-                workload_api=list(bridge.config.workload_api),
-                listen=str(bridge.config.listen),
+    scrape = None
+    server: SdsServer | None = None
+    ours: UnixListener | None = None
+    tasks: list[asyncio.Task[None]] = []
+    reloads: set[asyncio.Task[None]] = set()
+    try:
+        if config.admin.port is not None:
+            admin = AdminServer(
+                config.admin.host,
+                config.admin.port,
+                {
+                    "/healthz": lambda: Response(200, b"ok\n"),
+                    "/readyz": readyz,
+                    "/metrics": lambda: Response(
+                        200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                    ),
+                    "/envoys": lambda: Response.json(
+                        [info.as_dict() for info in servicer.streams.values()]
+                    ),
+                    "/secrets": secrets_view,
+                    "/upstreams": lambda: Response.json(bridge.upstreams_view()),
+                },
+                {"/jwks/": jwks},
             )
-        except ConfigError as exc:
-            event(log, logging.ERROR, "config.reload_failed", error=str(exc), kept="previous")
-            return
-        if fresh.listen != bridge.config.listen or fresh.workload_api != bridge.config.workload_api:
-            event(log, logging.WARNING, "config.restart_needed", keys="listen,workload_api")
-        servicer.access = AccessPolicy(fresh.allowed_uids, fresh.allowed_gids)
-        servicer.disable_spiffe_cert_validation = fresh.disable_spiffe_cert_validation
-        bridge.reconfigure(fresh)
-        event(log, logging.INFO, "config.reloaded", source=config_path)
+            try:
+                await admin.start()
+            except OSError as exc:
+                admin = None
+                raise StartupError(
+                    f"admin: cannot listen on {config.admin.host}:{config.admin.port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-
-    upstreams = ",".join(str(w.address) for w in watchers)
-    event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
-    waiting = asyncio.create_task(first.wait())
-    stopping = asyncio.create_task(stop.wait())
-    while not first.is_set() and not stop.is_set():
-        await asyncio.wait({waiting, stopping}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if not first.is_set() and not stop.is_set():
-            event(
-                log,
-                logging.WARNING,
-                "bridge.waiting",
-                reason="no valid X.509 SVID from upstream yet",
+        # The scrape listener: probes and metrics only, never /secrets, /envoys or JWKS,
+        # so it may bind a pod IP; the admin endpoint above stays loopback-only.
+        if config.metrics is not None:
+            scrape = AdminServer(
+                config.metrics.host,
+                config.metrics.port,
+                {
+                    "/healthz": lambda: Response(200, b"ok\n"),
+                    "/readyz": readyz,
+                    "/metrics": lambda: Response(
+                        200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                    ),
+                },
+                name="metrics",
             )
-    waiting.cancel()
+            try:
+                await scrape.start()
+            except OSError as exc:
+                scrape = None
+                raise StartupError(
+                    f"metrics: cannot listen on {config.metrics.host}:{config.metrics.port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
 
-    server = Server([servicer], codec=PassthroughCodec())
-    listen = config.listen
-    socket_path = listen.path
-    if not stop.is_set():
-        try:
-            if socket_path is not None:
-                sock = bind_unix_socket(socket_path, config.socket_mode)
-                await server.start(sock=sock)
-            else:
+        first = asyncio.Event()
+        bridge.on_change(lambda: first.set() if bridge.serving else None)
+        tasks = [asyncio.create_task(w.run(), name=f"watch-{i}") for i, w in enumerate(watchers)]
+        reload_lock = asyncio.Lock()
+
+        async def read_settled(path: str) -> bytes:
+            """The file's bytes once two reads a moment apart agree (an editor may be writing)."""
+            raw = read_config_bytes(path)
+            for _ in range(READ_ATTEMPTS):
+                await asyncio.sleep(READ_SETTLE_SECONDS)
+                again = read_config_bytes(path)
+                if again == raw:
+                    return raw
+                raw = again
+            raise ConfigError(f"{path}: changed while being read (still being written?)")
+
+        async def reload(path: str) -> None:
+            async with reload_lock:
+                running = bridge.config
+                try:
+                    fresh = parse_config_text(await read_settled(path), path)
+                    fresh = fresh.with_overrides(**flags)
+                    _require_listen(fresh)
+                except ConfigError as exc:
+                    event(
+                        log,
+                        logging.ERROR,
+                        "config.reload_failed",
+                        error=str(exc),
+                        kept="previous",
+                    )
+                    return
+                changed = changed_keys(running, fresh)
+                restart = [k for k in changed if k in RESTART_KEYS]
+                applied = [k for k in changed if k not in RESTART_KEYS]
+                for key, old, new in widened_keys(running, fresh):
+                    event(
+                        log,
+                        logging.WARNING,
+                        "config.widened",
+                        key=key,
+                        old=old,
+                        new=new,
+                        applied="at restart" if key in RESTART_KEYS else "now",
+                    )
+                if restart:
+                    event(
+                        log,
+                        logging.WARNING,
+                        "config.restart_needed",
+                        keys=",".join(restart),
+                        detail="; ".join(
+                            f"{k}: {_show(getattr(running, k))} -> {_show(getattr(fresh, k))}"
+                            for k in restart
+                        ),
+                    )
+                effective = replace(fresh, **{k: getattr(running, k) for k in RESTART_KEYS})
+                servicer.access = AccessPolicy(effective.allowed_uids, effective.allowed_gids)
+                servicer.disable_spiffe_cert_validation = effective.disable_spiffe_cert_validation
+                bridge.reconfigure(effective)
                 event(
                     log,
-                    logging.WARNING,
-                    "sds.tcp_listen",
-                    address=str(listen),
-                    risk="TCP callers cannot be identified; any local process can fetch keys",
+                    logging.INFO,
+                    "config.reloaded",
+                    source=path,
+                    applied=",".join(applied) or "none",
                 )
-                await server.start(listen.host, listen.port)
-        except OSError as exc:
-            raise SdsServerError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
-        event(
-            log, logging.INFO, "sds.listening", address=str(listen), mode=f"{config.socket_mode:o}"
-        )
-        await stopping
 
-    event(log, logging.INFO, "bridge.stopping")
-    server.close()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(server.wait_closed(), 5)
-    if socket_path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
-    await bridge.jwt.close()
-    for jwt_client in jwt_clients.values():
-        jwt_client.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if admin is not None:
-        await admin.close()
+        def on_sighup() -> None:
+            if stop.is_set():
+                return
+            if config_path is None:
+                event(log, logging.WARNING, "config.reload_skipped", reason="no --config file")
+                return
+            task = asyncio.create_task(reload(config_path), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+        upstreams = ",".join(str(w.address) for w in watchers)
+        event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
+        waiting = asyncio.create_task(first.wait())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not first.is_set() and not stop.is_set():
+                await asyncio.wait(
+                    {waiting, stopping}, timeout=10, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not first.is_set() and not stop.is_set():
+                    event(
+                        log,
+                        logging.WARNING,
+                        "bridge.waiting",
+                        reason=bridge.readiness_reason() or "no valid X.509 SVID yet",
+                    )
+        finally:
+            waiting.cancel()
+
+        if not stop.is_set():
+            server = SdsServer(servicer)
+            try:
+                if socket_path is not None:
+                    _prepare_socket_dir(socket_path)
+                    # probe (a live socket is refused), stale removal and bind via one dir fd
+                    ours = _listen(socket_path, config.socket_mode)
+                    await server.start(sock=ours.sock)
+                else:
+                    event(
+                        log,
+                        logging.WARNING,
+                        "sds.tcp_listen",
+                        address=str(listen),
+                        risk="TCP callers cannot be identified; any local process can fetch keys",
+                    )
+                    await server.start(listen.host, listen.port)
+            except OSError as exc:
+                server = None
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise StartupError(f"cannot listen on {listen}: {reason}") from exc
+            event(
+                log,
+                logging.INFO,
+                "sds.listening",
+                address=str(listen),
+                mode=f"{config.socket_mode:o}",
+            )
+            await stopping
+        stopping.cancel()
+        event(log, logging.INFO, "bridge.stopping")
+    finally:
+        await _shutdown(
+            server=server,
+            ours=ours,
+            bridge=bridge,
+            jwt_clients=list(jwt_clients.values()),
+            tasks=tasks,
+            reloads=reloads,
+            admin=admin,
+            scrape=scrape,
+        )
     return 0
 
 
-def _check_socket_dir(path: str) -> None:
-    """Create the socket's directory 0700 if missing; refuse one others could swap files in."""
-    import stat  # noqa: PLC0415
+async def _shutdown(
+    *,
+    server: Any,
+    ours: Any,
+    bridge: Any,
+    jwt_clients: list[Any],
+    tasks: list[Any],
+    reloads: set[Any],
+    admin: Any,
+    scrape: Any,
+) -> None:
+    """Stop everything that was started, in reverse order; remove only our own socket."""
+    import asyncio  # noqa: PLC0415
 
-    from ..errors import SdsServerError  # noqa: PLC0415
+    for task in reloads:
+        task.cancel()
+    if server is not None:
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 5)
+    if ours is not None:
+        ours.remove()  # only if the path is still the socket we bound
+        ours.sock.close()
+    if bridge.jwt is not None:
+        await bridge.jwt.close()
+    for jwt_client in jwt_clients:
+        jwt_client.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, *reloads, return_exceptions=True)
+    if admin is not None:
+        await admin.close()
+    if scrape is not None:
+        await scrape.close()
 
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    if isinstance(value, int):
+        return f"{value:04o}"
+    if hasattr(value, "port") and hasattr(value, "host") and not hasattr(value, "path"):
+        return "off" if value.port is None else f"{value.host}:{value.port}"
+    return str(value)
+
+
+def _listen(path: str, mode: int) -> Any:
+    """:func:`sds._peercred.listen_unix`: probe (a live socket is refused), stale removal and
+    bind, all through one directory fd; the refusal names the bridge's ``listen``."""
+    from .._peercred import listen_unix  # noqa: PLC0415
+    from ..errors import SocketInUse  # noqa: PLC0415
+
+    try:
+        return listen_unix(path, mode)
+    except SocketInUse as exc:
+        raise SocketInUse(
+            f"{path}: another server is already listening there; "
+            "stop it or choose another listen address"
+        ) from exc
+
+
+def _try_bind(path: str, mode: int) -> None:
+    """A dry run of the bind at start: every refusal :func:`_listen` would give, now, not
+    after the first SVID; the socket is closed and removed at once (no accept ever ran)."""
+    listener = _listen(path, mode)
+    listener.remove()
+    listener.sock.close()
+
+
+def _prepare_socket_dir(path: str) -> None:
+    """Create the socket's directory 0700 if missing; refuse one another user could swap files in
+    (the rule of :func:`sds._peercred.check_socket_dir`, checked again when binding)."""
+    from .._peercred import check_socket_dir  # noqa: PLC0415
+    from ..errors import StartupError  # noqa: PLC0415
+
+    directory = os.path.dirname(path) or "/"
+    try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        return
-    info = os.stat(directory)
-    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if writable_by_others and not info.st_mode & stat.S_ISVTX and info.st_uid != os.getuid():
-        raise SdsServerError(
-            f"socket directory {directory} is writable by others and not ours; "
-            "use a directory we own (mode 0700 or 0750)"
-        )
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(
+            f"socket directory {directory}: cannot create: {exc.strerror or exc}"
+        ) from exc
+    try:
+        check_socket_dir(fd, directory)
+    finally:
+        os.close(fd)
+
+
+class _ThrottledLoopErrors:
+    """The loop's exception handler: one line per kind of error per interval, no tracebacks.
+
+    asyncio reports accept() failures (EMFILE) this way for every attempt; logged
+    whole, a descriptor flood becomes a log flood.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: Any, context: dict[str, Any]) -> None:
+        import logging  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        from .._log import event  # noqa: PLC0415
+
+        exc = context.get("exception")
+        message = str(context.get("message", "unexpected error"))
+        kind = f"{message[:80]}|{type(exc).__name__ if exc else ''}"
+        now = time.monotonic()
+        if now - self._last.get(kind, -float("inf")) < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        fields: dict[str, Any] = {"message": message[:200]}
+        if exc is not None:
+            fields["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        event(logging.getLogger("sds.run"), logging.ERROR, "loop.error", **fields)

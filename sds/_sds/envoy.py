@@ -335,6 +335,7 @@ class NodeInfo:
     cluster: str
     build_version: str
     disable_spiffe: bool | None
+    metadata_ignored: bool = False
 
 
 def _metadata_flag(struct_bytes: bytes, key: str) -> bool | None:
@@ -371,21 +372,28 @@ def _build_version(data: bytes) -> str:
     return ""
 
 
-def node_info(data: bytes) -> NodeInfo:
+def node_info(data: bytes, *, max_metadata_bytes: int | None = None) -> NodeInfo:
     """Extract NodeInfo from a serialized ``Node``; raise WireError if malformed.
 
     ``disable_spiffe_cert_validation`` in node metadata (a bool, or a string
     parsed as a bool, as SPIRE accepts it) overrides the global setting.
+    Metadata larger than ``max_metadata_bytes`` is not parsed
+    (``metadata_ignored`` is set instead).
     """
     node_id = cluster = build = ""
     flag: bool | None = None
+    ignored = False
     for number, value in iter_fields(data):
         if number == 1:
             node_id = _str(value)
         elif number == 2:
             cluster = _str(value)
         elif number == 3:
-            flag = _metadata_flag(_msg(value), "disable_spiffe_cert_validation")
+            metadata = _msg(value)
+            if max_metadata_bytes is not None and len(metadata) > max_metadata_bytes:
+                ignored, flag = True, None
+            else:
+                flag = _metadata_flag(metadata, "disable_spiffe_cert_validation")
         elif number == 8:
             build = _build_version(_msg(value))
-    return NodeInfo(node_id, cluster, build, flag)
+    return NodeInfo(node_id, cluster, build, flag, ignored)

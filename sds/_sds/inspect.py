@@ -5,7 +5,11 @@ codec (``envoy.py``), so what it prints is what a separate implementation
 of Envoy's API reads.
 
 Opens a StreamSecrets stream (node id ``sds-inspect``), asks for the given
-names, and summarizes the first response: TLS certificates (SPIFFE ID,
+names, and summarizes the first response. SPIRE's agent refuses more than one
+bundle name in one request (and closes the stream for a name it does not
+know), so when the server ends a multi-name stream with an error, each name
+is asked for on its own stream and the refusals are reported per name. It
+shows: TLS certificates (SPIFFE ID,
 serial, expiry, chain length; never key bytes), validation contexts (trust
 domains, CA counts, SAN matchers, validator kind) and generic secrets (JWT
 claims, token redacted). With ``--admin`` it adds the per-Envoy view from our
@@ -28,7 +32,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from grpclib.client import Channel
-from grpclib.const import Cardinality
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from ..errors import SdsError
@@ -106,6 +110,32 @@ def summarize(secret: Secret) -> dict[str, Any]:
     return item
 
 
+async def _ask(channel: Channel, names: list[str], wait_seconds: float) -> DiscoveryResponse | None:
+    """The first response to a StreamSecrets request for ``names``; None if none in time."""
+    import asyncio  # noqa: PLC0415
+
+    async with channel.request(
+        "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+        Cardinality.STREAM_STREAM,
+        DiscoveryRequest,
+        DiscoveryResponse,
+    ) as stream:
+        await stream.send_message(
+            DiscoveryRequest(
+                type_url=SECRET_TYPE_URL,
+                resource_names=names,
+                node=Node(id="sds-inspect", cluster="sds-inspect"),
+            )
+        )
+        try:
+            async with asyncio.timeout(wait_seconds):
+                response: DiscoveryResponse | None = await stream.recv_message()
+        except TimeoutError:
+            response = None
+        await stream.cancel()
+    return response
+
+
 async def collect_sds(
     path: str, names: list[str], admin: str | None, wait_seconds: float
 ) -> dict[str, Any]:
@@ -113,44 +143,54 @@ async def collect_sds(
     import asyncio  # noqa: PLC0415
 
     channel = Channel(path=path)
+    refused: dict[str, str] = {}
+    responses: list[DiscoveryResponse] = []
     try:
-        async with channel.request(
-            "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
-            Cardinality.STREAM_STREAM,
-            DiscoveryRequest,
-            DiscoveryResponse,
-        ) as stream:
-            await stream.send_message(
-                DiscoveryRequest(
-                    type_url=SECRET_TYPE_URL,
-                    resource_names=names,
-                    node=Node(id="sds-inspect", cluster="sds-inspect"),
-                )
-            )
-            try:
-                async with asyncio.timeout(wait_seconds):
-                    response = await stream.recv_message()
-            except TimeoutError:
+        try:
+            response = await _ask(channel, names, wait_seconds)
+        except GRPCError as exc:
+            if exc.status is Status.PERMISSION_DENIED or len(names) < 2:
+                raise
+            response = None
+            for name in names:  # SPIRE: one bundle name per request
+                try:
+                    single = await _ask(channel, [name], wait_seconds)
+                except GRPCError as one:
+                    refused[name] = f"{one.status.name}: {one.message or ''}".rstrip(": ")
+                    continue
+                if single is not None:
+                    responses.append(single)
+            if not responses and not refused:
+                raise
+        else:
+            if response is None:
                 raise SdsError(
                     f"SDS server at unix://{path} served none of {', '.join(names)} "
                     f"within {wait_seconds:g}s"
-                ) from None
-            await stream.cancel()
+                )
+            responses.append(response)
     except (OSError, StreamTerminatedError) as exc:
         raise SdsError(f"SDS server at unix://{path} is unavailable: {exc}") from exc
     except GRPCError as exc:
         raise SdsError(f"SDS server at unix://{path} refused: {exc.message}") from exc
     finally:
         channel.close()
-    assert response is not None
-    secrets = [summarize(Secret.parse(r.value)) for r in response.resources]
-    served = {s["name"] for s in secrets}
+    secrets: list[dict[str, Any]] = []
+    served: set[str] = set()
+    for each in responses:
+        for item in (summarize(Secret.parse(r.value)) for r in each.resources):
+            if item["name"] not in served:
+                served.add(item["name"])
+                secrets.append(item)
+    versions = list(dict.fromkeys(r.version_info for r in responses))
     report: dict[str, Any] = {
         "sds": f"unix://{path}",
-        "version": response.version_info,
+        "version": ",".join(versions) or "-",
         "secrets": secrets,
-        "not_served": [n for n in names if n not in served],
+        "not_served": [n for n in names if n not in served and n not in refused],
     }
+    if refused:
+        report["refused"] = refused
     if admin:
         try:
             report["envoys"] = await asyncio.to_thread(_admin_envoys, admin, wait_seconds)
@@ -188,6 +228,8 @@ def render_sds(report: dict[str, Any]) -> str:
             lines.append(f"    JWT-SVID:    {item['jwt']}")
     if report["not_served"]:
         lines.append(f"  not served now: {', '.join(report['not_served'])}")
+    for name, reason in report.get("refused", {}).items():
+        lines.append(f"  refused by the server: {name} ({reason})")
     if "envoys" in report:
         lines += ["", "Connected Envoys (what each last ACKed):"]
         for envoy in report["envoys"]:

@@ -1,24 +1,58 @@
 """Prometheus metrics for ``sds run``: the implementation of the server and upstream event seams.
 
-Expiry is exported as an absolute timestamp (``sds_svid_not_after_seconds``),
-not a TTL gauge, so alerts are ``sds_svid_not_after_seconds - time() < 600``.
+Expiry is exported as an absolute timestamp
+(``sds_svid_not_after_timestamp_seconds``; every Unix-time gauge ends in
+``_timestamp_seconds``), not a TTL gauge, so alerts are
+``sds_svid_not_after_timestamp_seconds - time() < 600``.
+
+Series labelled by Envoy node follow the node: they are removed when the
+node's last stream closes, and at most :data:`MAX_NODE_SERIES` node values
+are tracked at once; streams of further nodes are counted under
+``node="_other"`` (a log line says so once per node). ``sds inspect`` streams
+are not nodes and get no per-node series. No ``*_created`` series are
+exported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._log import event
 from .._peercred import PeerCredentials
 from .._x509 import X509Context
 from .server import StreamInfo
 from .upstreams import UpstreamView
 
-__all__ = ["Metrics"]
+__all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics"]
+
+#: Distinct ``node`` label values held at once; more nodes share :data:`OTHER_NODE`.
+MAX_NODE_SERIES = 1000
+OTHER_NODE = "_other"
+
+log = logging.getLogger("sds.metrics")
+
+
+def _build_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("spiffe-envoy-sds")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class _AckedInfo(Collector):
@@ -41,10 +75,15 @@ class _AckedInfo(Collector):
 class Metrics:
     """Owns a private registry; implements ServerEvents and the Workload API watcher events."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_node_series: int = MAX_NODE_SERIES) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: no *_created
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.build_info = Gauge(
+            "sds_build_info", "Always 1; the bridge's version", ["version"], registry=r
+        )
+        self.build_info.labels(_build_version()).set(1)
         self.svid_not_after = Gauge(
-            "sds_svid_not_after_seconds",
+            "sds_svid_not_after_timestamp_seconds",
             "Unix time at which the served SVID expires",
             ["spiffe_id"],
             registry=r,
@@ -85,7 +124,16 @@ class Metrics:
         self.upstream_errors = Counter(
             "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
         )
-        self.ready = Gauge("sds_ready", "1 when at least one valid SVID is served", registry=r)
+        self.ready = Gauge(
+            "sds_ready", "1 when every configured name can be served now", registry=r
+        )
+        self.unservable = Gauge(
+            "sds_unservable",
+            "1 for each configured name that cannot be served now (reason on /readyz)",
+            ["name"],
+            registry=r,
+        )
+        self._unservable: set[str] = set()
         self.streams = Gauge("sds_streams", "Connected SDS streams", ["kind"], registry=r)
         self.pushes = Counter("sds_pushes_total", "SDS responses sent", ["node"], registry=r)
         self.acks = Counter("sds_acks_total", "SDS ACKs received", ["node"], registry=r)
@@ -103,6 +151,10 @@ class Metrics:
         r.register(_AckedInfo(self._acked))
         self._serials: dict[str, int] = {}
         self._bundles: set[str] = set()  # trust domains ever seen: a lost bundle reads 0
+        self.max_node_series = max_node_series
+        self._node_streams: dict[str, set[int]] = {}  # node label -> streams using it
+        self._stream_node: dict[int, str] = {}  # stream id -> its node label
+        self._overflowed: set[str] = set()  # node ids folded into _other (logged once)
         self._serving: set[tuple[str, str]] = set()
 
     def render(self) -> bytes:
@@ -146,6 +198,14 @@ class Metrics:
             self.upstream_serving.labels(*labels).set(1)
         self._serving = serving
 
+    def unservable_changed(self, names: list[str]) -> None:
+        """Set ``sds_unservable{name}`` to 1 for ``names``; remove the series of the others."""
+        for name in self._unservable - set(names):
+            self.unservable.remove(name)
+        for name in names:
+            self.unservable.labels(name).set(1)
+        self._unservable = set(names)
+
     # -- WatcherEvents -----------------------------------------------------------------------
 
     def on_connected(self) -> None:
@@ -171,24 +231,73 @@ class Metrics:
 
     # -- ServerEvents --------------------------------------------------------------------------
 
+    def _node(self, info: StreamInfo) -> str | None:
+        """The ``node`` label for ``info``'s stream (bound on first use), or None for an
+        inspector; beyond the cap, new nodes share ``_other``."""
+        if info.inspector:
+            return None
+        label = self._stream_node.get(info.id)
+        if label is not None:
+            return label
+        label = info.node_id
+        if label not in self._node_streams and len(self._node_streams) >= self.max_node_series:
+            if label not in self._overflowed and len(self._overflowed) < self.max_node_series:
+                self._overflowed.add(label)
+                event(
+                    log,
+                    logging.WARNING,
+                    "metrics.node_series_capped",
+                    node=label[:256],
+                    limit=self.max_node_series,
+                    label=OTHER_NODE,
+                )
+            label = OTHER_NODE
+        self._stream_node[info.id] = label
+        self._node_streams.setdefault(label, set()).add(info.id)
+        return label
+
     def stream_opened(self, info: StreamInfo) -> None:
         self.streams.labels(info.kind).inc()
 
     def stream_closed(self, info: StreamInfo) -> None:
         self.streams.labels(info.kind).dec()
+        label = self._stream_node.pop(info.id, None)
+        if label is None:
+            return
+        streams = self._node_streams.get(label)
+        if streams is not None:
+            streams.discard(info.id)
+            if streams:
+                return
+            del self._node_streams[label]
+        self._overflowed.discard(info.node_id)
+        for counter in (self.pushes, self.acks, self.nacks):
+            with contextlib.suppress(KeyError):
+                counter.remove(label)
+        for key in [k for k in self._acked if k[0] == label]:
+            del self._acked[key]
 
     def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None:
-        self.pushes.labels(info.node_id).inc()
         self.push_latency.observe(latency)
+        node = self._node(info)
+        if node is not None:
+            self.pushes.labels(node).inc()
 
     def acked(self, info: StreamInfo) -> None:
-        self.acks.labels(info.node_id).inc()
+        node = self._node(info)
+        if node is None:
+            return
+        self.acks.labels(node).inc()
+        if node == OTHER_NODE:
+            return  # many nodes share the label: no per-secret view for them
         serials = info.acked_serials
         for secret, version in info.acked.items():
-            self._acked[(info.node_id, secret)] = (version, serials.get(secret, ""))
+            self._acked[(node, secret)] = (version, serials.get(secret, ""))
 
     def nacked(self, info: StreamInfo, message: str) -> None:
-        self.nacks.labels(info.node_id).inc()
+        node = self._node(info)
+        if node is not None:
+            self.nacks.labels(node).inc()
 
     def denied(self, creds: PeerCredentials | None) -> None:
         self.denials.inc()

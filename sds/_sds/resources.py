@@ -24,7 +24,16 @@ from .._spiffe import TrustDomain
 from .._x509 import X509Bundle, X509Context, X509Svid
 from .config import BridgeConfig, SvidSelector
 
-__all__ = ["GenericSpec", "SecretSpec", "TlsSpec", "ValidationSpec", "build_specs"]
+__all__ = [
+    "GenericSpec",
+    "SecretSpec",
+    "TlsSpec",
+    "ValidationSpec",
+    "build_specs",
+    "select_default",
+]
+
+_AUTO: object = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,11 @@ def own_trust_domain(
     return default.spiffe_id.trust_domain if default is not None else fallback
 
 
+def select_default(ctx: X509Context, config: BridgeConfig) -> X509Svid | None:
+    """The SVID ``ctx`` makes the default: chosen by ``default_svid``, else the first."""
+    return _default_svid(ctx, config)
+
+
 def _default_svid(ctx: X509Context, config: BridgeConfig) -> X509Svid | None:
     if config.default_svid is not None:
         return _select(ctx, config.default_svid)
@@ -97,7 +111,11 @@ def _default_svid(ctx: X509Context, config: BridgeConfig) -> X509Svid | None:
 
 
 def build_specs(
-    ctx: X509Context, config: BridgeConfig, own: TrustDomain | None = None
+    ctx: X509Context,
+    config: BridgeConfig,
+    own: TrustDomain | None = None,
+    *,
+    default: X509Svid | object | None = _AUTO,
 ) -> dict[str, SecretSpec]:
     """Every secret that can be served now, by resource name.
 
@@ -105,15 +123,17 @@ def build_specs(
     domain) is simply absent: the server does not answer for it, and Envoy
     keeps waiting, as it does for a secret that is not ready yet. ``own`` is
     the fallback own trust domain when neither config nor an SVID names one.
+    ``default`` overrides which SVID ``default`` serves (None: withdrawn); the
+    bridge passes the one it keeps pinned.
     """
     specs: dict[str, SecretSpec] = {}
     names = config.names
     # SPIFFE IDs first, so explicit names below win if they collide.
     for svid in reversed(ctx.svids):
         specs[str(svid.spiffe_id)] = TlsSpec(svid)
-    default = _default_svid(ctx, config)
-    if default is not None:
-        specs[names.default_svid] = TlsSpec(default)
+    chosen = _default_svid(ctx, config) if default is _AUTO else default
+    if isinstance(chosen, X509Svid):
+        specs[names.default_svid] = TlsSpec(chosen)
     for secret in config.secrets:
         chosen = _select(ctx, secret.selector)
         if chosen is not None:
@@ -121,7 +141,12 @@ def build_specs(
     bundles: Mapping[TrustDomain, X509Bundle] = ctx.bundles
     for td, bundle in bundles.items():
         specs[td.id] = ValidationSpec((bundle,))
-    own = own_trust_domain(ctx, config, own)
+    if default is _AUTO:
+        own = own_trust_domain(ctx, config, own)
+    elif config.trust_domain is not None:
+        own = config.trust_domain
+    elif isinstance(chosen, X509Svid):
+        own = chosen.spiffe_id.trust_domain
     if own is not None and own in bundles:
         specs[names.own_bundle] = ValidationSpec((bundles[own],))
         others = tuple(bundles[td] for td in sorted(bundles) if td != own)

@@ -8,13 +8,27 @@ version", "When to send an update", "Incremental xDS"):
 - Every new stream is answered at once with the current secrets it names.
 - Before the first response on a stream any ``response_nonce`` is accepted
   (Envoy reconnecting to a restarted bridge carries an old one); afterwards a
-  request whose nonce is not the last one sent is stale and ignored.
-- A NACK (``error_detail`` set) is logged with Envoy's message and node id,
-  counted, and not answered by resending the same content.
+  request whose nonce is not the last one sent is stale: its subscription is
+  ignored, but the ACK or NACK it carries is credited to the push it names.
+- Each push is recorded under its nonce (version, names, serials) before it is
+  sent, so an ACK or NACK updates exactly that push, whatever was sent since.
+- A NACK (``error_detail`` set) is logged with Envoy's message (truncated) and
+  node id, counted, and not answered by resending the same content.
 - Pushes go only to streams subscribed to a changed name, and carry the
   latest state (coalesced), never a queue of intermediate ones.
-- Names nobody can serve are logged once per stream and left unanswered,
-  so Envoy keeps waiting as for a secret that is not ready yet.
+- Names nobody can serve are logged (one line per request, rate-limited per
+  stream) and left unanswered, so Envoy keeps waiting as for a secret that is
+  not ready yet.
+
+Hostile or broken clients are bounded by :class:`Limits` (message size, names
+per request, name and node sizes) and by :class:`SdsServer` (handshake and
+idle timeouts, listen backlog); malformed frames and protobuf end the stream
+with INVALID_ARGUMENT, oversized messages with RESOURCE_EXHAUSTED (as gRPC
+does), unknown methods with UNIMPLEMENTED, never with a traceback.
+
+``sds inspect`` identifies itself with node id and cluster ``sds-inspect``;
+such streams are served but are not Envoys: they are left out of
+:attr:`SdsServicer.streams` (``/envoys``) and of per-node metrics.
 
 gRPC status codes are chosen here and nowhere else. The caller's uid and gid
 come from the kernel (SO_PEERCRED) and are checked on every call.
@@ -27,16 +41,19 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpclib.const
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
+from grpclib.server import Handler, Server
 
 from .._log import event
 from .._peercred import PeerCredentials, peer_credentials
+from .._ratelimit import RateLimiter
 from .cache import SecretCache, Watch
 from .envoy import (
     SECRET_TYPE_URL,
@@ -53,11 +70,59 @@ from .envoy import (
 )
 from .resources import TlsSpec
 
-__all__ = ["NullServerEvents", "PassthroughCodec", "SdsServicer", "ServerEvents", "StreamInfo"]
+__all__ = [
+    "INSPECTOR_NODE",
+    "LISTEN_BACKLOG",
+    "Limits",
+    "NullServerEvents",
+    "PassthroughCodec",
+    "SdsServer",
+    "SdsServicer",
+    "ServerEvents",
+    "StreamInfo",
+]
 
 log = logging.getLogger("sds.server")
 
 _SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+Status = grpclib.const.Status
+
+#: Node id and cluster that ``sds inspect`` sends; such streams are not listed as Envoys.
+INSPECTOR_NODE = "sds-inspect"
+#: listen(2) backlog of the SDS socket (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+#: Pushes remembered per stream while waiting for their ACK or NACK.
+_PENDING_PUSHES = 16
+#: Per-stream log reasons whose suppressed counts are reported when the stream closes.
+_STREAM_REASONS = ("sds.unknown_name", "sds.nack", "sds.node_metadata_ignored")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client may make the server hold or log (defaults in parentheses).
+
+    - ``max_message_bytes`` (4 MiB): largest request message; the length prefix is checked
+      before the body is read, so a declared 4 GB message costs nothing. Envoy 1.40's first
+      request carries a ~61 kB Node; 4 MiB is gRPC's own default.
+    - ``max_names`` (1,000): resource names in one request, and subscribed per delta stream.
+    - ``max_name_bytes`` (1 KiB): one resource name, node id or node cluster.
+    - ``max_node_metadata_bytes`` (64 KiB): node metadata larger than this is ignored (the
+      global ``disable_spiffe_cert_validation`` applies) and logged.
+    - ``max_logged_bytes`` (1 KiB): NACK messages and other client text are truncated to
+      this in logs, the ACK view and status messages.
+    """
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_names: int = 1000
+    max_name_bytes: int = 1024
+    max_node_metadata_bytes: int = 64 * 1024
+    max_logged_bytes: int = 1024
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
 class RawMessage:
@@ -80,6 +145,61 @@ class PassthroughCodec(ProtoCodec):
         return super().decode(data, message_type)
 
 
+def _truncated() -> GRPCError:
+    return GRPCError(
+        Status.INVALID_ARGUMENT, "truncated gRPC message: the stream ended inside a frame"
+    )
+
+
+async def _receive(stream: Any, limit: int) -> bytes | None:
+    """The next request message's bytes, or None at end of stream (gRPC length-prefixed framing).
+
+    Replaces grpclib's ``recv_message``, which reads whatever length the prefix declares and
+    fails on bad framing with an AssertionError (a traceback and UNKNOWN). Here the 5-byte
+    prefix is checked first: a message over ``limit`` is refused with RESOURCE_EXHAUSTED
+    before its body is read (unread DATA stays bounded by the HTTP/2 flow-control window),
+    and broken framing ends the stream with INVALID_ARGUMENT. grpclib==0.4.9 is pinned;
+    ``stream._stream`` is its HTTP/2 stream.
+    """
+    h2 = stream._stream
+    try:
+        prefix = await h2.recv_data(5)
+    except AssertionError:  # grpclib's Buffer: the stream ended inside the prefix
+        raise _truncated() from None
+    if not prefix:
+        return None
+    flag, length = prefix[0], int.from_bytes(prefix[1:5], "big")
+    if flag != 0:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT,
+            "compressed or flagged gRPC messages are not supported "
+            f"(compressed-flag {flag}, no grpc-encoding negotiated)",
+        )
+    if length > limit:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"request message of {length} bytes exceeds the limit of {limit} bytes",
+        )
+    try:
+        data: bytes = await h2.recv_data(length)
+    except AssertionError:
+        raise _truncated() from None
+    if len(data) != length:
+        raise _truncated()
+    return data
+
+
+@dataclass(slots=True)
+class Push:
+    """One response as sent on a stream: what an ACK or NACK of its nonce refers to."""
+
+    seq: int
+    version: str
+    resources: dict[str, str]  # name -> resource version
+    serials: dict[str, str]  # name -> leaf serial (hex), TLS certificates only
+    removed: tuple[str, ...] = ()
+
+
 @dataclass(eq=False)
 class StreamInfo:
     """What we know about one connected Envoy stream, for logs, metrics and inspection."""
@@ -89,20 +209,81 @@ class StreamInfo:
     creds: PeerCredentials | None
     node: NodeInfo | None = None
     names: frozenset[str] | None = frozenset()
+    inspector: bool = False
     sent_version: str = ""
     acked_version: str = ""
     acked: dict[str, str] = field(default_factory=dict)
-    sent_serials: dict[str, str] = field(default_factory=dict)
     acked_serials: dict[str, str] = field(default_factory=dict)
     nacks: int = 0
+    nacked_version: str = ""
+    nack_error: str = ""
+    rejected: dict[str, str] = field(default_factory=dict)
     opened_at: float = field(default_factory=time.time)
+    pending: dict[str, Push] = field(default_factory=dict, repr=False)
+    _seq: int = 0
+    _acked_seq: int = 0
+    _acked_at: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def node_id(self) -> str:
         return self.node.id if self.node is not None else ""
 
+    def record(
+        self, nonce: str, version: str, resources: dict[str, str], serials: dict[str, str]
+    ) -> Push:
+        """Remember a push under ``nonce`` before it is sent (the last few are kept)."""
+        self._seq += 1
+        push = Push(self._seq, version, resources, serials)
+        self.pending[nonce] = push
+        while len(self.pending) > _PENDING_PUSHES:
+            del self.pending[next(iter(self.pending))]
+        self.sent_version = version
+        return push
+
+    def accept(self, push: Push, *, complete: bool) -> None:
+        """Envoy ACKed ``push``. ``complete`` (state of the world): it replaces what Envoy
+        holds; otherwise (delta) it updates the names it carries. An ACK of an older push
+        never overwrites what a newer ACK recorded."""
+        if complete:
+            if push.seq <= self._acked_seq:
+                return
+            self.acked = dict(push.resources)
+            self.acked_serials = dict(push.serials)
+            self._acked_at = dict.fromkeys(push.resources, push.seq)
+        else:
+            for name, version in push.resources.items():
+                if push.seq > self._acked_at.get(name, 0):
+                    self._acked_at[name] = push.seq
+                    self.acked[name] = version
+                    serial = push.serials.get(name)
+                    if serial is None:
+                        self.acked_serials.pop(name, None)
+                    else:
+                        self.acked_serials[name] = serial
+            for name in push.removed:
+                if push.seq > self._acked_at.get(name, 0):
+                    self._acked_at[name] = push.seq
+                    self.acked.pop(name, None)
+                    self.acked_serials.pop(name, None)
+        if push.seq > self._acked_seq:
+            self._acked_seq = push.seq
+            self.acked_version = push.version
+
+    def reject(self, push: Push, message: str) -> None:
+        """Envoy NACKed ``push``: it keeps what it had; the rejected push is recorded."""
+        self.nacks += 1
+        self.nacked_version = push.version
+        self.nack_error = message
+        self.rejected = dict(push.resources)
+
+    def forget(self, name: str) -> None:
+        """Envoy unsubscribed from ``name``."""
+        self.acked.pop(name, None)
+        self.acked_serials.pop(name, None)
+        self._acked_at.pop(name, None)
+
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready view: who is connected and what it last accepted."""
+        """A JSON-ready view: who is connected, what it last accepted and last rejected."""
         return {
             "stream": self.id,
             "kind": self.kind,
@@ -117,6 +298,9 @@ class StreamInfo:
             "acked": dict(sorted(self.acked.items())),
             "acked_serials": dict(sorted(self.acked_serials.items())),
             "nacks": self.nacks,
+            "nacked_version": self.nacked_version,
+            "nack_error": self.nack_error,
+            "rejected": dict(sorted(self.rejected.items())),
         }
 
 
@@ -140,11 +324,11 @@ class ServerEvents(Protocol):
         return None
 
     def acked(self, info: StreamInfo) -> None:
-        """Envoy accepted the last response on ``info``."""
+        """Envoy accepted a response on ``info`` (``info.acked`` is updated)."""
         return None
 
     def nacked(self, info: StreamInfo, message: str) -> None:
-        """Envoy rejected a response with ``message``."""
+        """Envoy rejected a response with ``message`` (truncated)."""
         return None
 
     def denied(self, creds: PeerCredentials | None) -> None:
@@ -182,15 +366,21 @@ class SdsServicer:
         disable_spiffe_cert_validation: bool = False,
         events: ServerEvents | None = None,
         on_missing: Callable[[Iterable[str]], None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.cache = cache
         self.on_missing = on_missing
         self.access = access or AccessPolicy()
         self.disable_spiffe_cert_validation = disable_spiffe_cert_validation
         self.events: ServerEvents = events or NullServerEvents()
+        self.limits = limits or Limits()
+        #: Connected Envoy streams by id (``sds inspect`` streams are left out).
         self.streams: dict[int, StreamInfo] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
+        # Per stream and reason: 5 lines a minute. Server-wide (opens, denials): 100 per 10 s.
+        self._stream_log = RateLimiter(5, 60.0)
+        self._server_log = RateLimiter(100, 10.0, max_keys=1000)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         cardinality = grpclib.const.Cardinality
@@ -215,6 +405,35 @@ class SdsServicer:
             ),
         }
 
+    # -- logging ------------------------------------------------------------------------------
+
+    def _note(
+        self, limiter: RateLimiter, key: Hashable, level: int, name: str, **fields: Any
+    ) -> None:
+        """Log ``name`` unless ``key`` is over its rate; report what was suppressed before."""
+        if not log.isEnabledFor(level):
+            return
+        allowed, suppressed = limiter.allow(key)
+        if not allowed:
+            return
+        if suppressed:
+            fields["suppressed"] = suppressed
+        event(log, level, name, **fields)
+
+    def _flush_stream_log(self, info: StreamInfo) -> None:
+        for reason in _STREAM_REASONS:
+            suppressed = self._stream_log.flush((reason, info.id))
+            if suppressed:
+                event(
+                    log,
+                    logging.WARNING,
+                    "sds.log_suppressed",
+                    event=reason,
+                    stream=info.id,
+                    node=info.node_id,
+                    suppressed=suppressed,
+                )
+
     # -- shared helpers -------------------------------------------------------------------
 
     def _admit(self, stream: Any, kind: str) -> StreamInfo:
@@ -222,9 +441,10 @@ class SdsServicer:
         if not self.access.admits(creds):
             self.events.denied(creds)
             who = f"uid={creds.uid} gid={creds.gid} pid={creds.pid}" if creds else "a TCP peer"
-            event(log, logging.WARNING, "sds.denied", peer=who)
+            key = ("sds.denied", creds.uid if creds else None)
+            self._note(self._server_log, key, logging.WARNING, "sds.denied", peer=who)
             raise GRPCError(
-                grpclib.const.Status.PERMISSION_DENIED,
+                Status.PERMISSION_DENIED,
                 f"{who} is not allowed to fetch secrets (not in allowed_uids/allowed_gids)",
             )
         return StreamInfo(next(self._ids), kind, creds)
@@ -240,23 +460,69 @@ class SdsServicer:
     def _set_node(self, info: StreamInfo, node: bytes | None) -> None:
         # Keep the node from the first request that carries one (Envoy may omit it later);
         # later copies are not even decoded.
-        if info.node is None and node is not None:
-            try:
-                info.node = node_info(node)
-            except WireError as exc:
+        if info.node is not None or node is None:
+            return
+        limits = self.limits
+        try:
+            parsed = node_info(node, max_metadata_bytes=limits.max_node_metadata_bytes)
+        except WireError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"malformed node: {exc}") from exc
+        for what, value in (("node id", parsed.id), ("node cluster", parsed.cluster)):
+            size = len(value.encode())
+            if size > limits.max_name_bytes:
                 raise GRPCError(
-                    grpclib.const.Status.INVALID_ARGUMENT, f"malformed node: {exc}"
-                ) from exc
+                    Status.INVALID_ARGUMENT,
+                    f"{what} is {size} bytes; the limit is {limits.max_name_bytes}",
+                )
+        info.node = parsed
+        if parsed.metadata_ignored:
+            self._note(
+                self._stream_log,
+                ("sds.node_metadata_ignored", info.id),
+                logging.WARNING,
+                "sds.node_metadata_ignored",
+                node=parsed.id,
+                stream=info.id,
+                limit=limits.max_node_metadata_bytes,
+                hint="node metadata over the limit; the global validator setting applies",
+            )
+        if parsed.id == INSPECTOR_NODE and parsed.cluster == INSPECTOR_NODE:
+            info.inspector = True
+            self.streams.pop(info.id, None)
+
+    def _check_names(self, names: Iterable[str], count: int) -> None:
+        limits = self.limits
+        if count > limits.max_names:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"request names {count} secrets; the limit is {limits.max_names} per request",
+            )
+        for name in names:
+            if len(name) > limits.max_name_bytes // 4 and len(name.encode()) > (
+                limits.max_name_bytes
+            ):
+                raise GRPCError(
+                    Status.INVALID_ARGUMENT,
+                    f"a resource name is {len(name.encode())} bytes; "
+                    f"the limit is {limits.max_name_bytes}",
+                )
 
     def _read(self, info: StreamInfo, raw: bytes, decoder: Any) -> Any:
-        """Decode a request, check its type, keep its node once, and drop the node bytes."""
+        """Decode a request, check its type and limits, keep its node once, drop the node bytes."""
         try:
             request = decoder(raw)
         except WireError as exc:
-            raise GRPCError(
-                grpclib.const.Status.INVALID_ARGUMENT, f"malformed request: {exc}"
-            ) from exc
+            raise GRPCError(Status.INVALID_ARGUMENT, f"malformed request: {exc}") from exc
         self._check_type(request.type_url)
+        if isinstance(request, SotwRequest):
+            self._check_names(request.resource_names, len(request.resource_names))
+        else:
+            count = len(request.subscribe) + len(request.unsubscribe)
+            count += len(request.initial_versions)
+            self._check_names(
+                itertools.chain(request.subscribe, request.unsubscribe, request.initial_versions),
+                count,
+            )
         self._set_node(info, request.node)
         request.node = None
         return request
@@ -264,36 +530,42 @@ class SdsServicer:
     def _check_type(self, type_url: str) -> None:
         if type_url and type_url != SECRET_TYPE_URL:
             raise GRPCError(
-                grpclib.const.Status.INVALID_ARGUMENT,
-                f"this server serves only {SECRET_TYPE_URL}, not {type_url}",
+                Status.INVALID_ARGUMENT,
+                f"this server serves only {SECRET_TYPE_URL}, not {_truncate(type_url, 200)}",
             )
 
     def _log_unknown(self, info: StreamInfo, unknown: Iterable[str], logged: set[str]) -> None:
         unknown = set(unknown)
         if unknown and self.on_missing is not None:
             self.on_missing(unknown)
-        for name in sorted(unknown - logged):
-            logged.add(name)
-            event(
-                log,
-                logging.WARNING,
-                "sds.unknown_name",
-                name=name,
-                node=info.node_id,
-                stream=info.id,
-                hint="not served now; Envoy will wait until it exists",
-            )
+        new = sorted(unknown - logged)
+        if not new:
+            return
+        if len(logged) < self.limits.max_names:
+            logged.update(new)
+        shown = new[:10]
+        self._note(
+            self._stream_log,
+            ("sds.unknown_name", info.id),
+            logging.WARNING,
+            "sds.unknown_name",
+            names=",".join(shown),
+            count=len(new),
+            node=info.node_id,
+            stream=info.id,
+            hint="not served now; Envoy will wait until it exists",
+        )
 
     def _opened(self, info: StreamInfo) -> None:
         self.streams[info.id] = info
         self.events.stream_opened(info)
-        event(
-            log,
+        self._note(
+            self._server_log,
+            ("sds.stream_opened",),
             logging.INFO,
             "sds.stream_opened",
             stream=info.id,
             kind=info.kind,
-            node=info.node_id,
             pid=info.creds.pid if info.creds else "",
             uid=info.creds.uid if info.creds else "",
         )
@@ -301,20 +573,51 @@ class SdsServicer:
     def _closed(self, info: StreamInfo) -> None:
         self.streams.pop(info.id, None)
         self.events.stream_closed(info)
-        event(log, logging.INFO, "sds.stream_closed", stream=info.id, node=info.node_id)
+        self._flush_stream_log(info)
+        self._note(
+            self._server_log,
+            ("sds.stream_closed",),
+            logging.INFO,
+            "sds.stream_closed",
+            stream=info.id,
+            node=info.node_id,
+        )
 
-    def _nack(self, info: StreamInfo, version: str, message: str) -> None:
-        info.nacks += 1
+    def _credit(self, info: StreamInfo, nonce: str, error: str | None, *, complete: bool) -> None:
+        """Apply an ACK or NACK to the push ``nonce`` names, if it is one we are waiting on."""
+        push = info.pending.pop(nonce, None) if nonce else None
+        if push is None:
+            return
+        if error is None:
+            info.accept(push, complete=complete)
+            self.events.acked(info)
+            return
+        message = _truncate(error, self.limits.max_logged_bytes)
+        info.reject(push, message)
         self.events.nacked(info, message)
-        event(
-            log,
+        self._note(
+            self._stream_log,
+            ("sds.nack", info.id),
             logging.ERROR,
             "sds.nack",
             node=info.node_id,
             stream=info.id,
-            version=version,
+            version=push.version,
+            names=",".join(sorted(push.resources)[:10]),
             error=message,
         )
+
+    def _record(
+        self, info: StreamInfo, nonce: str, resources: dict[str, str], removed: Iterable[str] = ()
+    ) -> Push:
+        serials = {}
+        for name in resources:
+            spec = self.cache.spec(name)
+            if isinstance(spec, TlsSpec):
+                serials[name] = f"{spec.svid.serial:x}"
+        push = info.record(nonce, self.cache.version, resources, serials)
+        push.removed = tuple(removed)
+        return push
 
     # -- stream plumbing ----------------------------------------------------------------------
 
@@ -332,8 +635,7 @@ class SdsServicer:
             self.cache.cancel(watch)
             self._closed(info)
 
-    @staticmethod
-    async def _inputs(stream: Any, watch: Watch) -> AsyncGenerator[bytes | None, None]:
+    async def _inputs(self, stream: Any, watch: Watch) -> AsyncGenerator[bytes | None, None]:
         """Each request from Envoy (raw bytes), or None when the watch fired (a coalesced
         state change). Ends when Envoy half-closes the stream.
 
@@ -341,7 +643,8 @@ class SdsServicer:
         its whole Node (tens of kB) on every request, and a thousand idle streams would
         otherwise each pin their last one.
         """
-        recv: asyncio.Future[Any] = asyncio.ensure_future(stream.recv_message())
+        limit = self.limits.max_message_bytes
+        recv: asyncio.Future[Any] = asyncio.ensure_future(_receive(stream, limit))
         wake: asyncio.Future[Any] = asyncio.ensure_future(watch.event.wait())
         try:
             while True:
@@ -350,7 +653,7 @@ class SdsServicer:
                 del done
                 if got_request:
                     raw = recv.result()
-                    recv = asyncio.ensure_future(stream.recv_message())
+                    recv = asyncio.ensure_future(_receive(stream, limit))
                     if raw is None:
                         return
                     yield raw
@@ -362,6 +665,10 @@ class SdsServicer:
         finally:
             recv.cancel()
             wake.cancel()
+            # A failed receive that nobody awaited must not be reported as "never retrieved".
+            for future in (recv, wake):
+                if future.done() and not future.cancelled():
+                    future.exception()
 
     # -- state of the world -----------------------------------------------------------------
 
@@ -378,16 +685,9 @@ class SdsServicer:
                 if raw is not None:
                     request: SotwRequest = self._read(info, raw, decode_sotw_request)
                     del raw  # release the bytes before waiting again
-                    if last_nonce is not None:
-                        if request.response_nonce != last_nonce:
-                            continue  # stale: it answers an older response
-                        if request.error is not None:
-                            self._nack(info, request.version_info, request.error)
-                        else:
-                            info.acked_version = request.version_info
-                            info.acked = dict(sent)
-                            info.acked_serials = dict(info.sent_serials)
-                            self.events.acked(info)
+                    self._credit(info, request.response_nonce, request.error, complete=True)
+                    if last_nonce is not None and request.response_nonce != last_nonce:
+                        continue  # stale: it answers an older response
                     names = frozenset(request.resource_names) if request.resource_names else None
                     info.names = watch.names = names
                 wanted = cache.names() if info.names is None else sorted(info.names)
@@ -402,30 +702,26 @@ class SdsServicer:
                 rendered = [cache.render(n, trusted_ca=trusted_ca) for n in current]
                 body = sotw_body(cache.version, [r for r in rendered if r is not None])
                 last_nonce = self._nonce()
-                await stream.send_message(with_nonce(body, last_nonce))
+                push = self._record(info, last_nonce, current)
                 sent = current
-                info.sent_version = cache.version
-                self._pushed(info, list(current))
+                await stream.send_message(with_nonce(body, last_nonce))
+                self._pushed(info, push)
 
-    def _pushed(self, info: StreamInfo, names: list[str]) -> None:
+    def _pushed(self, info: StreamInfo, push: Push) -> None:
         latency = time.monotonic() - self.cache.updated_at
+        names = list(push.resources)
         self.events.pushed(info, names, latency)
-        serials = []
-        for name in names:
-            spec = self.cache.spec(name)
-            if isinstance(spec, TlsSpec):
-                info.sent_serials[name] = f"{spec.svid.serial:x}"
-                serials.append(f"{name}={spec.svid.serial:x}")
-        event(
-            log,
-            logging.DEBUG,
-            "sds.push",
-            stream=info.id,
-            node=info.node_id,
-            version=info.sent_version,
-            names=",".join(names),
-            serials=",".join(serials),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            event(
+                log,
+                logging.DEBUG,
+                "sds.push",
+                stream=info.id,
+                node=info.node_id,
+                version=push.version,
+                names=",".join(names),
+                serials=",".join(f"{n}={s}" for n, s in push.serials.items()),
+            )
 
     # -- incremental --------------------------------------------------------------------------
 
@@ -434,9 +730,9 @@ class SdsServicer:
         subscribed: set[str] = set()
         wildcard = False
         known: dict[str, str] = {}  # what Envoy holds (or was last sent): name -> version
-        in_flight: dict[str, tuple[str, dict[str, str]]] = {}  # nonce -> (version, resources)
         logged_unknown: set[str] = set()
         first = True
+        max_names = self.limits.max_names
         async with (
             self._session(stream, "delta") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
@@ -451,7 +747,7 @@ class SdsServicer:
                         first = False
                         known.update(request.initial_versions)
                         wildcard = not request.subscribe
-                    self._delta_ack(info, request, in_flight)
+                    self._credit(info, request.response_nonce, request.error, complete=False)
                     for name in request.subscribe:
                         if name == "*":
                             wildcard = True
@@ -462,7 +758,13 @@ class SdsServicer:
                             wildcard = False
                         subscribed.discard(name)
                         known.pop(name, None)
-                        info.acked.pop(name, None)
+                        info.forget(name)
+                    if len(subscribed) > max_names:
+                        raise GRPCError(
+                            Status.INVALID_ARGUMENT,
+                            f"stream subscribes to {len(subscribed)} secrets; "
+                            f"the limit is {max_names}",
+                        )
                     info.names = watch.names = None if wildcard else frozenset(subscribed)
                 names = set(cache.names()) if wildcard else subscribed
                 if not wildcard:
@@ -485,51 +787,168 @@ class SdsServicer:
                 if not updates and not removed:
                     continue
                 nonce = self._nonce()
-                await stream.send_message(delta_response(cache.version, updates, removed, nonce))
+                push = self._record(info, nonce, {n: v for n, v, _ in updates}, removed)
                 for name, version, _ in updates:
                     known[name] = version
                 for name in removed:
                     known.pop(name, None)
-                in_flight[nonce] = (cache.version, {n: v for n, v, _ in updates})
-                # Bounded: Envoy answers in order, so older nonces are superseded.
-                for stale in list(in_flight)[:-8]:
-                    del in_flight[stale]
-                info.sent_version = cache.version
-                self._pushed(info, [u[0] for u in updates])
-
-    def _delta_ack(
-        self,
-        info: StreamInfo,
-        request: DeltaRequest,
-        in_flight: dict[str, tuple[str, dict[str, str]]],
-    ) -> None:
-        """Record the ACK or NACK of the response whose nonce ``request`` carries."""
-        sent = in_flight.pop(request.response_nonce, None) if request.response_nonce else None
-        if sent is None:
-            return
-        version, resources = sent
-        if request.error is not None:
-            self._nack(info, ",".join(resources.values()), request.error)
-            return
-        info.acked.update(resources)
-        serials = info.sent_serials
-        info.acked_serials.update({n: serials[n] for n in resources if n in serials})
-        info.acked_version = version
-        self.events.acked(info)
+                await stream.send_message(delta_response(cache.version, updates, removed, nonce))
+                del updates
+                self._pushed(info, push)
 
     # -- unary ----------------------------------------------------------------------------------
 
     async def _fetch_secrets(self, stream: Any) -> None:
         info = self._admit(stream, "fetch")
-        request: SotwRequest = self._read(info, await stream.recv_message(), decode_sotw_request)
+        raw = await _receive(stream, self.limits.max_message_bytes)
+        if raw is None:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                "FetchSecrets needs a DiscoveryRequest; the call ended without one",
+            )
+        request: SotwRequest = self._read(info, raw, decode_sotw_request)
+        del raw
         cache = self.cache
         wanted = list(request.resource_names) or cache.names()
         found = [n for n in wanted if cache.resource_version(n) is not None]
         if not found:
+            listed = ", ".join(wanted[:10]) + (
+                f" (and {len(wanted) - 10} more)" * (len(wanted) > 10)
+            )
             raise GRPCError(
-                grpclib.const.Status.NOT_FOUND,
-                f"no secret named {', '.join(wanted) or '(none)'} is available",
+                Status.NOT_FOUND,
+                f"no secret named {listed or '(none)'} is available",
             )
         trusted_ca = self._trusted_ca(info)
         rendered = [cache.render(n, trusted_ca=trusted_ca) for n in found]
         await stream.send_message(sotw_body(cache.version, [r for r in rendered if r is not None]))
+
+
+# -- the HTTP/2 server ---------------------------------------------------------------------------
+
+
+async def _unimplemented(stream: Any) -> None:
+    raise GRPCError(
+        Status.UNIMPLEMENTED, f"unknown method {_truncate(str(stream._method_name), 200)}"
+    )
+
+
+_UNIMPLEMENTED = grpclib.const.Handler(
+    _unimplemented, grpclib.const.Cardinality.UNARY_UNARY, RawMessage, RawMessage
+)
+
+
+class _Methods(dict[str, grpclib.const.Handler]):
+    """The method table, answering an unknown path with a handler that says UNIMPLEMENTED.
+
+    grpclib itself aborts an unknown method with ``grpc-status 12`` but no ``content-type``,
+    which grpc-go reports as ``Unknown``; going through a handler gives a proper gRPC
+    trailers-only response (``content-type: application/grpc+proto``).
+    """
+
+    def get(self, key: str, default: Any = None) -> grpclib.const.Handler:
+        found = super().get(key)
+        return _UNIMPLEMENTED if found is None else found
+
+
+class _GuardedProtocol(H2Protocol):
+    """grpclib's HTTP/2 connection, closed when it never starts a call or sits idle.
+
+    A connection that has not opened a stream ``handshake_timeout`` s after it was accepted
+    (a client stuck in the preface or SETTINGS exchange, or one that only holds the fd) is
+    closed; so is one with no open stream for ``idle_timeout`` s (checked every quarter of
+    it). Envoy holds its SDS streams open, so neither affects it.
+    """
+
+    def __init__(
+        self, handler: Any, config: Any, h2_config: Any, handshake: float, idle: float
+    ) -> None:
+        super().__init__(handler, config, h2_config)
+        self._handshake = handshake
+        self._idle = idle
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._last_created: float | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake, self._check_handshake)
+
+    def _check_handshake(self) -> None:
+        if not self.connection.streams_started:
+            self._close("handshake_timeout", self._handshake)
+            return
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        now = time.monotonic()
+        created = self.connection.last_stream_created
+        if self.processor.streams or created != self._last_created:
+            self._idle_since = None
+            self._last_created = created
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= self._idle:
+            self._close("idle_timeout", self._idle)
+            return
+        self._timer = asyncio.get_running_loop().call_later(self._idle / 4, self._check_idle)
+
+    def _close(self, reason: str, seconds: float) -> None:
+        self._timer = None
+        _connection_log(reason, seconds)
+        self.processor.close(f"closed by the server: {reason}")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+
+_CONNECTION_LOG = RateLimiter(10, 60.0, max_keys=10)
+
+
+def _connection_log(reason: str, seconds: float) -> None:
+    allowed, suppressed = _CONNECTION_LOG.allow(reason)
+    if allowed:
+        fields: dict[str, Any] = {"reason": reason, "after_seconds": seconds}
+        if suppressed:
+            fields["suppressed"] = suppressed
+        event(log, logging.INFO, "sds.connection_closed", **fields)
+
+
+class SdsServer(Server):
+    """grpclib's server for one :class:`SdsServicer`, hardened for hostile local clients.
+
+    Adds to grpclib: UNIMPLEMENTED with a gRPC content-type for unknown methods; a
+    ``handshake_timeout`` (10 s) for connections that never open a stream; an
+    ``idle_timeout`` (300 s) for connections with no stream; a listen backlog of
+    :data:`LISTEN_BACKLOG` (grpclib's default is 100, and asyncio re-applies it to a
+    socket that is already listening). grpclib==0.4.9 is pinned; ``_protocol_factory``
+    and ``_mapping`` are its internals.
+    """
+
+    def __init__(
+        self,
+        servicer: SdsServicer,
+        *,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        super().__init__([servicer], codec=PassthroughCodec())
+        self._mapping = _Methods(self._mapping)
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+
+    def _protocol_factory(self) -> H2Protocol:
+        self.__gc_step__()
+        handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        return _GuardedProtocol(
+            handler, self._config, self._h2_config, self.handshake_timeout, self.idle_timeout
+        )
+
+    async def start(self, *args: Any, backlog: int = LISTEN_BACKLOG, **kwargs: Any) -> None:
+        """grpclib's ``start`` with a backlog sized for 1,000+ Envoys connecting at once."""
+        await super().start(*args, backlog=backlog, **kwargs)

@@ -12,8 +12,10 @@ upstream, so two upstreams rotating at different times never cause switching
 back and forth. An identity only one upstream has is served from it while it
 lasts (the last good state, as with a single upstream).
 
-Identities keep the order in which they were first seen (upstreams in
-configured order), so ``default`` does not move when an upstream drops out.
+Identities are served in the order of one *leading* upstream (the first
+configured one holding SVIDs, kept while it holds any), then any others'
+identities: with one upstream that is its own order (the Workload API's first
+SVID is the default), and a recovered upstream does not reorder them.
 Each trust domain's bundle comes from the upstream serving that trust
 domain's first identity, united with the other upstreams' bundles (first
 healthy upstream wins for the rest), so a served chain always comes with the
@@ -105,7 +107,7 @@ class Selector:
         self.policy = policy or FailoverPolicy()
         self._clock = clock
         self._serving: dict[Key, str] = {}
-        self._order: list[Key] = []
+        self._leader: str | None = None  # the upstream whose SVID order is served
         self._down_since: dict[str, float] = {}
 
     def _stale_at(self, svid: X509Svid) -> float:
@@ -133,18 +135,22 @@ class Selector:
                 del self._down_since[name]
 
         offers: dict[Key, dict[str, X509Svid]] = {}
+        listed: dict[str, list[Key]] = {}
         for up in upstreams:
             if up.context is None:
                 continue
             for svid in up.context.svids:
                 if svid.not_after.timestamp() > now:
                     offers.setdefault(_key(svid), {}).setdefault(up.name, svid)
-        self._order = [k for k in self._order if k in offers]
-        self._order += [k for k in offers if k not in self._order]
+                    listed.setdefault(up.name, []).append(_key(svid))
+        if self._leader not in listed:
+            self._leader = next((n for n in names if n in listed), None)
+        leader = listed.get(self._leader or "", [])
+        order = list(dict.fromkeys(leader + [k for n in names for k in listed.get(n, ())]))
 
         chosen: list[tuple[X509Svid, str]] = []
         switched: list[tuple[str, str, str]] = []
-        for key in self._order:
+        for key in order:
             offer = offers[key]
 
             def rank(name: str, offer: dict[str, X509Svid] = offer) -> tuple[bool, bool]:
