@@ -37,7 +37,7 @@ from .._x509 import X509Context
 from .server import StreamInfo
 from .upstreams import UpstreamView
 
-__all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics"]
+__all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics", "UpstreamEvents"]
 
 #: Distinct ``node`` label values held at once; more nodes share :data:`OTHER_NODE`.
 MAX_NODE_SERIES = 1000
@@ -47,12 +47,9 @@ log = logging.getLogger("sds.metrics")
 
 
 def _build_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+    from .. import __version__  # noqa: PLC0415 - the one version string (sds --version)
 
-    try:
-        return version("spiffe-envoy-sds")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 class _AckedInfo(Collector):
@@ -111,7 +108,7 @@ class Metrics:
         )
         self.upstream_connected = Gauge(
             "sds_upstream_connected",
-            "1 while the Workload API stream to this upstream is up",
+            "1 while the X.509-SVID stream from this Workload API address is up",
             ["upstream"],
             registry=r,
         )
@@ -187,10 +184,9 @@ class Metrics:
         self._bundles |= held
 
     def upstreams_changed(self, upstreams: Iterable[UpstreamView]) -> None:
-        """Record each upstream's connection and which SPIFFE IDs it serves."""
+        """Record which upstream serves each SPIFFE ID (connections: :meth:`upstream`)."""
         serving = set()
         for view in upstreams:
-            self.upstream_connected.labels(view.upstream).set(1 if view.connected else 0)
             serving |= {(view.upstream, spiffe_id) for spiffe_id in view.serving}
         for labels in self._serving - serving:
             self.upstream_serving.remove(*labels)
@@ -208,10 +204,17 @@ class Metrics:
 
     # -- WatcherEvents -----------------------------------------------------------------------
 
+    def upstream(self, address: str) -> UpstreamEvents:
+        """The watcher events of the upstream at ``address``: ``sds_upstream_connected`` is
+        per address (0 until its stream is up), the other metrics are shared."""
+        self.upstream_connected.labels(address).set(0)
+        return UpstreamEvents(self, address)
+
     def on_connected(self) -> None:
-        pass  # per upstream, from upstreams_changed
+        self.upstream_connected.labels("").set(1)
 
     def on_disconnected(self, error: Exception) -> None:
+        self.upstream_connected.labels("").set(0)
         self.upstream_errors.labels(type(error).__name__).inc()
 
     def on_x509_update(self, ctx: Any) -> None:
@@ -301,3 +304,33 @@ class Metrics:
 
     def denied(self, creds: PeerCredentials | None) -> None:
         self.denials.inc()
+
+
+class UpstreamEvents:
+    """WatcherEvents for one upstream address: its own connected gauge, shared counters."""
+
+    def __init__(self, metrics: Metrics, address: str) -> None:
+        self._metrics = metrics
+        self._connected = metrics.upstream_connected.labels(address)
+
+    def on_connected(self) -> None:
+        self._connected.set(1)
+
+    def on_disconnected(self, error: Exception) -> None:
+        self._connected.set(0)
+        self._metrics.upstream_errors.labels(type(error).__name__).inc()
+
+    def on_x509_update(self, ctx: Any) -> None:
+        self._metrics.on_x509_update(ctx)
+
+    def on_svid_rejected(self, error: Exception) -> None:
+        self._metrics.on_svid_rejected(error)
+
+    def on_svid_expired(self, svid: Any) -> None:
+        self._metrics.on_svid_expired(svid)
+
+    def on_jwt_bundles_update(self, bundles: Any) -> None:
+        self._metrics.on_jwt_bundles_update(bundles)
+
+    def on_misconfigured(self, error: Exception) -> None:
+        self._metrics.on_misconfigured(error)
