@@ -1,125 +1,101 @@
-"""Go programs the tests run as real peers (SPIRE, Helm, promtool), built once by module name.
+"""Go programs the tests run (promtool, helm, spire-server, ...), built once and cached.
 
-A program that is not a library is built the way its module publishes it:
-inside a throwaway Go module, ``go get -tool MODULE/cmd/PROG@VERSION`` pins
-the version (with the module's own ``go.sum``), then ``GOBIN=<cache>/bin go
-install MODULE/cmd/PROG`` builds it. The binaries land in
-``${XDG_CACHE_HOME:-~/.cache}/sds-tests/go/<program>-<version>/bin``, outside
-the checkout, so fresh clones and CI reuse them; the Go module and build
-caches (``~/go/pkg/mod``, ``~/.cache/go-build``) make later builds of the same
-module fast. A first build of SPIRE takes 10-20 minutes on 2 cores.
-
-Builds run under an exclusive lock file per program and version, so parallel
-test processes build once; a ``.built`` marker written last makes a
-half-finished build count as absent. Without ``go`` on ``PATH``,
-:func:`go_tool_or_skip` skips the calling test with the reason.
+:func:`go_tool` builds ``MODULE/PROGRAM@VERSION`` the way the developers'
+guide says: in a throwaway module, ``go get -tool`` then ``go install``, into
+``${XDG_CACHE_HOME:-$HOME/.cache}/sds-tests/bin`` outside the checkout, so
+fresh clones and CI reuse it. Concurrent test processes share one build (a
+file lock); a finished binary is published by an atomic rename, so a reader
+never sees half a file. Without ``go`` the calling test is skipped and says
+why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["BUILD_SECONDS", "CACHE_DIR", "GoToolError", "go_tool", "go_tool_or_skip"]
+__all__ = ["cache_dir", "go_tool", "tool_bin_dir"]
 
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "go"
-# Seconds each program took to build in this process (absent when it came from the cache).
-BUILD_SECONDS: dict[str, float] = {}
-
-_MODULE_RE = re.compile(r"[a-z0-9.\-]+(/[A-Za-z0-9._~\-]+)+")
-_VERSION_RE = re.compile(r"v\d+\.\d+\.\d+([\-+][0-9A-Za-z.\-]+)?")
-_BUILD_TIMEOUT = 3600.0
+#: A first build of a big program (SPIRE, helm, promtool) on 2 busy cores.
+BUILD_TIMEOUT = 1800.0
 
 
-class GoToolError(Exception):
-    """A Go program could not be built (bad module or version, or ``go`` failed)."""
+def cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-$HOME/.cache}/sds-tests``: tool caches shared by every checkout."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sds-tests"
 
 
-def go_tool(
-    package: str,
-    version: str,
-    *,
-    programs: Sequence[str] = (),
-    timeout: float = _BUILD_TIMEOUT,
-    on_build: Callable[[str], None] | None = None,
-) -> Path:
-    """The path of the binary built from ``package`` (``MODULE/cmd/PROG``) at ``version``.
+def tool_bin_dir() -> Path:
+    """Where built Go programs live: ``<cache>/bin/<program>-<version>``."""
+    return cache_dir() / "bin"
 
-    ``programs`` names sibling packages (full paths, same module) built into
-    the same cache directory in the same step, e.g. ``spire-agent`` next to
-    ``spire-server``; their binaries sit next to the returned one.
-    ``on_build`` is called with a one-line notice when a build starts. Raises
-    GoToolError when the names are malformed, ``go`` is missing or fails.
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def go_tool(module: str, program: str, version: str) -> Path:
+    """The binary of ``module/program`` at ``version`` (e.g. ``cmd/promtool``), built if missing.
+
+    ``program`` is the package path inside ``module``; the binary is named
+    after its last element. Skips the calling test when Go is not installed;
+    fails it (with go's output) when the build fails.
     """
-    if not _MODULE_RE.fullmatch(package):
-        raise GoToolError(f"Go package {package!r} is not of the form host/path/cmd/prog")
-    if not _VERSION_RE.fullmatch(version):
-        raise GoToolError(f"Go module version {version!r} is not of the form vX.Y.Z")
+    name = program.rstrip("/").rsplit("/", 1)[-1]
+    target = tool_bin_dir() / f"{name}-{version}"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
     go = shutil.which("go")
     if go is None:
-        raise GoToolError("go is not on PATH (install Go >= 1.24 to build SPIRE, Helm, promtool)")
-    program = package.rsplit("/", 1)[1]
-    target = CACHE_DIR / f"{program}-{version}"
-    bindir = target / "bin"
-    marker = target / ".built"
-    wanted = [package, *programs]
-    binaries = [bindir / p.rsplit("/", 1)[1] for p in wanted]
-
-    def built() -> bool:
-        return marker.is_file() and all(b.is_file() for b in binaries)
-
-    if built():
-        return binaries[0]
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with (CACHE_DIR / f"{program}-{version}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if built():
-            return binaries[0]
-        shutil.rmtree(target, ignore_errors=True)
-        bindir.mkdir(parents=True)
-        if on_build is not None:
-            on_build(f"building {' '.join(wanted)} @ {version} into {bindir} (once) ...")
-        started = time.monotonic()
-        env = {**os.environ, "GOFLAGS": "-mod=mod", "GOBIN": str(bindir)}
-        with tempfile.TemporaryDirectory(prefix="gotool-") as scratch:
-            steps = [[go, "mod", "init", "sds-tests-gotool"]]
-            steps += [[go, "get", "-tool", f"{p}@{version}"] for p in wanted]
-            steps.append([go, "install", *wanted])
+        pytest.skip(f"{name} {version} is built from Go sources and `go` is not installed")
+    package = f"{module}/{program}"
+    with _locked(tool_bin_dir() / f".{name}-{version}.lock"):
+        if target.is_file():
+            return target  # another process built it while we waited
+        with tempfile.TemporaryDirectory(prefix=f"gotool-{name}-") as scratch:
+            work = Path(scratch)
+            env = {**os.environ, "GOFLAGS": "-mod=mod", "GOBIN": str(work / "bin")}
+            steps = [
+                [go, "mod", "init", "sds-tests-tools"],
+                [go, "get", "-tool", f"{package}@{version}"],
+                [go, "install", package],
+            ]
+            started = time.monotonic()
             for argv in steps:
                 result = subprocess.run(
                     argv,
-                    cwd=scratch,
+                    cwd=work,
                     env=env,
                     capture_output=True,
                     text=True,
-                    timeout=timeout,
+                    timeout=BUILD_TIMEOUT,
                     check=False,
                 )
                 if result.returncode != 0:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise GoToolError(
-                        f"{' '.join(argv[1:])} failed: {result.stderr.strip()[-2000:]}"
-                    )
-        missing = [str(b) for b in binaries if not b.is_file()]
-        if missing:
-            raise GoToolError(f"go install produced no binary at {', '.join(missing)}")
-        elapsed = time.monotonic() - started
-        BUILD_SECONDS[program] = elapsed
-        marker.write_text(f"{' '.join(wanted)} @ {version} built in {elapsed:.0f}s\n")
-        return binaries[0]
-
-
-def go_tool_or_skip(package: str, version: str, *, programs: Sequence[str] = ()) -> Path:
-    """:func:`go_tool`, skipping the calling test (with the reason) when ``go`` is missing."""
-    if shutil.which("go") is None:
-        pytest.skip(f"go is not on PATH: cannot build {package}@{version}")
-    return go_tool(package, version, programs=programs)
+                    output = (result.stdout + result.stderr)[-3000:]
+                    pytest.fail(f"building {package}@{version}: {' '.join(argv[1:])}:\n{output}")
+            built = work / "bin" / name
+            partial = target.with_name(f".{target.name}.partial")
+            shutil.copy2(built, partial)
+            os.replace(partial, target)
+            (tool_bin_dir() / f"{name}-{version}.build-seconds").write_text(
+                f"{time.monotonic() - started:.1f}\n"
+            )
+    return target

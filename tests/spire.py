@@ -1,7 +1,7 @@
 """Real SPIRE (server + agents) for tests, built from the Go module proxy on first use.
 
 :func:`spire_binaries` builds ``spire-server`` and ``spire-agent`` v1.13.3 once
-(see :mod:`tests.gotools`; 10-20 minutes on 2 cores the first time).
+(:func:`tests.gotools.go_tool`; 10-20 minutes on 2 cores the first time).
 :class:`SpireServer` runs a server on loopback: a kernel-chosen ``bind_port``,
 a sqlite datastore and its API socket in a private temp directory,
 ``join_token`` node attestation and a short ``default_x509_svid_ttl``.
@@ -30,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from sds._workloadapi import WorkloadApiClient
 from sds._x509 import X509Context
 from tests.conftest import Processes, wait_for
-from tests.gotools import BUILD_SECONDS, GoToolError, go_tool, go_tool_or_skip
+from tests.gotools import go_tool, tool_bin_dir
 from tests.stack import Material
 
 __all__ = [
@@ -50,8 +52,7 @@ __all__ = [
 
 SPIRE_VERSION = "v1.13.3"
 TRUST_DOMAIN = "example.org"
-_SERVER = "github.com/spiffe/spire/cmd/spire-server"
-_AGENT = "github.com/spiffe/spire/cmd/spire-agent"
+_MODULE = "github.com/spiffe/spire"
 _TOKEN_RE = re.compile(r"Token: (\S+)")
 _ENTRY_RE = re.compile(r"Entry ID\s*:\s*(\S+)")
 
@@ -59,33 +60,42 @@ _ENTRY_RE = re.compile(r"Entry ID\s*:\s*(\S+)")
 _BUILD_FAILED: list[str] = []
 
 
+def _binaries() -> tuple[Path, Path]:
+    server = go_tool(_MODULE, "cmd/spire-server", SPIRE_VERSION)
+    return server, go_tool(_MODULE, "cmd/spire-agent", SPIRE_VERSION)
+
+
 def build_before_tests(write: Callable[[str], None]) -> None:
     """Build SPIRE before the first test runs, outside any test's timeout (a first build takes
     10-20 minutes); a failure is remembered and reported by every SPIRE test."""
     if shutil.which("go") is None:
         return
+    missing = [
+        p
+        for p in ("spire-server", "spire-agent")
+        if not (tool_bin_dir() / f"{p}-{SPIRE_VERSION}").is_file()
+    ]
+    if not missing:
+        return
+    write(
+        f"building {', '.join(missing)} {SPIRE_VERSION} into {tool_bin_dir()} once "
+        "(10-20 minutes on 2 cores the first time) ..."
+    )
     started = time.monotonic()
     try:
-        server = go_tool(
-            _SERVER,
-            SPIRE_VERSION,
-            programs=[_AGENT],
-            on_build=lambda line: write(line + " 10-20 minutes on 2 cores the first time"),
-        )
-    except GoToolError as exc:
+        server, _ = _binaries()
+    except pytest.fail.Exception as exc:
         _BUILD_FAILED.append(str(exc))
         write(f"building SPIRE {SPIRE_VERSION} failed: {exc}")
         return
-    if BUILD_SECONDS:
-        write(f"built SPIRE {SPIRE_VERSION} in {time.monotonic() - started:.0f}s: {server.parent}")
+    write(f"built SPIRE {SPIRE_VERSION} in {time.monotonic() - started:.0f}s: {server.parent}")
 
 
 def spire_binaries() -> tuple[Path, Path]:
     """(spire-server, spire-agent) at SPIRE_VERSION; builds them once, skips without Go."""
     if _BUILD_FAILED:
-        raise GoToolError(_BUILD_FAILED[0])
-    server = go_tool_or_skip(_SERVER, SPIRE_VERSION, programs=[_AGENT])
-    return server, server.with_name("spire-agent")
+        pytest.fail(_BUILD_FAILED[0])
+    return _binaries()
 
 
 def private_dir(prefix: str) -> Path:
