@@ -160,21 +160,6 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
             sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build SPIRE once before the first SPIRE test, so the build is not timed as a test."""
-    if not any(item.get_closest_marker("spire") for item in session.items):
-        return
-    from tests.spire import build_before_tests
-
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-
-    def write(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(line)
-
-    build_before_tests(write)
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
@@ -194,8 +179,11 @@ def _register_prebuilds() -> None:
     from tests import gobuild
 
     if shutil.which("go") is not None:
+        from tests import spire
+
         PREBUILDS["gopeers"] = gobuild.gopeers_binary
         PREBUILDS["ghostunnel"] = gobuild.ghostunnel_binary
+        PREBUILDS["spire"] = PREBUILDS["two_agents"] = spire.prebuild
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

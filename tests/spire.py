@@ -25,8 +25,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import pytest
 from sds._workloadapi import WorkloadApiClient
 from sds._x509 import X509Context
 from tests.conftest import Processes, wait_for
-from tests.gotools import go_tool, tool_bin_dir
+from tests.gotools import go_tool
 from tests.stack import Material
 
 __all__ = [
@@ -43,9 +41,9 @@ __all__ = [
     "TRUST_DOMAIN",
     "SpireAgent",
     "SpireServer",
-    "build_before_tests",
     "fetch_context",
     "own_uid_selector",
+    "prebuild",
     "private_dir",
     "spire_binaries",
 ]
@@ -65,30 +63,15 @@ def _binaries() -> tuple[Path, Path]:
     return server, go_tool(_MODULE, "cmd/spire-agent", SPIRE_VERSION)
 
 
-def build_before_tests(write: Callable[[str], None]) -> None:
-    """Build SPIRE before the first test runs, outside any test's timeout (a first build takes
-    10-20 minutes); a failure is remembered and reported by every SPIRE test."""
-    if shutil.which("go") is None:
-        return
-    missing = [
-        p
-        for p in ("spire-server", "spire-agent")
-        if not (tool_bin_dir() / f"{p}-{SPIRE_VERSION}").is_file()
-    ]
-    if not missing:
-        return
-    write(
-        f"building {', '.join(missing)} {SPIRE_VERSION} into {tool_bin_dir()} once "
-        "(10-20 minutes on 2 cores the first time) ..."
-    )
-    started = time.monotonic()
+def prebuild() -> None:
+    """Build SPIRE before the first test runs (``tests/conftest.py`` PREBUILDS), outside any
+    test's timeout: a first build takes 10-20 minutes. A failure is remembered and every
+    SPIRE test reports it."""
     try:
-        server, _ = _binaries()
+        _binaries()
     except pytest.fail.Exception as exc:
         _BUILD_FAILED.append(str(exc))
-        write(f"building SPIRE {SPIRE_VERSION} failed: {exc}")
-        return
-    write(f"built SPIRE {SPIRE_VERSION} in {time.monotonic() - started:.0f}s: {server.parent}")
+        raise RuntimeError(f"building SPIRE {SPIRE_VERSION} failed") from exc
 
 
 def spire_binaries() -> tuple[Path, Path]:
