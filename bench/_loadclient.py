@@ -17,7 +17,9 @@ stream got its first response. On stdin:
   stream, the ``time.monotonic()`` at which a response containing ``token``
   (the new leaf's PEM) arrived; answers ``{"event": "armed", "id": i}`` and,
   once every stream has it, ``{"event": "done", "id": i, "times": [...]}``
-  (or ``{"event": "timeout", ...}`` after 30 s).
+  (or ``{"event": "timeout", ...}`` after 30 s). With ``"absent": true`` it
+  records the first response *without* ``token`` instead (the current leaf:
+  for servers that rotate on their own schedule, such as a SPIRE agent).
 * ``{"cmd": "stats"}``: answers with open streams, responses and errors.
 
 Exits on stdin EOF or SIGTERM, closing every connection.
@@ -64,6 +66,8 @@ class Load:
         self.errors: list[str] = []
         self.ready = asyncio.Event()
         self.token: bytes | None = None
+        self.absent = False
+        self.timeout = 30.0
         self.got: list[float | None] = [None] * streams
         self.count = 0
         self.done = asyncio.Event()
@@ -94,7 +98,7 @@ class Load:
                     now = time.monotonic()
                     self.responses += 1
                     token = self.token
-                    if token is not None and self.got[k] is None and token in raw:
+                    if token is not None and self.got[k] is None and (token in raw) != self.absent:
                         self.got[k] = now
                         self.count += 1
                         if self.count == self.n:
@@ -180,7 +184,7 @@ async def main() -> int:
 
     async def finish(expect_id: int) -> None:
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(load.timeout):
                 await load.done.wait()
             emit({"event": "done", "id": expect_id, "times": load.got})
         except TimeoutError:
@@ -203,6 +207,8 @@ async def main() -> int:
                 load.count = 0
                 load.done.clear()
                 load.token = base64.b64decode(cmd["token"])
+                load.absent = bool(cmd.get("absent", False))
+                load.timeout = float(cmd.get("timeout", 30.0))
                 emit({"event": "armed", "id": cmd["id"]})
                 background.append(asyncio.create_task(finish(cmd["id"])))
             elif cmd["cmd"] == "stats":

@@ -179,8 +179,11 @@ def _register_prebuilds() -> None:
     from tests import gobuild
 
     if shutil.which("go") is not None:
+        from tests import spire
+
         PREBUILDS["gopeers"] = gobuild.gopeers_binary
         PREBUILDS["ghostunnel"] = gobuild.ghostunnel_binary
+        PREBUILDS["spire"] = PREBUILDS["two_agents"] = spire.prebuild
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -12,6 +12,7 @@ read as "no restrictions").
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import math
 import re
@@ -23,9 +24,11 @@ from typing import Any
 import yaml
 
 from .._files import os_reason, read_regular_file
+from .._provider.identities import parse_duration
 from .._spiffe import SpiffeId, TrustDomain
 from .._strictyaml import check_depth, describe, strict_loader
 from ..errors import ConfigError, InvalidSpiffeId
+from .upstreams import FailoverPolicy
 
 __all__ = [
     "AdminConfig",
@@ -166,6 +169,7 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
     upstream_backoff: UpstreamBackoff = field(default_factory=UpstreamBackoff)
     jwt_svids: JwtLimits = field(default_factory=JwtLimits)
     metrics: MetricsConfig | None = None
@@ -210,6 +214,7 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "failover",
     "upstream_backoff",
     "jwt_svids",
     "metrics",
@@ -473,6 +478,8 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         if name in seen:
             raise reader.fail(where, f"{name!r} is already used by {seen[name]}")
         seen[name] = where
+    if "failover" in top:
+        config = replace(config, failover=_parse_failover(reader, top["failover"]))
     if "admin" in top:
         admin = top["admin"]
         if admin in (None, False, "off"):
@@ -548,6 +555,28 @@ def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfi
             limits = replace(limits, idle_timeout=idle)
         config = replace(config, jwt_svids=limits)
     return config
+
+
+_MAX_GRACE = dt.timedelta(hours=1)
+
+
+def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
+    given = reader.mapping(value, "failover", {"grace", "margin"})
+    policy = FailoverPolicy()
+    if "grace" in given:
+        try:
+            grace = parse_duration(reader.string(given["grace"], "failover.grace"))
+        except ValueError as exc:
+            raise reader.fail("failover.grace", str(exc)) from exc
+        if grace > _MAX_GRACE:
+            raise reader.fail("failover.grace", f"{given['grace']!r}: must be at most 1h")
+        policy = replace(policy, grace=grace.total_seconds())
+    if "margin" in given:
+        margin = given["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise reader.fail("failover.margin", "must be a fraction of the lifetime, 0 <= m < 1")
+        policy = replace(policy, margin=float(margin))
+    return policy
 
 
 _LOADER = strict_loader(
