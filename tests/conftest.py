@@ -180,7 +180,10 @@ def _register_prebuilds() -> None:
 
     if shutil.which("go") is not None:
         from tests import spire
+        from tests.gotools import HELM, PROMTOOL, go_tool
 
+        PREBUILDS["helm"] = lambda: go_tool(*HELM)
+        PREBUILDS["promtool"] = lambda: go_tool(*PROMTOOL)
         PREBUILDS["gopeers"] = gobuild.gopeers_binary
         PREBUILDS["ghostunnel"] = gobuild.ghostunnel_binary
         PREBUILDS["spire"] = PREBUILDS["two_agents"] = spire.prebuild

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["cache_dir", "go_tool", "tool_bin_dir"]
+__all__ = ["HELM", "PROMTOOL", "cache_dir", "go_tool", "tool_bin_dir"]
+
+# (module, program, version) of the Go-built tools the suite runs.
+HELM = ("helm.sh/helm/v3", "cmd/helm", "v3.22.0")
+PROMTOOL = ("github.com/prometheus/prometheus", "cmd/promtool", "v0.316.0")
 
 #: A first build of a big program (SPIRE, helm, promtool) on 2 busy cores.
 BUILD_TIMEOUT = 1800.0

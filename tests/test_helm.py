@@ -26,7 +26,7 @@ import yaml
 
 from sds._sds.config import parse_config
 from tests.envoy import CURRENT_VERSION, envoy_binary
-from tests.gotools import go_tool
+from tests.gotools import HELM, go_tool
 from tests.test_deploy import (
     K8S_VERSIONS,
     VERSION,
@@ -40,7 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "k8s" / "helm" / "spiffe-envoy-sds"
 MONITORING = REPO / "k8s" / "monitoring"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-HELM = ("helm.sh/helm/v3", "cmd/helm", "v3.22.0")
 CRD_GROUP = "monitoring.coreos.com/"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first run builds helm
 

@@ -27,7 +27,7 @@ import yaml
 
 from tests.conftest import Processes, wait_for
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.gotools import go_tool
+from tests.gotools import PROMTOOL, go_tool
 from tests.stack import Stack
 from tests.test_metrics_listener import _get, _metrics_port
 
@@ -36,7 +36,6 @@ MONITORING = REPO / "k8s" / "monitoring"
 RULES = MONITORING / "sds-alerts.rules.yaml"
 RULE_TESTS = MONITORING / "sds-alerts.test.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-PROMETHEUS = ("github.com/prometheus/prometheus", "cmd/promtool", "v0.316.0")
 ALERTS = {
     "SdsSvidExpiringSoon",
     "SdsBridgeNotReady",
@@ -57,7 +56,7 @@ EVENT_ONLY = {
 
 @pytest.fixture(scope="session")
 def promtool() -> Path:
-    return go_tool(*PROMETHEUS)
+    return go_tool(*PROMTOOL)
 
 
 def _promtool(binary: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
