@@ -10,7 +10,10 @@ BENCHMARKS.md cites, committed) and writes next to them:
   (empirical CDF, log-scale time axis);
 * ``fanout-arrivals.png``: for each server, how many of the streams have the
   new leaf at each moment after the rotation (one line per measured
-  rotation), and when each of the 3 Envoys presented it.
+  rotation), and when each of the 3 Envoys presented it;
+* ``spire-vs-bridge.png`` (from ``spire.json``, written by ``bench/spire.py``):
+  rotation latency of Envoy on SPIRE's own SDS against Envoy on the bridge fed
+  by the same agent (CDFs), and the 1,000-stream fan-out side by side.
 
 ``--publish`` first copies ``bench/results/{rotation,fanout,footprint}-latest.json``
 (the last full runs, gitignored) into ``docs/bench/``, so running the three
@@ -41,7 +44,12 @@ DATA = REPO / "docs" / "bench"
 BENCHMARKS = ("rotation", "fanout", "footprint")  # published; the first two are plotted
 # PNG metadata without a software version or date, so output is reproducible.
 METADATA = {"Software": None}
-COLORS = {"bridge": "#1f77b4", "floor": "#7f7f7f", "bridge-envoy-node": "#d62728"}
+COLORS = {
+    "bridge": "#1f77b4",
+    "floor": "#7f7f7f",
+    "bridge-envoy-node": "#d62728",
+    "spire": "#ff7f0e",
+}
 
 
 def _caption(data: dict[str, Any]) -> str:
@@ -150,6 +158,64 @@ def fanout_arrivals(data: dict[str, Any], out: Path) -> dict[str, dict[str, floa
     return drawn
 
 
+def spire_side_by_side(data: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
+    """Plot SPIRE's SDS against the bridge on one agent; return the p50s and fan-out medians."""
+    raw: dict[str, list[float]] = data["raw"]["rotation_ms"]
+    fanout: dict[str, Any] = data["fanout"]
+    labels = {"spire": "SPIRE agent SDS (direct)", "bridge": "sds run on the same agent"}
+    drawn: dict[str, dict[str, float]] = {}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 5.6), dpi=100)
+    for name in ("spire", "bridge"):
+        values = sorted(raw[name])
+        n = len(values)
+        p50 = percentile(values, 50)
+        last = percentile(fanout[name]["last_stream_ms"], 50)
+        cpu = percentile(fanout[name]["cpu_per_rotation_s"], 50)
+        drawn[name] = {"n": n, "p50": p50, "fanout_last_ms": last, "cpu_s": cpu}
+        left.step(
+            values,
+            [(i + 1) / n for i in range(n)],
+            where="post",
+            color=COLORS[name],
+            linewidth=2,
+            label=f"{labels[name]}: p50 {p50:.1f} ms (n={n})",
+        )
+    left.set_xscale("log")
+    left.xaxis.set_major_formatter(ScalarFormatter())
+    left.xaxis.set_minor_formatter(NullFormatter())
+    left.set_xlabel("rotation -> fresh handshake shows new leaf (ms, log)")
+    left.set_ylabel("fraction of rotations")
+    left.set_ylim(0, 1.02)
+    left.grid(True, which="both", alpha=0.3)
+    left.set_title("Rotation", fontsize=10)
+    names = ("spire", "bridge")
+    bars = right.bar(
+        [0, 1],
+        [drawn[n]["fanout_last_ms"] for n in names],
+        color=[COLORS[n] for n in names],
+    )
+    for bar, name in zip(bars, names, strict=True):
+        right.annotate(
+            f"{drawn[name]['fanout_last_ms']:.0f} ms\n{drawn[name]['cpu_s']:.2f} s CPU",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    right.set_xticks([0, 1], ["SPIRE", "bridge"])
+    right.set_ylabel("rotation -> last of 1,000 streams (ms, median)")
+    right.set_ylim(0, max(drawn[n]["fanout_last_ms"] for n in names) * 1.3)
+    right.grid(True, axis="y", alpha=0.3)
+    right.set_title("Fan-out to 1,000 SDS streams", fontsize=10)
+    fig.suptitle(f"SPIRE {data['spire_version']} SDS vs the bridge, same agent, same run")
+    left.legend(loc="upper left", bbox_to_anchor=(0, -0.13), fontsize=8, frameon=False)
+    fig.text(0.01, 0.01, _caption(data), fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, metadata=METADATA)
+    plt.close(fig)
+    return drawn
+
+
 def publish(data_dir: Path) -> None:
     """Copy the latest full runs from bench/results/ into ``data_dir``."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -166,9 +232,11 @@ def plot_all(data_dir: Path, out_dir: Path) -> dict[str, Any]:
     plt.rcParams.update({"svg.hashsalt": "sds", "font.family": "DejaVu Sans"})
     rotation = json.loads((data_dir / "rotation.json").read_text())
     fanout = json.loads((data_dir / "fanout.json").read_text())
+    spire = json.loads((data_dir / "spire.json").read_text())
     return {
         "rotation-cdf.png": rotation_cdf(rotation, out_dir / "rotation-cdf.png"),
         "fanout-arrivals.png": fanout_arrivals(fanout, out_dir / "fanout-arrivals.png"),
+        "spire-vs-bridge.png": spire_side_by_side(spire, out_dir / "spire-vs-bridge.png"),
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "docs" / "bench"
-FIGURES = ("rotation-cdf.png", "fanout-arrivals.png")
+FIGURES = ("rotation-cdf.png", "fanout-arrivals.png", "spire-vs-bridge.png")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -63,6 +63,14 @@ def test_plots_render_from_committed_json_and_match_it(tmp_path: Path) -> None:
         # The curves' last arrivals (rounded to 1 us) are the run's "last of all".
         assert abs(figure["median_last_ms"] - statistics.median(case["last_ms"])) < 0.01
 
+    spire = json.loads((DATA / "spire.json").read_text())
+    for server in ("spire", "bridge"):
+        figure = drawn["spire-vs-bridge.png"][server]
+        assert figure["n"] == spire["rotation_ms"][server]["n"]
+        assert abs(figure["p50"] - spire["rotation_ms"][server]["p50"]) < 1e-6
+        last = statistics.median(spire["fanout"][server]["last_stream_ms"])
+        assert abs(figure["fanout_last_ms"] - last) < 1e-6
+
 
 def test_committed_figures_are_what_the_committed_json_draws(tmp_path: Path) -> None:
     plot(tmp_path)
@@ -75,9 +83,9 @@ def test_committed_figures_are_what_the_committed_json_draws(tmp_path: Path) -> 
 def test_docs_cite_only_committed_results() -> None:
     for doc in ("README.md", "BENCHMARKS.md", "bench/README.md"):
         text = (REPO / doc).read_text()
-        assert "results/rotation-2" not in text and "results/fanout-2" not in text, doc
+        assert "bench/results/" not in text.replace("bench/results/<name>", ""), doc
     benchmarks = (REPO / "BENCHMARKS.md").read_text()
-    for name in (*FIGURES, "rotation.json", "fanout.json", "footprint.json"):
+    for name in (*FIGURES, "rotation.json", "fanout.json", "footprint.json", "spire.json"):
         assert f"docs/bench/{name}" in benchmarks, name
         assert (DATA / name).is_file(), name
 
