@@ -41,6 +41,8 @@ class Reply:
     data: bytes = b""
     reset: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set on the first DATA or the end of the stream (a server stream may never end).
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def status(self) -> str | None:
@@ -87,12 +89,15 @@ class RawClient:
                     elif isinstance(ev, DataReceived):
                         if reply is not None:
                             reply.data += ev.data
+                            reply.answered.set()
                         self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     elif isinstance(ev, StreamEnded) and reply is not None:
                         reply.done.set()
+                        reply.answered.set()
                     elif isinstance(ev, StreamReset) and reply is not None:
                         reply.reset = True
                         reply.done.set()
+                        reply.answered.set()
                     elif isinstance(ev, ConnectionTerminated):
                         break
                 out = self.conn.data_to_send()
@@ -104,11 +109,21 @@ class RawClient:
             self.closed.set()
             for reply in self.replies.values():
                 reply.done.set()
+                reply.answered.set()
 
     def start(
-        self, path: str, body: bytes, *, end: bool = True, content_type: str | None = None
+        self,
+        path: str,
+        body: bytes,
+        *,
+        end: bool = True,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Reply:
-        """Open a stream to ``path`` and send ``body`` as DATA (as much as the window allows)."""
+        """Open a stream to ``path`` and send ``body`` as DATA (as much as the window allows).
+
+        ``metadata`` adds request headers (e.g. the Workload API's security header).
+        """
         stream_id = self.conn.get_next_available_stream_id()
         headers = [
             (":method", "POST"),
@@ -117,6 +132,7 @@ class RawClient:
             (":authority", "localhost"),
             ("te", "trailers"),
             ("content-type", content_type or "application/grpc"),
+            *(metadata or {}).items(),
         ]
         reply = self.replies[stream_id] = Reply()
         self.conn.send_headers(stream_id, headers, end_stream=not body and end)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -30,9 +31,11 @@ from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
-from tests.conftest import Processes, short_tmp, wait_for
+from tests.conftest import Processes, captured_log, short_tmp, wait_for
+from tests.h2async import RawClient
 from tests.h2raw import RawH2, grpc_frame
 from tests.test_provider import WEB, provider_args, start_provider, write_identities
+from tests.test_sds_hostile import _eventually, fd_count
 
 pytestmark = pytest.mark.hostile
 
@@ -492,3 +495,81 @@ async def test_a_request_that_never_completes_is_cut_off(
         str(Status.DEADLINE_EXCEEDED.value),
         "request message not received within 0.5s",
     )
+
+
+# ---------------------------------------------------------------------------
+# Issue 7, hole 8: connections held open forever
+
+
+async def _good_client_served(path: Path) -> None:
+    channel = Channel(path=str(path))
+    try:
+        ok = await SpiffeWorkloadAPIStub(channel).FetchJWTSVID(
+            pb.JWTSVIDRequest(audience=["a"]), metadata=HEADER
+        )
+        assert len(ok.svids) == 1
+    finally:
+        channel.close()
+
+
+async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> None:
+    """200 clients that never finish the HTTP/2 preface are closed (they stayed open forever)."""
+    path = sockdir / "w.sock"
+    web = Identity("web", SpiffeId.from_path(TD, "/web"))
+    provider = WorkloadApiProvider(LocalCA.ephemeral(TD), [web], handshake_timeout=0.5)
+    with captured_log("sds.provider", logging.LogRecord.getMessage) as lines:
+        await provider.start(listen_unix(str(path)))
+        try:
+            baseline = fd_count()
+            stuck = []
+            for i in range(200):
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                writer.write(b"PRI * HTTP/2.0\r\n"[: i % 16])  # nothing, or part of the preface
+                stuck.append((reader, writer))
+            for reader, _ in stuck:
+                # The provider closes each one: EOF (possibly after its own SETTINGS frame).
+                while await asyncio.wait_for(reader.read(65536), 20):
+                    pass
+            for _, writer in stuck:
+                writer.close()
+            await _eventually(lambda: fd_count() <= baseline, "fds back to baseline")
+            await _good_client_served(path)
+        finally:
+            await provider.close()
+    closed = [line for line in lines if "workload.connection_closed" in line]
+    # Rate-limited: a few lines for 200 connections, each naming the reason.
+    assert closed and len(closed) <= 10, lines
+    assert all("reason=handshake_timeout" in line for line in closed), closed
+
+
+async def test_idle_connection_without_streams_is_closed_but_a_stream_holds_it(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "w.sock"
+    web = Identity("web", SpiffeId.from_path(TD, "/web"))
+    provider = WorkloadApiProvider(
+        LocalCA.ephemeral(TD), [web], handshake_timeout=0.5, idle_timeout=0.4
+    )
+    await provider.start(listen_unix(str(path)))
+    try:
+        client = await RawClient.connect(str(path))
+        request = grpc_frame(pb.JWTSVIDRequest(audience=["a"]).SerializeToString())
+        reply = await client.call(JWT, request, metadata=HEADER)
+        assert reply.status == "0"
+        await asyncio.wait_for(client.closed.wait(), 20)  # idle after its call: closed
+        await client.close()
+        # A connection with a long-lived stream (how the bridge watches its SVIDs) is not idle.
+        channel = Channel(path=str(path))
+        try:
+            stub = SpiffeWorkloadAPIStub(channel)
+            async with stub.FetchX509SVID.open(metadata=HEADER) as stream:
+                await stream.send_message(pb.X509SVIDRequest(), end=True)
+                assert len((await stream.recv_message()).svids) == 1
+                await asyncio.sleep(1.5)
+                provider.reload([web, Identity("db", SpiffeId.from_path(TD, "/db"))], [])
+                assert len((await stream.recv_message()).svids) == 2
+                await stream.cancel()
+        finally:
+            channel.close()
+    finally:
+        await provider.close()

@@ -19,7 +19,11 @@ Hostile callers are bounded: entitlement is checked before a request is
 read; a request over MAX_REQUEST_BYTES is refused (RESOURCE_EXHAUSTED) from
 its 5-byte length prefix, and the HTTP/2 receive windows are 64 KiB, so an
 unread request costs at most that; broken framing or protobuf is
-INVALID_ARGUMENT; JWT audiences are capped in count and length.
+INVALID_ARGUMENT; JWT audiences are capped in count and length. Connections
+are served by :class:`sds._grpcedge.GuardedServer` (shared with the SDS
+server): one that opens no stream within ``handshake_timeout`` (10 s; a client
+stuck in the HTTP/2 preface) or holds none for ``idle_timeout`` (300 s) is
+closed and logged as ``workload.connection_closed`` (rate-limited).
 """
 
 from __future__ import annotations
@@ -37,10 +41,14 @@ from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Server
 
 from .._ca import LocalCA
-from .._grpcedge import answer_unknown_methods, recv_request, server_config
+from .._grpcedge import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    GuardedServer,
+    recv_request,
+)
 from .._jwt import JwtBundle, b64url_decode, validate_jwt_svid
 from .._log import event
 from .._peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
@@ -507,7 +515,9 @@ class WorkloadApiProvider:
     ``start(listener)`` serves on an already bound, listening socket (normally
     a :class:`sds._peercred.UnixListener` from ``listen_unix``); ``close()``
     stops serving and removes the Unix socket file if it is still the one we
-    bound; ``reload()`` swaps the configuration.
+    bound; ``reload()`` swaps the configuration. ``handshake_timeout`` and
+    ``idle_timeout`` bound connections that never open a stream or hold none
+    (see :class:`sds._grpcedge.GuardedServer`).
     """
 
     def __init__(
@@ -517,12 +527,17 @@ class WorkloadApiProvider:
         federation: Sequence[FederatedBundle] = (),
         x509_ttl: dt.timedelta = DEFAULT_X509_TTL,
         jwt_ttl: dt.timedelta = DEFAULT_JWT_TTL,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.ca = ca
         self.service = WorkloadApiService(
             ca, identities, federation, x509_ttl=x509_ttl, jwt_ttl=jwt_ttl
         )
-        self._server: Server | None = None
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self._server: GuardedServer | None = None
         self._listener: UnixListener | None = None
 
     @property
@@ -556,8 +571,13 @@ class WorkloadApiProvider:
             self._listener, sock = listener, listener.sock
         else:
             sock = listener
-        self._server = answer_unknown_methods(
-            Server([self.service], config=server_config()), pb.X509SVIDRequest
+        self._server = GuardedServer(
+            [self.service],
+            unknown_type=pb.X509SVIDRequest,
+            handshake_timeout=self.handshake_timeout,
+            idle_timeout=self.idle_timeout,
+            log=logger,
+            connection_event="workload.connection_closed",
         )
         await self._server.start(sock=sock, backlog=DEFAULT_BACKLOG)
 

@@ -41,7 +41,6 @@ import contextlib
 import itertools
 import logging
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,10 +48,14 @@ from typing import Any, Protocol
 import grpclib.const
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
-from grpclib.server import Handler, Server
 
-from .._grpcedge import answer_unknown_methods, recv_request, server_config
+from .._grpcedge import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    LISTEN_BACKLOG,
+    GuardedServer,
+    recv_request,
+)
 from .._log import event
 from .._peercred import PeerCredentials, peer_credentials
 from .._ratelimit import RateLimiter
@@ -91,8 +94,6 @@ Status = grpclib.const.Status
 
 #: Node id and cluster that ``sds inspect`` sends; such streams are not listed as Envoys.
 INSPECTOR_NODE = "sds-inspect"
-#: listen(2) backlog of the SDS socket (the kernel caps it at net.core.somaxconn).
-LISTEN_BACKLOG = 4096
 #: Pushes remembered per stream while waiting for their ACK or NACK.
 _PENDING_PUSHES = 16
 #: Per-stream log reasons whose suppressed counts are reported when the stream closes.
@@ -782,175 +783,27 @@ class SdsServicer:
         await stream.send_message(sotw_body(cache.version, [r for r in rendered if r is not None]))
 
 
-# -- the HTTP/2 server ---------------------------------------------------------------------------
+class SdsServer(GuardedServer):
+    """The :class:`~sds._grpcedge.GuardedServer` for one :class:`SdsServicer`.
 
-
-class _GuardedProtocol(H2Protocol):
-    """grpclib's HTTP/2 connection, closed when it never starts a call or sits idle.
-
-    A connection that has not opened a stream ``handshake_timeout`` s after it was accepted
-    (a client stuck in the preface or SETTINGS exchange, or one that only holds the fd) is
-    closed; so is one with no open stream for ``idle_timeout`` s (checked every quarter of
-    it). Envoy holds its SDS streams open, so neither affects it.
-    """
-
-    def __init__(
-        self, handler: Any, config: Any, h2_config: Any, handshake: float, idle: float
-    ) -> None:
-        super().__init__(handler, config, h2_config)
-        self._handshake = handshake
-        self._idle = idle
-        self._timer: asyncio.TimerHandle | None = None
-        self._idle_since: float | None = None
-        self._last_created: float | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake, self._check_handshake)
-
-    def _check_handshake(self) -> None:
-        if not self.connection.streams_started:
-            self._close("handshake_timeout", self._handshake)
-            return
-        self._check_idle()
-
-    def _check_idle(self) -> None:
-        now = time.monotonic()
-        created = self.connection.last_stream_created
-        if self.processor.streams or created != self._last_created:
-            self._idle_since = None
-            self._last_created = created
-        elif self._idle_since is None:
-            self._idle_since = now
-        elif now - self._idle_since >= self._idle:
-            self._close("idle_timeout", self._idle)
-            return
-        self._timer = asyncio.get_running_loop().call_later(self._idle / 4, self._check_idle)
-
-    def _close(self, reason: str, seconds: float) -> None:
-        self._timer = None
-        _connection_log(reason, seconds)
-        self.processor.close(f"closed by the server: {reason}")
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        super().connection_lost(exc)
-        if self.connection.streams_started >= _BUSY_CONNECTION:
-            _reclaim_soon()
-
-
-#: A connection that started this many streams triggers a memory reclaim when it closes.
-_BUSY_CONNECTION = 1000
-_CONNECTION_LOG = RateLimiter(10, 60.0, max_keys=10)
-
-
-def _connection_log(reason: str, seconds: float) -> None:
-    allowed, suppressed = _CONNECTION_LOG.allow(reason)
-    if allowed:
-        fields: dict[str, Any] = {"reason": reason, "after_seconds": seconds}
-        if suppressed:
-            fields["suppressed"] = suppressed
-        event(log, logging.INFO, "sds.connection_closed", **fields)
-
-
-class _Handler(Handler):
-    """grpclib's per-connection handler, releasing streams whose task never ran.
-
-    grpclib releases a stream (drops it from the connection's table and returns its
-    flow-control credit) at the end of its request task. A stream reset in the same read
-    as its HEADERS has its task cancelled before it starts, so it was never released and
-    stayed in memory until the connection closed (10,000 rapid resets held ~75 MB).
-    """
-
-    def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                release_stream()
-
-        super().accept(stream, headers, release)
-        task = self._tasks.get(stream)
-        if task is not None:
-            task.add_done_callback(lambda _: release())
-
-
-_reclaim_handle: asyncio.TimerHandle | None = None
-
-
-def _reclaim_soon() -> None:
-    """After a busy connection closes, collect its cycles and give freed heap back to the OS.
-
-    Debounced to once a second. ``malloc_trim`` is glibc's; elsewhere only the collection
-    runs. Without it, RSS stayed ~50 MB above baseline after a burst of 10,000 streams.
-    """
-    global _reclaim_handle  # noqa: PLW0603 - one debounce timer per process
-    if _reclaim_handle is None:
-        _reclaim_handle = asyncio.get_running_loop().call_later(1.0, _reclaim)
-
-
-def _reclaim() -> None:
-    global _reclaim_handle  # noqa: PLW0603
-    _reclaim_handle = None
-    import ctypes  # noqa: PLC0415
-    import ctypes.util  # noqa: PLC0415
-    import gc  # noqa: PLC0415
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name).malloc_trim(0)
-
-
-class SdsServer(Server):
-    """grpclib's server for one :class:`SdsServicer`, hardened for hostile local clients.
-
-    Adds to grpclib: UNIMPLEMENTED with a gRPC content-type for unknown methods and
-    64 KiB HTTP/2 receive windows (both from ``sds._grpcedge``, shared with the
-    provider), so data a handler has not read yet (a caller being refused) is at most
-    one window per connection; a ``handshake_timeout`` (10 s) for connections that never
-    open a stream; an ``idle_timeout`` (300 s) for connections with no stream; a listen
-    backlog of :data:`LISTEN_BACKLOG` (grpclib's default is 100, and asyncio re-applies
-    it to a socket that is already listening); streams reset before their task ran are
-    released, and memory is reclaimed after a busy connection closes. grpclib==0.4.9 is
-    pinned; ``_protocol_factory``, ``_handlers`` and ``Handler._tasks`` are its internals.
+    Requests are handed over undecoded (:class:`PassthroughCodec`); closed connections
+    are logged as ``sds.connection_closed``. Timeouts: ``handshake_timeout`` (10 s),
+    ``idle_timeout`` (300 s); listen backlog :data:`LISTEN_BACKLOG`.
     """
 
     def __init__(
         self,
         servicer: SdsServicer,
         *,
-        handshake_timeout: float = 10.0,
-        idle_timeout: float = 300.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
-        super().__init__([servicer], codec=PassthroughCodec(), config=server_config())
-        answer_unknown_methods(self, RawMessage)
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self._protocols: weakref.WeakSet[_GuardedProtocol] = weakref.WeakSet()
-
-    def open_streams(self) -> int:
-        """HTTP/2 streams the server's connections hold now (for tests and diagnostics)."""
-        return sum(len(p.processor.streams) for p in list(self._protocols))
-
-    def _protocol_factory(self) -> H2Protocol:
-        self.__gc_step__()
-        handler = _Handler(
-            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        super().__init__(
+            [servicer],
+            codec=PassthroughCodec(),
+            unknown_type=RawMessage,
+            handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            log=log,
+            connection_event="sds.connection_closed",
         )
-        self._handlers.add(handler)
-        protocol = _GuardedProtocol(
-            handler, self._config, self._h2_config, self.handshake_timeout, self.idle_timeout
-        )
-        self._protocols.add(protocol)
-        return protocol
-
-    async def start(self, *args: Any, backlog: int = LISTEN_BACKLOG, **kwargs: Any) -> None:
-        """grpclib's ``start`` with a backlog sized for 1,000+ Envoys connecting at once."""
-        await super().start(*args, backlog=backlog, **kwargs)
