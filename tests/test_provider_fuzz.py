@@ -229,3 +229,15 @@ async def _fuzz_both(
     grown = rss_kb() - rss
     print(f"RSS grew {grown / 1024:.1f} MB over {CASES} cases")
     assert grown < 16 * 1024
+
+
+def test_watched_logs_sees_tracebacks() -> None:
+    """The fuzz test's traceback check is not vacuous."""
+    with watched_logs() as problems:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("sds.provider").exception("failed")
+        logging.getLogger("grpclib.server").error("Application error")
+        logging.getLogger("sds.provider").info("fine")
+        assert problems() == ["sds.provider: failed", "grpclib.server: Application error"]
