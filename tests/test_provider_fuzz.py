@@ -35,9 +35,10 @@ from sds._provider.identities import Identity
 from sds._provider.server import SECURITY_HEADER, WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from tests.conftest import captured_log
+from tests.fake_workload_api import eventually
 from tests.h2async import RawClient
 from tests.test_sds_fuzz import frame, mutate
-from tests.test_sds_hostile import _eventually, fd_count, rss_kb
+from tests.test_sds_hostile import fd_count, rss_kb
 
 pytestmark = pytest.mark.hostile
 
@@ -221,10 +222,10 @@ async def _fuzz_both(
     assert denied["7"] > CASES // 4
     assert problems() == []
     await _good_client_served(entitled.path)
-    await _eventually(lambda: fd_count() <= fds + 2, "fds back to baseline")
-    await _eventually(
+    await eventually(lambda: fd_count() <= fds + 2, what="fds back to baseline")
+    await eventually(
         lambda: not entitled.provider.service._calls and not refused.provider.service._calls,
-        "every call to end",
+        what="every call to end",
     )
     grown = rss_kb() - rss
     print(f"RSS grew {grown / 1024:.1f} MB over {CASES} cases")

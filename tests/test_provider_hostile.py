@@ -32,10 +32,11 @@ from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, short_tmp, wait_for
+from tests.fake_workload_api import eventually
 from tests.h2async import RawClient
 from tests.h2raw import RawH2, grpc_frame
 from tests.test_provider import WEB, provider_args, start_provider, write_identities
-from tests.test_sds_hostile import _eventually, fd_count
+from tests.test_sds_hostile import fd_count
 
 pytestmark = pytest.mark.hostile
 
@@ -532,7 +533,7 @@ async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> Non
                     pass
             for _, writer in stuck:
                 writer.close()
-            await _eventually(lambda: fd_count() <= baseline, "fds back to baseline")
+            await eventually(lambda: fd_count() <= baseline, what="fds back to baseline")
             await _good_client_served(path)
         finally:
             await provider.close()
