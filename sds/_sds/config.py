@@ -12,15 +12,17 @@ read as "no restrictions").
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+if TYPE_CHECKING:
+    import yaml
 
 from .._spiffe import SpiffeId, TrustDomain
 from ..errors import ConfigError, InvalidSpiffeId
@@ -462,21 +464,14 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
     return config
 
 
-# libyaml's parser when PyYAML has it (every PyYAML wheel does): ~10x faster on hostile input.
-_Base: Any = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
-
-
-class _StrictLoader(_Base):  # type: ignore[misc]
-    """A safe loader without implicit timestamps (``2024-02-30`` stays a string), refusing
-    duplicate keys, integers longer than MAX_INT_DIGITS and tags other than plain data."""
-
-
 def _check_depth(text: str) -> None:
     """Refuse nesting deeper than MAX_DEPTH before composing (composing recurses)."""
+    import yaml  # noqa: PLC0415
+
     depth = 0
     starts = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
     ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
-    for item in yaml.parse(text, Loader=_StrictLoader):
+    for item in yaml.parse(text, Loader=_strict_loader()):
         if isinstance(item, starts):
             depth += 1
             if depth > MAX_DEPTH:
@@ -490,13 +485,9 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+def _construct_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
+    import yaml  # noqa: PLC0415
 
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
@@ -515,7 +506,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     return mapping
 
 
-def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
+    import yaml  # noqa: PLC0415
+
     digits = sum(c.isalnum() for c in str(node.value))
     if digits > MAX_INT_DIGITS:
         raise yaml.constructor.ConstructorError(
@@ -525,16 +518,41 @@ def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
     return value
 
 
-def _refuse_tag(loader: _StrictLoader, node: yaml.Node) -> None:
+def _refuse_tag(loader: Any, node: yaml.Node) -> None:
+    import yaml  # noqa: PLC0415
+
     raise yaml.constructor.ConstructorError(
         None, None, f"tag {node.tag} is not allowed in this file", node.start_mark
     )
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-for _tag in ("timestamp", "binary", "set", "omap", "pairs"):
-    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+@functools.cache
+def _strict_loader() -> Any:
+    """A safe loader without implicit timestamps (``2024-02-30`` stays a string), refusing
+    duplicate keys, integers longer than MAX_INT_DIGITS and tags other than plain data.
+
+    Built on first use: PyYAML is imported only when a config file is read (``sds run``
+    without ``--config`` never loads it).
+    """
+    import yaml  # noqa: PLC0415
+
+    # libyaml's parser when PyYAML has it (every PyYAML wheel does): ~10x faster on hostile input.
+    base: Any = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+    class _StrictLoader(base):  # type: ignore[misc]
+        pass
+
+    _StrictLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    _StrictLoader.add_constructor(
+        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+    )
+    _StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+    for tag in ("timestamp", "binary", "set", "omap", "pairs"):
+        _StrictLoader.add_constructor(f"tag:yaml.org,2002:{tag}", _refuse_tag)
+    return _StrictLoader
 
 
 def read_config_bytes(path: str | Path) -> bytes:
@@ -572,9 +590,11 @@ def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 (byte {exc.start})") from exc
+    import yaml  # noqa: PLC0415
+
     try:
         _check_depth(text)
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
