@@ -76,6 +76,8 @@ async def recv_request(stream: Any, limit: int) -> Any:
         body = await h2_stream.recv_data(length) if length else b""
     except AssertionError as exc:
         raise GRPCError(Status.INVALID_ARGUMENT, MSG_TRUNCATED) from exc
+    if len(body) != length:  # the stream ended right after the prefix: grpclib returns b""
+        raise GRPCError(Status.INVALID_ARGUMENT, MSG_TRUNCATED)
     recv_type = stream._recv_type
     try:
         message = stream._codec.decode(body, recv_type)

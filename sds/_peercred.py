@@ -97,6 +97,8 @@ def open_private_dir(path: str, *, create: bool = True) -> int:
     directory (not a symlink), owned by our effective uid, with no group or
     other permission bits; otherwise UnsafePath with one line naming it.
     """
+    if "\0" in path:
+        raise UnsafePath(f"{path!r}: a directory path cannot contain NUL")
     if create:
         parent = os.path.dirname(os.path.abspath(path))
         try:
@@ -272,6 +274,8 @@ def listen_unix(path: str, mode: int = 0o600, *, backlog: int = DEFAULT_BACKLOG)
     """
     directory, name = os.path.split(os.path.abspath(path))
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if "\0" in path:
+        raise UnsafePath(f"{path!r}: a socket path cannot contain NUL")
     try:
         dir_fd = os.open(directory, flags)
     except OSError as exc:

@@ -21,8 +21,8 @@ class RateLimiter:
     """Admits ``burst`` events per key per ``interval`` seconds and counts the rest.
 
     Memory is bounded by the number of live keys: callers :meth:`flush` a key
-    when its owner ends, and at most ``max_keys`` keys are tracked (beyond
-    that, new keys share one overflow key, so they are limited together).
+    when its owner ends, and at most ``max_keys`` keys are tracked, plus one
+    overflow key that every further key shares (so those are limited together).
     """
 
     OVERFLOW: Hashable = ("_overflow",)

@@ -113,10 +113,12 @@ class RawH2:
         metadata: dict[str, str] | None = None,
         repeat: int = 1,
         headers: list[tuple[str, str]] | None = None,
+        end: bool = True,
     ) -> Response:
         """POST ``path``, send ``chunks`` (``repeat`` times, as flow control allows), end, read all.
 
-        Sending stops early once the server answered or reset the stream.
+        Sending stops early once the server answered or reset the stream. With
+        ``end=False`` the request stream is left open (the server must end it).
         """
         sid = self.conn.get_next_available_stream_id()
         response = Response()
@@ -157,7 +159,7 @@ class RawH2:
                     break
             if response.ended or response.reset:
                 break
-        if chunks and not (response.ended or response.reset):
+        if end and chunks and not (response.ended or response.reset):
             try:
                 self.conn.end_stream(sid)
                 self._flush()

@@ -7,7 +7,9 @@ older) with openssl, curl and Python's ssl module as TLS clients.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import ssl
 import threading
@@ -17,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from grpclib.client import Channel
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError
 
+from tests.asuser import run_as
 from tests.conftest import Processes, wait_for
 from tests.envoy import (
     CURRENT_VERSION,
@@ -256,64 +264,39 @@ def test_uid_not_in_allowed_uids_gets_permission_denied(stack: Stack) -> None:
     stack.start_provider()
     stack.start_bridge()
     os.chmod(stack.sds_socket.parent, 0o755)
-    script = stack.dir / "probe.py"  # the stack dir is world-traversable, pytest's tmp is not
-    script.write_text(PROBE)
-    os.chmod(script, 0o644)
-    import subprocess
-    import sys
-
-    def probe(uid: int) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                "setpriv",
-                f"--reuid={uid}",
-                "--regid=0",
-                "--clear-groups",
-                sys.executable,
-                str(script),
-                str(stack.sds_socket),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-
-    denied = probe(1000)
-    assert denied.stdout.strip() == (
+    # A fork of this interpreter, so it works wherever the checkout and the venv live.
+    denied = run_as(1000, fetch_default, str(stack.sds_socket), gid=0)
+    assert denied == (
         "PERMISSION_DENIED uid=1000 gid=0 pid=<pid> is not allowed to fetch secrets "
         "(not in allowed_uids/allowed_gids)"
-    ), denied.stderr[-2000:]
-    assert "PRIVATE KEY" not in denied.stdout + denied.stderr
-    allowed = probe(0)
-    assert allowed.stdout.strip() == "OK default", allowed.stderr[-2000:]
+    )
+    assert "PRIVATE KEY" not in denied
+    assert run_as(0, fetch_default, str(stack.sds_socket), gid=0) == "OK default"
 
 
-PROBE = """
-import asyncio, re, sys
-from grpclib.client import Channel
-from grpclib.const import Cardinality
-from grpclib.exceptions import GRPCError
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
-
-async def main():
-    channel = Channel(path=sys.argv[1])
+async def _fetch_default(socket_path: str) -> str:
+    channel = Channel(path=socket_path)
     try:
         async with channel.request(
             "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets",
-            Cardinality.UNARY_UNARY, DiscoveryRequest, DiscoveryResponse,
+            Cardinality.UNARY_UNARY,
+            DiscoveryRequest,
+            DiscoveryResponse,
         ) as stream:
             await stream.send_message(DiscoveryRequest(resource_names=["default"]), end=True)
             response = await stream.recv_message()
-        print("OK", Secret.parse(response.resources[0].value).name)
+        assert response is not None
+        return f"OK {Secret.parse(response.resources[0].value).name}"
     except GRPCError as exc:
-        print(exc.status.name, re.sub(r"pid=\\d+", "pid=<pid>", exc.message))
+        message = re.sub(r"pid=\d+", "pid=<pid>", exc.message or "")
+        return f"{exc.status.name} {message}"
     finally:
         channel.close()
 
-asyncio.run(main())
-"""
+
+def fetch_default(socket_path: str) -> str:
+    """FetchSecrets ``default`` once; "OK <name>" or "<STATUS> <message>" (run via run_as)."""
+    return asyncio.run(_fetch_default(socket_path))
 
 
 def test_inspect_sds_shows_secrets_and_what_each_envoy_acked(stack: Stack, envoys: Envoys) -> None:

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -39,7 +38,8 @@ from sds._provider.identities import (
 from sds._provider.server import WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import X509Bundle, X509Svid, utcnow
-from tests.conftest import PYTHON, Processes, wait_for
+from tests.asuser import run_as
+from tests.conftest import Processes, wait_for
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -846,19 +846,12 @@ async def test_cli_sighup_reload(procs: Processes, sockdir: Path, tmp_path: Path
 # Attestation across uids (needs root to run a client as another uid)
 
 
-CLIENT = r"""
-import asyncio, json, os, sys
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError
-from sds._proto import workload_pb2 as pb
-from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-
-async def main():
-    out = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
-    channel = Channel(path=sys.argv[1])
+async def _fetch_svids(path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    channel = Channel(path=path)
     try:
         stub = SpiffeWorkloadAPIStub(channel)
-        async with stub.FetchX509SVID.open(metadata={"workload.spiffe.io": "true"}) as stream:
+        async with stub.FetchX509SVID.open(metadata=HEADER) as stream:
             await stream.send_message(pb.X509SVIDRequest(), end=True)
             response = await asyncio.wait_for(stream.recv_message(), 10)
             await stream.cancel()
@@ -868,23 +861,16 @@ async def main():
         out["message"] = exc.message
     finally:
         channel.close()
-    print(json.dumps(out))
-
-asyncio.run(main())
-"""
+    return out
 
 
-def run_as(procs: Processes, uid: int, sock: Path, cwd: Path) -> dict[str, Any]:
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-    proc = procs.start([*argv, PYTHON, "-c", CLIENT, str(sock)], f"client-{uid}", cwd=cwd)
-    assert proc.wait(30) == 0, procs.log(proc)
-    result: dict[str, Any] = json.loads(procs.log(proc).strip().splitlines()[-1])
-    return result
+def fetch_svids(path: str) -> dict[str, Any]:
+    """FetchX509SVID once as whoever runs this (see tests/asuser.py); what came back."""
+    return asyncio.run(_fetch_svids(path))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another uid needs root")
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
-async def test_attestation_by_uid_across_processes(
+def test_attestation_by_uid_across_processes(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
     ids = tmp_path / "ids.yaml"
@@ -894,10 +880,10 @@ async def test_attestation_by_uid_across_processes(
     )
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral", "--socket-mode", "666")
-    allowed = run_as(procs, 1000, sock, sockdir)
+    allowed = run_as(1000, fetch_svids, str(sock))
     assert allowed["uid"] == 1000
     assert allowed.get("ids") == ["spiffe://example.org/svc/u1000"], allowed
-    denied = run_as(procs, 1001, sock, sockdir)
+    denied = run_as(1001, fetch_svids, str(sock))
     assert denied["status"] == "PERMISSION_DENIED", denied
     assert denied["message"] == (
         f"no identity issued: caller pid={denied['pid']} uid=1001 gid=1001 "

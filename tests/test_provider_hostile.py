@@ -26,8 +26,10 @@ from sds._peercred import (
 )
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
+from sds._provider import server as provider_server
+from sds._provider.identities import Identity
 from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
-from sds._spiffe import TrustDomain
+from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
 from tests.conftest import Processes, wait_for
@@ -494,3 +496,28 @@ def test_sigterm_with_a_stale_socket_dir_entry_still_cleans_up(
     wait_for(lambda: stat.S_ISSOCK(os.lstat(sock).st_mode), what="socket")
     assert procs.stop(proc, signal.SIGTERM) == 0
     assert not sock.exists()
+
+
+async def test_a_request_that_never_completes_is_cut_off(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provider_server, "REQUEST_TIMEOUT", 0.5)
+    path = sockdir / "w.sock"
+    web = Identity("web", SpiffeId.from_path(TD, "/web"))
+    provider = WorkloadApiProvider(LocalCA.ephemeral(TD), [web])
+    await provider.start(listen_unix(str(path)))
+
+    def call() -> tuple[str | None, str | None]:
+        with RawH2(str(path)) as client:
+            # Two bytes of a length prefix, then silence (the stream stays open).
+            response = client.call(JWT, [b"\0\0"], metadata=HEADER, end=False)
+        return response.grpc_status, response.grpc_message
+
+    try:
+        status, message = await asyncio.to_thread(call)
+    finally:
+        await provider.close()
+    assert (status, message) == (
+        str(Status.DEADLINE_EXCEEDED.value),
+        "request message not received within 0.5s",
+    )

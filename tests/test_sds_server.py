@@ -373,3 +373,93 @@ async def test_jwt_svid_generic_secret_is_fetched_on_demand_and_refreshed(world:
         assert fetched[0] == ("https://api.example.org", "spiffe://example.org/web")
     finally:
         await world.bridge.jwt.close()
+
+
+async def _eventually(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _stream_of(world: World, node_id: str) -> Callable[[], object]:
+    return lambda: next(
+        (i for i in world.servicer.streams.values() if i.node_id == node_id and i.nacks), None
+    )
+
+
+async def test_sotw_late_ack_and_nack_are_credited_to_the_push_their_nonce_names(
+    world: World,
+) -> None:
+    async with sotw(world.channel, world.instance) as s:
+        await s.send(["default"], with_node=node("ordered-sotw"))
+        a = await s.recv()
+        world.source.set(world.context("/web", "/api", hints=("", "internal")))  # rotate
+        b = await s.recv()
+        version_b = world.bridge.cache.resource_version("default")
+        assert a.serial("default") != b.serial("default")
+        # Envoy answers both pushes, in order: ACK of A, then NACK of B.
+        await s.send(["default"], nonce=a.nonce, version=a.version)
+        await s.send(["default"], nonce=b.nonce, version=a.version, error="B is bad")
+        info = await _eventually(_stream_of(world, "ordered-sotw"), "the NACK of B")
+        view = info.as_dict()  # type: ignore[attr-defined]
+        assert view["acked_version"] == a.version
+        assert view["acked_serials"] == {"default": f"{a.serial('default'):x}"}
+        assert view["nacked_version"] == b.version
+        assert view["rejected"] == {"default": version_b}
+        assert view["nack_error"] == "B is bad"
+        assert view["nacks"] == 1
+        metrics = world.metrics.render().decode()
+        assert (
+            f'sds_envoy_acked_info{{node="ordered-sotw",secret="default",'
+            f'serial="{a.serial("default"):x}",version=' in metrics
+        )
+        assert f'serial="{b.serial("default"):x}"' not in metrics
+
+
+async def test_sotw_late_ack_of_an_older_push_does_not_regress_the_view(world: World) -> None:
+    async with sotw(world.channel, world.instance) as s:
+        await s.send(["default"], with_node=node("late-ack"))
+        a = await s.recv()
+        world.source.set(world.context("/web", "/api", hints=("", "internal")))
+        b = await s.recv()
+        await s.send(["default"], nonce=b.nonce, version=b.version)  # ACK of B
+        await s.send(["default"], nonce=a.nonce, version=a.version)  # late ACK of A
+        await s.send(["default"], nonce=b.nonce, error="repeat")  # B already answered
+        await s.expect_silence(0.2)
+        (info,) = world.servicer.streams.values()
+        assert info.acked_version == b.version
+        assert info.acked_serials == {"default": f"{b.serial('default'):x}"}
+        assert info.nacks == 0
+
+
+async def test_delta_ack_and_nack_out_of_order_are_credited_by_nonce(world: World) -> None:
+    async with delta(world.channel, world.instance) as d:
+        await d.send(["default"], with_node=node("ordered-delta"))
+        a = await d.recv()
+        world.source.set(world.context("/web", "/api", hints=("", "internal")))
+        b = await d.recv()
+        # NACK of B arrives before the ACK of A.
+        await d.send(nonce=b.nonce, error="B is bad")
+        await d.send(nonce=a.nonce)
+        await _eventually(
+            lambda: any(i.acked_version for i in world.servicer.streams.values()), "ACK of A"
+        )
+        (info,) = world.servicer.streams.values()
+        view = info.as_dict()
+        assert view["acked_version"] == a.version
+        assert view["acked"] == {"default": a.resource_versions["default"]}
+        assert view["acked_serials"] == {"default": f"{a.serial('default'):x}"}
+        assert view["nacked_version"] == b.version
+        assert view["rejected"] == {"default": b.resource_versions["default"]}
+        metrics = world.metrics.render().decode()
+        assert (
+            f'sds_envoy_acked_info{{node="ordered-delta",secret="default",'
+            f'serial="{a.serial("default"):x}",version="{a.resource_versions["default"]}"}} 1.0'
+            in metrics
+        )
+        assert 'sds_nacks_total{node="ordered-delta"} 1.0' in metrics

@@ -70,15 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _socket_mode(text: str) -> int:
+    import re  # noqa: PLC0415
+
     from ..errors import ConfigError  # noqa: PLC0415
 
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise ConfigError(f"--socket-mode: want an octal mode like 600 or 666, got {text!r}")
-    return mode
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        shown = repr(text) if len(text) <= 20 else repr(text[:15]) + "..."
+        raise ConfigError(f"--socket-mode: want an octal mode like 600 or 666, got {shown}")
+    return int(text, 8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,6 +161,14 @@ async def _serve(
             new_federation = load_federation(args.federate, provider.trust_domain)
         except ConfigError as exc:
             event(logger, logging.ERROR, "provider.reload_failed", error=str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - policy: a reload never takes the provider down
+            event(
+                logger,
+                logging.ERROR,
+                "provider.reload_failed",
+                error=f"unexpected {type(exc).__name__}: {exc}",
+            )
             return
         provider.reload(new_identities, new_federation)
         event(

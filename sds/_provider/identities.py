@@ -41,7 +41,10 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,8 @@ from ..errors import ConfigError, InvalidBundle, InvalidSpiffeId
 
 __all__ = [
     "ATTRIBUTES",
+    "MAX_FILE_BYTES",
+    "MAX_TTL",
     "MIN_TTL",
     "OPERATORS",
     "Condition",
@@ -70,6 +75,7 @@ __all__ = [
     "load_federation",
     "load_identities",
     "parse_duration",
+    "parse_federated_bundle",
     "parse_identities",
 ]
 
@@ -77,6 +83,12 @@ logger = logging.getLogger("sds.provider")
 
 # SVID lifetimes are whole seconds on the wire (X.509 validity, JWT exp).
 MIN_TTL = dt.timedelta(seconds=1)
+# Longer than any CA we issue from lives; also keeps datetime arithmetic in range.
+MAX_TTL = dt.timedelta(days=3650)
+# Identities and federation files are small; a bigger one is a mistake (or an attack).
+MAX_FILE_BYTES = 4 * 1024 * 1024
+# uid, gid and pid are 32-bit in the kernel.
+_MAX_ID = 2**32 - 1
 ATTRIBUTES = ("workload.unix.gid", "workload.unix.pid", "workload.unix.uid")
 OPERATORS = ("eq", "in", "not_eq", "not_in")
 
@@ -100,7 +112,7 @@ def parse_duration(text: str) -> dt.timedelta:
 
     Raises ValueError with a message suitable after a field name.
     """
-    want = f"invalid duration {text!r} (want e.g. 30s, 5m, 1h30m)"
+    want = f"invalid duration {_show(text)} (want e.g. 30s, 5m, 1h30m)"
     if not isinstance(text, str) or not text:
         raise ValueError(want)
     seconds = 0.0
@@ -114,7 +126,46 @@ def parse_duration(text: str) -> dt.timedelta:
         raise ValueError(want)
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive")
+    if not math.isfinite(seconds) or seconds > MAX_TTL.total_seconds():
+        raise ValueError(
+            f"duration {_show(text)} is longer than {int(MAX_TTL.total_seconds()) // 3600}h"
+        )
     return dt.timedelta(seconds=seconds)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages that quote input."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    Opened non-blocking, so a FIFO or device is refused instead of hanging.
+    Raises ConfigError naming the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{_path_text(path)}: cannot read: {reason}") from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit} bytes")
+    return data
+
+
+def _path_text(path: Path) -> str:
+    return repr(str(path)) if "\0" in str(path) else str(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +318,14 @@ def _duration(value: object, path: str) -> dt.timedelta:
 
 def _integer(value: object, path: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and _DIGITS.fullmatch(value):
-        return int(value)
-    _fail(path, f"want a non-negative integer or numeric string, got {value!r}")
+        number = value
+    elif isinstance(value, str) and len(value) <= 20 and _DIGITS.fullmatch(value):
+        number = int(value)
+    else:
+        _fail(path, f"want a non-negative integer or numeric string, got {_show(value)}")
+    if number > _MAX_ID:
+        _fail(path, f"{_show(number)} is out of range (at most {_MAX_ID})")
+    return number
 
 
 def _timestamp(value: object, path: str) -> dt.datetime:
@@ -282,7 +337,7 @@ def _timestamp(value: object, path: str) -> dt.datetime:
         try:
             stamp = dt.datetime.fromisoformat(value)
         except ValueError:
-            _fail(path, f"want an RFC 3339 timestamp, got {value!r}")
+            _fail(path, f"want an RFC 3339 timestamp, got {_show(value)}")
     else:
         _fail(path, f"want an RFC 3339 timestamp, got {_type_name(value)}")
     return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
@@ -390,7 +445,13 @@ def _identity(doc: object, trust_domain: TrustDomain, source: str) -> Identity:
     )
     raw_id = _string(_required(spiffe, "id", "spec.spiffe"), "spec.spiffe.id", nonempty=True)
     if "{{" in raw_id:
-        _fail("spec.spiffe.id", f"templates are not supported, got {raw_id!r}")
+        _fail("spec.spiffe.id", f"templates are not supported, got {_show(raw_id)}")
+    if raw_id.startswith("spiffe://"):
+        _fail(
+            "spec.spiffe.id",
+            f"{_show(raw_id)} is a full SPIFFE ID; give the path only "
+            f"(the trust domain is {trust_domain.name})",
+        )
     try:
         spiffe_id = SpiffeId.from_path(trust_domain, raw_id)
     except InvalidSpiffeId as exc:
@@ -483,28 +544,56 @@ def parse_identities(text: str, trust_domain: TrustDomain, source: str) -> list[
     identities: list[Identity] = []
     index = 0
     try:
-        for index, doc in enumerate(yaml.load_all(text, Loader=_StrictLoader), start=1):
+        docs = yaml.load_all(text, Loader=_StrictLoader)
+        while True:
+            try:
+                doc = next(docs)
+            except StopIteration:
+                break
+            except (ValueError, OverflowError, RecursionError) as exc:
+                # The constructor's own errors: impossible dates, huge integers, deep nesting.
+                raise ConfigError(
+                    f"{source}: document {index + 1}: invalid YAML value: {_value_problem(exc)}"
+                ) from None
+            index += 1
             if doc is None:
                 continue
             try:
                 identities.append(_identity(doc, trust_domain, f"{source}: document {index}"))
             except _Bad as exc:
                 raise ConfigError(f"{source}: document {index}: {exc}") from None
+            except RecursionError:
+                raise ConfigError(f"{source}: document {index}: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = exc.problem or exc.context or "cannot parse"
         raise ConfigError(f"{source}: document {index + 1}: {line}invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from exc
     return identities
 
 
+def _value_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = str(exc)
+    if "digits" in text and "integer" in text:
+        return "integer with too many digits"
+    return text.split(";", maxsplit=1)[0]
+
+
 def _files(path: Path) -> list[Path]:
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+        children = list(path.iterdir()) if is_dir else []
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{_path_text(path)}: cannot read: {reason}") from exc
+    if is_dir:
         files = sorted(
             child
-            for child in path.iterdir()
+            for child in children
             if child.suffix in (".yaml", ".yml")
             and not child.name.startswith(".")
             and child.is_file()
@@ -524,12 +613,11 @@ def load_identities(path: Path, trust_domain: TrustDomain) -> tuple[Identity, ..
     identities: list[Identity] = []
     names: dict[str, str] = {}
     for file in _files(path):
+        data = read_regular_file(file)
         try:
-            text = file.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{file}: not UTF-8 text") from exc
-        except OSError as exc:
-            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
         for identity in parse_identities(text, trust_domain, str(file)):
             first = names.get(identity.name)
             if first is not None:
@@ -560,10 +648,11 @@ class FederatedBundle:
 
 def load_federated_bundle(trust_domain: TrustDomain, path: Path) -> FederatedBundle:
     """Read a PEM bundle or SPIFFE bundle JWKS for ``trust_domain``; errors name the file."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_federated_bundle(trust_domain, read_regular_file(path), str(path))
+
+
+def parse_federated_bundle(trust_domain: TrustDomain, data: bytes, path: str) -> FederatedBundle:
+    """Parse PEM CA certificates or a SPIFFE bundle JWKS; ``path`` names the source in errors."""
     if b"-----BEGIN" in data:
         try:
             bundle = X509Bundle.from_pem(trust_domain, data)
@@ -585,11 +674,15 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
+    except ValueError:  # cryptography parses extensions lazily: a malformed one surfaces here
+        return False
 
 
-def _from_jwks(trust_domain: TrustDomain, path: Path, data: bytes) -> FederatedBundle:
+def _from_jwks(trust_domain: TrustDomain, path: str, data: bytes) -> FederatedBundle:
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise ConfigError(f"{path}: not JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not JSON: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):

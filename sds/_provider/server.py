@@ -58,6 +58,7 @@ __all__ = [
     "MAX_AUDIENCES",
     "MAX_AUDIENCE_BYTES",
     "MAX_REQUEST_BYTES",
+    "REQUEST_TIMEOUT",
     "SECURITY_HEADER",
     "WorkloadApiProvider",
     "WorkloadApiService",
@@ -77,6 +78,8 @@ _ONE_SECOND = dt.timedelta(seconds=1)
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_BYTES = 1024
+# A caller that opens a call and never finishes sending its (tiny) request is cut off.
+REQUEST_TIMEOUT = 10.0
 
 MSG_NO_HEADER = "security header missing from request"
 MSG_NO_AUDIENCE = "audience must be specified"
@@ -203,7 +206,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def _request(self, stream: Any) -> Any:
         """The call's one request message, read only now that the caller is admitted."""
-        request = await recv_request(stream, MAX_REQUEST_BYTES)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await recv_request(stream, MAX_REQUEST_BYTES)
+        except TimeoutError:
+            raise GRPCError(
+                Status.DEADLINE_EXCEEDED,
+                f"request message not received within {REQUEST_TIMEOUT:g}s",
+            ) from None
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_REQUEST)
         return request

@@ -43,12 +43,9 @@ log = logging.getLogger("sds.metrics")
 
 
 def _build_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+    from .. import __version__  # noqa: PLC0415 - the one version string (sds --version)
 
-    try:
-        return version("spiffe-envoy-sds")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 class Metrics:

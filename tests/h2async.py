@@ -1,0 +1,145 @@
+"""An asyncio raw HTTP/2 gRPC client for hostile-input tests: it sends exactly the bytes it
+is given (broken framing, bad protobuf, unknown methods) and records what comes back,
+headers included, which grpclib's client would hide or refuse to produce.
+
+Unlike the blocking ``tests/h2raw.py``, many streams can be in flight at once on one
+connection, which the fuzz and reset tests need (thousands of streams in seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+
+SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+
+
+def grpc_frame(message: bytes, *, flag: int = 0, length: int | None = None) -> bytes:
+    """A gRPC length-prefixed message; ``flag``/``length`` override the prefix."""
+    size = len(message) if length is None else length
+    return bytes([flag]) + size.to_bytes(4, "big") + message
+
+
+@dataclass
+class Reply:
+    """What the server sent on one stream."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    trailers: dict[str, str] = field(default_factory=dict)
+    data: bytes = b""
+    reset: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def status(self) -> str | None:
+        """grpc-status, from the trailers or a trailers-only response."""
+        return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+
+    @property
+    def message(self) -> str | None:
+        from urllib.parse import unquote
+
+        raw = self.trailers.get("grpc-message", self.headers.get("grpc-message"))
+        return unquote(raw) if raw is not None else None
+
+
+class RawClient:
+    """One HTTP/2 connection to a Unix socket; many streams may be in flight at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.replies: dict[int, Reply] = {}
+        self.closed = asyncio.Event()
+        self.writer.write(self.conn.data_to_send())
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, path: str) -> RawClient:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                for ev in self.conn.receive_data(data):
+                    reply = self.replies.get(getattr(ev, "stream_id", 0) or 0)
+                    if isinstance(ev, ResponseReceived) and reply is not None:
+                        reply.headers = dict(ev.headers)  # type: ignore[arg-type]
+                    elif isinstance(ev, TrailersReceived) and reply is not None:
+                        reply.trailers = dict(ev.headers)  # type: ignore[arg-type]
+                    elif isinstance(ev, DataReceived):
+                        if reply is not None:
+                            reply.data += ev.data
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, StreamEnded) and reply is not None:
+                        reply.done.set()
+                    elif isinstance(ev, StreamReset) and reply is not None:
+                        reply.reset = True
+                        reply.done.set()
+                    elif isinstance(ev, ConnectionTerminated):
+                        break
+                out = self.conn.data_to_send()
+                if out:
+                    self.writer.write(out)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            for reply in self.replies.values():
+                reply.done.set()
+
+    def start(
+        self, path: str, body: bytes, *, end: bool = True, content_type: str | None = None
+    ) -> Reply:
+        """Open a stream to ``path`` and send ``body`` as DATA (as much as the window allows)."""
+        stream_id = self.conn.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("te", "trailers"),
+            ("content-type", content_type or "application/grpc"),
+        ]
+        reply = self.replies[stream_id] = Reply()
+        self.conn.send_headers(stream_id, headers, end_stream=not body and end)
+        if body:
+            window = min(self.conn.local_flow_control_window(stream_id), len(body))
+            chunk = self.conn.max_outbound_frame_size
+            for i in range(0, window, chunk):
+                last = i + chunk >= window
+                self.conn.send_data(
+                    stream_id, body[i : min(i + chunk, window)], end_stream=end and last
+                )
+        self.writer.write(self.conn.data_to_send())
+        return reply
+
+    async def call(self, path: str, body: bytes, *, timeout: float = 10.0, **kw: object) -> Reply:
+        reply = self.start(path, body, **kw)  # type: ignore[arg-type]
+        await asyncio.wait_for(reply.done.wait(), timeout)
+        return reply
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
