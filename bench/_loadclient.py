@@ -59,8 +59,10 @@ class Load:
         names: list[str],
         node_template: bytes | None,
         reconnect: bool = False,
+        node_first_only: bool = False,
     ) -> None:
         self.reconnect = reconnect
+        self.node_first_only = node_first_only
         self.reachable = asyncio.Event()
         self.reachable.set()
         self.probing: asyncio.Task[None] | None = None
@@ -151,14 +153,16 @@ class Load:
                     version = fields[1][0]
                     nonce = fields[5][0]
                     assert isinstance(version, bytes) and isinstance(nonce, bytes)
-                    # Envoy (1.40 default) repeats its node on every request, ACKs included.
+                    # Envoy (1.40 default) repeats its node on every request, ACKs included;
+                    # with set_node_on_first_message_only (sds envoy-bootstrap) it does not.
+                    again = template is not None and not self.node_first_only
                     await stream.send_message(
                         discovery_request(
                             names,
                             version=version.decode(),
                             nonce=nonce.decode(),
-                            node_id=node_id if template is not None else None,
-                            node_template=template,
+                            node_id=node_id if again else None,
+                            node_template=template if again else None,
                         )
                     )
                     if not got_response:
@@ -197,6 +201,11 @@ async def main() -> int:
     parser.add_argument("--names", default="default")
     parser.add_argument("--node-file", help="serialized Node to send, like Envoy, on every request")
     parser.add_argument(
+        "--node-first-only",
+        action="store_true",
+        help="send the node on a stream's first request only (set_node_on_first_message_only)",
+    )
+    parser.add_argument(
         "--reconnect", action="store_true", help="reconnect when the server goes away"
     )
     args = parser.parse_args()
@@ -213,6 +222,7 @@ async def main() -> int:
         names=args.names.split(","),
         node_template=template,
         reconnect=args.reconnect,
+        node_first_only=args.node_first_only,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -20,6 +20,9 @@ one identity ``web``). Measured in one run:
    serving /metrics it never loads prometheus_client.
 3. **Where memory goes**: VmRSS of fresh interpreters importing the
    bridge's dependencies cumulatively, one group more per row.
+Before measuring, ``sds/`` is byte-compiled (as an installed package is), so
+no start compiles source.
+
 4. **Where start-up time goes**: ``python -X importtime`` of one ``sds run``
    start, aggregated per top-level package, plus the slowest modules.
 """
@@ -290,9 +293,22 @@ def idle_window(pids: dict[str, int], seconds: float) -> dict[str, dict[str, flo
     return out
 
 
+def compile_sources() -> None:
+    """Byte-compile ``sds/`` as ``pip install`` does for an installed package.
+
+    A checkout run with PYTHONDONTWRITEBYTECODE=1 (or from a read-only tree) has no
+    ``__pycache__``, and every start would compile each module from source first:
+    ~50 ms and ~2 MB that no installed bridge pays.
+    """
+    import compileall
+
+    compileall.compile_dir(str(_common.REPO / "sds"), quiet=1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     print(machine_line(info), flush=True)
+    compile_sources()
     with workspace() as wd:
         procs = Procs(wd)
         envoys = Envoys(wd / "envoy")

@@ -7,8 +7,10 @@ Every figure is measured for the bridge (fake Workload API ``bench/_upstream.py`
 -> ``sds run``) and for the zero-work floor (``bench/_floor.py``) in the same
 run. Every load stream (``bench/_loadclient.py``: one connection and node id
 per stream, ACKs every response) sends the Node a real Envoy 1.40 sent (~61 KB,
-captured at the start of the run from one Envoy against the floor) on every
-request, ACKs included, as Envoy does.
+captured at the start of the run from one Envoy against the floor) on its first
+request, as an Envoy configured by ``sds envoy-bootstrap``
+(``set_node_on_first_message_only: true``) does; ``--node-every-request``
+repeats it on every ACK too (Envoy's default).
 
 1. **fanout** (default 10,000 streams, 3 measured rotations after 1 warm-up):
    T0 just before the rotation command is written; "last" = the latest stream
@@ -49,6 +51,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,6 +232,7 @@ def start_clients(
     *,
     reconnect: bool = False,
     per_process: int = STREAMS_PER_CLIENT,
+    node_first_only: bool = True,
 ) -> list[subprocess.Popen[bytes]]:
     count = max(1, math.ceil(streams / per_process))
     per_client = [streams // count + (1 if i < streams % count else 0) for i in range(count)]
@@ -250,6 +254,8 @@ def start_clients(
         ]
         if reconnect:
             argv.append("--reconnect")
+        if node_first_only:
+            argv.append("--node-first-only")
         clients.append(
             procs.start(argv, f"load-{server.kind}-{server.tag}-{i}", stdin=True, stdout=True)
         )
@@ -301,6 +307,8 @@ def fanout_case(
     node_file: Path,
     index: list[int],
     profile: Path | None = None,
+    profile_copy: Path | None = None,
+    node_first_only: bool = True,
 ) -> dict[str, Any]:
     """One server, ``streams`` streams, ``warmup + rotations`` rotations."""
     server = Server(kind, wd, procs, material, f"f{streams}", profile=profile)
@@ -314,7 +322,7 @@ def fanout_case(
         wait_idle(server.proc.pid)
         out["rss0_kb"] = rss_kb(server.proc.pid)
         opened = time.monotonic()
-        clients = start_clients(procs, server, streams, node_file)
+        clients = start_clients(procs, server, streams, node_file, node_first_only=node_first_only)
         out["open_s"] = time.monotonic() - opened
         wait_idle(server.proc.pid, timeout=300)
         out["rss_open_kb"] = rss_kb(server.proc.pid)
@@ -346,6 +354,8 @@ def fanout_case(
             wait_until(profile.exists, 30, "profile written")
             time.sleep(0.5)
             out["profile"] = top_functions(profile)
+            if profile_copy is not None:
+                shutil.copyfile(profile, profile_copy)
         out["rss_after_kb"] = rss_kb(server.proc.pid)
         out["hwm_kb"] = _common.hwm_kb(server.proc.pid)
         out["client"] = client_stats(clients)
@@ -367,6 +377,7 @@ def storm_case(
     material: Path,
     node_file: Path,
     index: list[int],
+    node_first_only: bool = True,
 ) -> dict[str, Any]:
     """``runs`` kill -9 + restart of one server under ``streams`` reconnecting streams."""
     server = Server(kind, wd, procs, material, f"s{streams}")
@@ -378,7 +389,13 @@ def storm_case(
         # Leaf 0: what a restarted floor serves, and what this fresh upstream keeps serving.
         current = 0
         clients = start_clients(
-            procs, server, streams, node_file, reconnect=True, per_process=STORM_PER_CLIENT
+            procs,
+            server,
+            streams,
+            node_file,
+            reconnect=True,
+            per_process=STORM_PER_CLIENT,
+            node_first_only=node_first_only,
         )
         for r in range(runs):
             wait_idle(server.proc.pid, timeout=300)
@@ -516,6 +533,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         material=material,
                         node_file=node_file,
                         index=index,
+                        node_first_only=not args.node_every_request,
+                        profile_copy=args.profile,
                         profile=wd / "bridge.prof"
                         if args.profile and kind == "bridge" and n == args.streams
                         else None,
@@ -542,6 +561,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         material=material,
                         node_file=node_file,
                         index=index,
+                        node_first_only=not args.node_every_request,
                     )
             return report(args, info, fan, storm)
         except BaseException:
@@ -766,10 +786,19 @@ def main() -> int:
     parser.add_argument("--storm-streams", type=int, default=None, help="storm streams (1,000)")
     parser.add_argument("--storm-runs", type=int, default=None, help="storm repetitions (3)")
     parser.add_argument("--parts", default="fanout,sweep,storm")
+    parser.add_argument(
+        "--node-every-request",
+        action="store_true",
+        help="repeat the 61 KB node on every ACK (Envoy's default) instead of the first "
+        "request only (set_node_on_first_message_only, as sds envoy-bootstrap sets)",
+    )
     parser.add_argument("--no-summary", action="store_true", help="leave docs/bench/ alone")
     parser.add_argument("--plot-only", action="store_true", help="redraw docs/bench/scale.png")
     parser.add_argument(
-        "--profile", action="store_true", help="cProfile the bridge's measured fan-out rotations"
+        "--profile",
+        type=Path,
+        metavar="OUT.prof",
+        help="cProfile the bridge's measured fan-out rotations; keep the pstats file here",
     )
     args = parser.parse_args()
     if args.plot_only:
