@@ -50,6 +50,17 @@ def test_sds_run_imports_leave_the_optional_modules_unloaded() -> None:
     assert not any(m.startswith("envoy_data_plane") for m in modules)
 
 
+def test_the_run_command_line_loads_no_other_subcommand() -> None:
+    modules = loaded_after(
+        "from sds.cli import build_parser\n"
+        "args = build_parser('run').parse_args(['run', '--listen', 'unix:///tmp/x.sock'])\n"
+        "assert args.listen == 'unix:///tmp/x.sock'\n"
+    )
+    assert "sds._sds.command" in modules
+    others = ("sds._provider", "sds._demo", "sds._bootstrap", "sds._inspect", "yaml", "zipfile")
+    assert [m for m in others if m in modules] == []
+
+
 def test_reading_a_config_file_loads_yaml_and_still_parses_strictly() -> None:
     modules = loaded_after(
         "from sds._sds.config import parse_config_text\n"
