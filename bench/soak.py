@@ -243,7 +243,16 @@ def _run(
         requests += 1
         time.sleep(args.interval)
     return report(
-        args, info, samples, requests, failures, latencies, serials, warmup, procs, bridge
+        args,
+        info,
+        samples=samples,
+        requests=requests,
+        failures=failures,
+        latencies=latencies,
+        serials=serials,
+        warmup=warmup,
+        procs=procs,
+        bridge=bridge,
     )
 
 
