@@ -108,9 +108,9 @@ def truncate_token(token: str) -> str:
 
 
 def _iso(when: dt.datetime) -> str:
-    import datetime as dt  # noqa: PLC0415
+    from ._x509 import utc_text  # noqa: PLC0415
 
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_text(when)
 
 
 async def collect(address: Address, audience: list[str], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109

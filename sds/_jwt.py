@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from ._spiffe import SpiffeId, TrustDomain
 from .errors import InvalidBundle, InvalidJwt, InvalidSpiffeId
 
-__all__ = ["JwtBundle", "JwtSvidClaims", "PublicKey", "sign_jwt_svid", "validate_jwt_svid"]
+__all__ = [
+    "JwtBundle",
+    "JwtSvidClaims",
+    "PublicKey",
+    "b64url_decode",
+    "b64url_encode",
+    "sign_jwt_svid",
+    "validate_jwt_svid",
+]
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
@@ -52,11 +60,13 @@ _CURVES: dict[str, ec.EllipticCurve] = {
 }
 
 
-def _b64e(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
+    """Unpadded base64url (RFC 7515, section 2), as JWS and JWK fields are written."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _b64d(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding; ``binascii.Error`` (a ValueError) if invalid."""
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -110,12 +120,12 @@ def _jwk_public_key(jwk: Mapping[str, Any]) -> PublicKey:
         curve = _CURVES.get(str(jwk.get("crv")))
         if curve is None:
             raise ValueError(f"unsupported curve {jwk.get('crv')!r}")
-        x = int.from_bytes(_b64d(jwk["x"]), "big")
-        y = int.from_bytes(_b64d(jwk["y"]), "big")
+        x = int.from_bytes(b64url_decode(jwk["x"]), "big")
+        y = int.from_bytes(b64url_decode(jwk["y"]), "big")
         return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
     if kty == "RSA":
-        n = int.from_bytes(_b64d(jwk["n"]), "big")
-        e = int.from_bytes(_b64d(jwk["e"]), "big")
+        n = int.from_bytes(b64url_decode(jwk["n"]), "big")
+        e = int.from_bytes(b64url_decode(jwk["e"]), "big")
         return rsa.RSAPublicNumbers(e, n).public_key()
     raise ValueError(f"unsupported key type {kty!r}")
 
@@ -128,14 +138,14 @@ def _public_jwk(key: PublicKey) -> dict[str, str]:
         return {
             "kty": "EC",
             "crv": crv,
-            "x": _b64e(numbers.x.to_bytes(size, "big")),
-            "y": _b64e(numbers.y.to_bytes(size, "big")),
+            "x": b64url_encode(numbers.x.to_bytes(size, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(size, "big")),
         }
     rsa_numbers = key.public_numbers()
     return {
         "kty": "RSA",
-        "n": _b64e(rsa_numbers.n.to_bytes((rsa_numbers.n.bit_length() + 7) // 8, "big")),
-        "e": _b64e(rsa_numbers.e.to_bytes((rsa_numbers.e.bit_length() + 7) // 8, "big")),
+        "n": b64url_encode(rsa_numbers.n.to_bytes((rsa_numbers.n.bit_length() + 7) // 8, "big")),
+        "e": b64url_encode(rsa_numbers.e.to_bytes((rsa_numbers.e.bit_length() + 7) // 8, "big")),
     }
 
 
@@ -160,13 +170,13 @@ def sign_jwt_svid(
         "exp": issued + ttl_seconds,
     }
     signing_input = (
-        _b64e(json.dumps(header, separators=(",", ":")).encode())
+        b64url_encode(json.dumps(header, separators=(",", ":")).encode())
         + "."
-        + _b64e(json.dumps(claims, separators=(",", ":")).encode())
+        + b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
     )
     der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
     r, s = decode_dss_signature(der)
-    return signing_input + "." + _b64e(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    return signing_input + "." + b64url_encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +204,9 @@ def validate_jwt_svid(
     if len(parts) != 3:
         raise InvalidJwt("token is not a compact JWS (want header.payload.signature)")
     try:
-        header = json.loads(_b64d(parts[0]))
-        claims = json.loads(_b64d(parts[1]))
-        signature = _b64d(parts[2])
+        header = json.loads(b64url_decode(parts[0]))
+        claims = json.loads(b64url_decode(parts[1]))
+        signature = b64url_decode(parts[2])
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJwt("token header or payload is not base64url JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):

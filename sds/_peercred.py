@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ._files import read_regular_file
 from .errors import SocketInUse, UnsafePath
 
 __all__ = [
@@ -140,29 +141,29 @@ def read_private_file(dir_fd: int, name: str, *, where: str, secret: bool = True
     bytes, and (when ``secret``) with no group or other permission bits.
     ``where`` names the directory in errors (UnsafePath).
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+    def check(info: os.stat_result) -> str | None:
+        if info.st_uid != os.geteuid():
+            return f"owned by uid {info.st_uid}, not by us"
+        if secret and info.st_mode & 0o077:
+            return f"private key is mode {_describe_mode(info.st_mode)}; want 600"
+        return None
+
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        return read_regular_file(
+            name,
+            MAX_PRIVATE_FILE,
+            lambda why: UnsafePath(f"{where}/{name}: {why}"),
+            dir_fd=dir_fd,
+            follow_symlinks=False,
+            check=check,
+        )
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafePath(f"{where}/{name}: is a symbolic link; refusing it") from exc
         raise UnsafePath(f"{where}/{name}: cannot read: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafePath(f"{where}/{name}: not a regular file")
-        if info.st_uid != os.geteuid():
-            raise UnsafePath(f"{where}/{name}: owned by uid {info.st_uid}, not by us")
-        if secret and info.st_mode & 0o077:
-            raise UnsafePath(
-                f"{where}/{name}: private key is mode {_describe_mode(info.st_mode)}; want 600"
-            )
-        data = handle.read(MAX_PRIVATE_FILE + 1)
-    if len(data) > MAX_PRIVATE_FILE:
-        raise UnsafePath(f"{where}/{name}: larger than {MAX_PRIVATE_FILE} bytes")
-    return data
 
 
 def write_private_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600) -> None:

@@ -31,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import datetime as dt
 import ipaddress
 import json
 import logging
 import os
 import random
+import struct
+import sys
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -44,6 +47,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
@@ -85,6 +89,52 @@ ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 #: The security header sent on every call (Workload Endpoint s.3).
 SECURITY_HEADER = ("workload.spiffe.io", "true")
 _METADATA = dict([SECURITY_HEADER])
+
+#: Deadline of every unary call and of the first message of a one-shot stream (seconds).
+CALL_TIMEOUT = 10.0
+#: Largest message accepted from a Workload API (bytes): far above real bundles (a
+#: federation of hundreds of trust domains is a few MiB), far below what hurts memory.
+MAX_MESSAGE_BYTES = 16 * 2**20
+#: Seconds between HTTP/2 PINGs on the upstream connection. grpc-go servers (SPIRE, tbot)
+#: refuse clients that ping more often than every 5 minutes (ENHANCE_YOUR_CALM), so stay
+#: just above it; a silent stream is caught earlier by the Watcher's stall deadline.
+KEEPALIVE_INTERVAL = 310.0
+#: Seconds to wait for a PING's answer before the connection is declared dead.
+KEEPALIVE_TIMEOUT = 20.0
+# grpclib's messages for a response that is not gRPC (no or another content-type, HTTP error).
+_NOT_GRPC = ("Missing content-type header", "Invalid content-type", "Received :status")
+
+
+class MessageTooLarge(Exception):
+    """A peer declared a message longer than the receive limit (internal; mapped in _errors)."""
+
+
+def _method_name(method: Any) -> str:
+    """``FetchJWTSVID`` for grpclib's method object named ``/SpiffeWorkloadAPI/FetchJWTSVID``."""
+    return str(getattr(method, "name", "")).rpartition("/")[2]
+
+
+async def _recv_capped(stream: Any, limit: int) -> Any:
+    """The next message of a grpclib client stream, or None at its end; refuses a message
+    whose declared length exceeds ``limit`` before reading its body.
+
+    grpclib 0.4.9 (pinned) buffers a message of any declared length; this is its
+    ``Stream.recv_message`` with the length checked first (gRPC over HTTP/2: a
+    message is a 1-byte compressed flag, a 4-byte big-endian length, the bytes).
+    """
+    if not stream._recv_initial_metadata_done:
+        await stream.recv_initial_metadata()
+    with stream._wrapper:
+        prefix = await stream._stream.recv_data(5)
+        if not prefix:
+            return None
+        if prefix[0]:
+            raise ProtocolError("compressed messages are not supported")
+        length = int.from_bytes(prefix[1:5], "big")
+        if length > limit:
+            raise MessageTooLarge(f"a {length}-byte message (the limit is {limit} bytes)")
+        data = await stream._stream.recv_data(length)
+        return stream._codec.decode(data, stream._recv_type)
 
 
 # --------------------------------------------------------------------------- address
@@ -128,6 +178,8 @@ def parse_address(text: str | None, *, option: str = "--workload-api") -> Addres
         return ConfigError(f"workload API address {text!r}{source} {reason}")
 
     generic = "must be unix:///path or tcp://ip:port"
+    if "\x00" in text:
+        raise bad("contains a NUL byte")
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -312,17 +364,40 @@ class WorkloadApiClient:
     InvalidSvid, InvalidBundle or InvalidJwt.
     """
 
-    def __init__(self, address: Address | str) -> None:
+    def __init__(
+        self,
+        address: Address | str,
+        *,
+        call_timeout: float = CALL_TIMEOUT,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        keepalive: float | None = KEEPALIVE_INTERVAL,
+    ) -> None:
         self.address = _coerce_address(address)
+        self.call_timeout = call_timeout
+        self.max_message_bytes = max_message_bytes
+        self._keepalive = keepalive
         self._channel: Channel | None = None
         self._stub: SpiffeWorkloadAPIStub | None = None
 
     def _api(self) -> SpiffeWorkloadAPIStub:
         if self._stub is None:
+            config = None
+            if self._keepalive is not None:
+                # HTTP/2 PINGs on an idle connection, unlimited in number: a peer that stops
+                # answering for KEEPALIVE_TIMEOUT seconds is dropped and the watch reconnects.
+                config = Configuration(
+                    _keepalive_time=self._keepalive,
+                    _keepalive_timeout=KEEPALIVE_TIMEOUT,
+                    _keepalive_permit_without_calls=True,
+                    _http2_max_pings_without_data=0,
+                    _http2_min_sent_ping_interval_without_data=self._keepalive,
+                )
             if self.address.scheme == "unix":
-                self._channel = Channel(path=self.address.path)
+                self._channel = Channel(path=self.address.path, config=config)
             else:
-                self._channel = Channel(host=self.address.host, port=self.address.port)
+                self._channel = Channel(
+                    host=self.address.host, port=self.address.port, config=config
+                )
             self._stub = SpiffeWorkloadAPIStub(self._channel)
         return self._stub
 
@@ -347,12 +422,26 @@ class WorkloadApiClient:
     # -- error translation -------------------------------------------------
 
     @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, method: str = "") -> Iterator[None]:
         where = f"workload API at {self.address}"
         try:
             yield
+        except TimeoutError as exc:
+            raise WorkloadApiUnavailable(
+                f"{where} did not answer {method or 'the call'} within {self.call_timeout:g}s"
+            ) from exc
         except GRPCError as exc:
             message = exc.message or exc.status.name
+            if exc.status is Status.UNKNOWN and message.startswith(_NOT_GRPC):
+                # HTTP/2 that is not gRPC (or a gRPC peer that omits content-type).
+                raise WorkloadApiMisconfigured(
+                    f"{self.address}: not a SPIFFE Workload API (the peer does not speak gRPC)"
+                ) from exc
+            if exc.status is Status.UNIMPLEMENTED and method:
+                raise WorkloadApiMisconfigured(
+                    f"{self.address}: not a SPIFFE Workload API "
+                    f"(the peer does not implement {method})"
+                ) from exc
             if exc.status is Status.UNAVAILABLE:
                 raise WorkloadApiUnavailable(f"{where} is unavailable: {message}") from exc
             if exc.status is Status.PERMISSION_DENIED:
@@ -378,26 +467,47 @@ class WorkloadApiClient:
             raise WorkloadApiUnavailable(f"{where} is unavailable: {reason}") from exc
         except ProtocolError as exc:
             raise WorkloadApiError(f"{where}: gRPC protocol error: {exc}") from exc
+        except MessageTooLarge as exc:
+            raise WorkloadApiError(f"{where} sent {exc}") from exc
 
     async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
         """Raw messages of one server stream, until the server ends it."""
-        with self._errors():
+        with self._errors(_method_name(method)):
             async with method.open(metadata=_METADATA) as stream:
                 await stream.send_message(request, end=True)
-                async for message in stream:
+                while (message := await _recv_capped(stream, self.max_message_bytes)) is not None:
                     yield message
 
     async def _first(self, method: Any, request: Any, what: str) -> Any:
-        """The first message of a server stream; the stream is then cancelled."""
-        with self._errors():
-            async with method.open(metadata=_METADATA) as stream:
+        """The first message of a server stream within ``call_timeout``; then cancelled."""
+        with self._errors(_method_name(method)):
+            async with (
+                asyncio.timeout(self.call_timeout),
+                method.open(metadata=_METADATA) as stream,
+            ):
                 await stream.send_message(request, end=True)
-                message = await stream.recv_message()
+                message = await _recv_capped(stream, self.max_message_bytes)
                 if message is not None:
                     await stream.cancel()
         if message is None:
             raise WorkloadApiUnavailable(
                 f"workload API at {self.address} ended the {what} stream without a response"
+            )
+        return message
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        """One unary call, answered within ``call_timeout`` and at most ``max_message_bytes``."""
+        with self._errors(_method_name(method)):
+            async with (
+                asyncio.timeout(self.call_timeout),
+                method.open(metadata=_METADATA) as stream,
+            ):
+                await stream.send_message(request, end=True)
+                message = await _recv_capped(stream, self.max_message_bytes)
+                await stream.recv_trailing_metadata()
+        if message is None:
+            raise WorkloadApiUnavailable(
+                f"workload API at {self.address} answered {_method_name(method)} with no message"
             )
         return message
 
@@ -443,8 +553,7 @@ class WorkloadApiClient:
     ) -> list[JwtSvid]:
         """JWT-SVIDs for ``audience`` (all of the caller's identities, or only ``spiffe_id``)."""
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=spiffe_id or "")
-        with self._errors():
-            resp = await self._api().FetchJWTSVID(request, metadata=_METADATA)
+        resp = await self._unary(self._api().FetchJWTSVID, request)
         return [_jwt_svid(msg) for msg in resp.svids]
 
     async def fetch_jwt_bundles(self) -> dict[TrustDomain, JwtBundle]:
@@ -467,8 +576,7 @@ class WorkloadApiClient:
         surfaces as WorkloadApiMisconfigured carrying the server's reason.
         """
         request = workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token)
-        with self._errors():
-            resp = await self._api().ValidateJWTSVID(request, metadata=_METADATA)
+        resp = await self._unary(self._api().ValidateJWTSVID, request)
         try:
             sid = SpiffeId.parse(resp.spiffe_id)
         except InvalidSpiffeId as exc:
@@ -477,6 +585,147 @@ class WorkloadApiClient:
 
         claims: dict[str, Any] = _plain(json_format.MessageToDict(resp.claims))
         return sid, claims
+
+
+# --------------------------------------------------------------------------- socket watch
+
+#: Seconds the first X.509-SVID message may take after connecting.
+FIRST_MESSAGE_TIMEOUT = 10.0
+#: How long an open X.509-SVID stream may stay silent: this fraction of the remaining
+#: lifetime of the earliest-expiring SVID, clamped to [SILENCE_MIN, SILENCE_MAX] seconds.
+SILENCE_FRACTION = 0.75
+SILENCE_MIN = 1.0
+SILENCE_MAX = 300.0
+#: After the socket reappears, connection failures are retried this many times every
+#: FAST_RETRY_DELAY seconds (a server binds before it serves) before the backoff resumes.
+FAST_RETRIES = 20
+FAST_RETRY_DELAY = 0.005
+#: Stat-poll interval when inotify is not available (only while disconnected).
+_POLL_INTERVAL = 0.2
+
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_EVENT = struct.Struct("iIII")
+
+
+def _inode(path: str) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path``: device, inode and change time (tmpfs reuses inode
+    numbers at once, so a recreated socket can carry its predecessor's), or None."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+
+
+def _inotify_directory(directory: str) -> int:
+    """An inotify fd watching ``directory`` for created and moved-in entries; raise OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+    mask = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
+    if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+        errno = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(errno, f"inotify_add_watch {directory} failed")
+    return fd
+
+
+class SocketWatch:
+    """Tells when a Unix socket path is created or replaced, so a reconnect need not wait
+    out its backoff.
+
+    Linux: inotify on the socket's directory (no polling); elsewhere, or while the
+    directory itself is missing, a stat poll every 0.2 s. It exists only while the
+    watcher is disconnected. If the path already holds another inode than
+    ``known`` (the socket we were last connected to, if any), that counts as
+    having appeared.
+    """
+
+    def __init__(self, path: str, known: tuple[int, int, int] | None) -> None:
+        self._path = path
+        self._directory, self._name = os.path.split(path)
+        self._appeared = asyncio.Event()
+        self._fd = -1
+        self._poller: asyncio.Task[None] | None = None
+        current = _inode(path)
+        self._seen = current  # what the stat poll compares against
+        self._start()
+        if known is not None and current is not None and current != known:
+            self._appeared.set()  # replaced between the disconnect and this watch
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if sys.platform.startswith("linux"):
+            try:
+                self._fd = _inotify_directory(self._directory)
+            except (OSError, AttributeError):
+                self._fd = -1
+            else:
+                loop.add_reader(self._fd, self._readable)
+                return
+        self._poller = loop.create_task(self._poll(), name="socket-poll")
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        offset = 0
+        gone = not data
+        while offset + _EVENT.size <= len(data):
+            _, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
+                gone = True
+            elif mask & _IN_Q_OVERFLOW or os.fsdecode(name) == self._name:
+                self._appeared.set()  # an overflow may have hidden ours: try once more
+        if gone:  # the directory went away: fall back to polling until it is back
+            self._close_fd()
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="socket-poll")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(_POLL_INTERVAL)
+            current = _inode(self._path)
+            if current != self._seen:
+                self._seen = current
+                if current is not None:
+                    self._appeared.set()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s; True if the socket appeared (the flag is then cleared)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._appeared.wait()
+        except TimeoutError:
+            return False
+        self._appeared.clear()
+        return True
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """Stop watching (on connect, or when the watcher stops)."""
+        self._close_fd()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
 
 
 # --------------------------------------------------------------------------- watcher
@@ -581,7 +830,12 @@ class Watcher:
 
     :meth:`run` follows the X.509-SVID stream and the JWT bundle stream over
     one connection, reconnecting with exponential backoff and full jitter
-    (reset after each good message) until cancelled. Each message is the
+    (reset after each good message) until cancelled. A stream that sends no
+    first message within ``first_message_timeout``, or stays silent past 3/4 of
+    the remaining lifetime of the earliest-expiring SVID held (1 s to
+    ``silence_max``), is abandoned for a new connection; on a Unix socket the
+    socket's directory is watched while disconnected and a reappearing socket
+    is connected at once, without waiting out the backoff. Each message is the
     complete state (Workload API s.5): SVIDs missing from it are withdrawn.
     SVIDs are validated one by one: an invalid one is reported and the last
     good SVID with the same SPIFFE ID and hint is kept while unexpired; a
@@ -601,13 +855,24 @@ class Watcher:
         *,
         events: WatcherEvents | None = None,
         backoff_initial: float = 0.1,
-        backoff_max: float = 30.0,
+        backoff_max: float = 5.0,
+        first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
+        silence_max: float = SILENCE_MAX,
+        watch_socket: bool = True,
     ) -> None:
         self.address = _coerce_address(address)
         self._events: WatcherEvents = events if events is not None else NullEvents()
         Backoff(backoff_initial, backoff_max)  # validate the arguments early
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self.first_message_timeout = first_message_timeout
+        self.silence_max = silence_max
+        self._watch_socket = watch_socket and self.address.scheme == "unix"
+        self._socket_watch: SocketWatch | None = None
+        self._connected_inode: tuple[int, int, int] | None = None
+        self._reconnected = asyncio.Event()
+        # Quick retries left since the socket appeared (it may be bound but not serving yet).
+        self._fast_retries = 0
         self._ctx: X509Context | None = None
         self._jwt: dict[TrustDomain, JwtBundle] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -675,26 +940,111 @@ class Watcher:
 
     async def _x509_loop(self, client: WorkloadApiClient) -> None:
         backoff = Backoff(self._backoff_initial, self._backoff_max)
-        while True:
-            connected = False
-            try:
-                async with contextlib.aclosing(client._x509_responses()) as responses:
-                    async for resp in responses:
-                        if not connected:
-                            connected = True
-                            self._last_error = None
-                            self._events.on_connected()
-                            event(
-                                logger, logging.INFO, "workload_api.connected", address=self.address
-                            )
-                        if self._apply_x509(resp):
-                            backoff.reset()
-                raise WorkloadApiUnavailable(
-                    f"workload API at {self.address} ended the X.509-SVID stream"
-                )
-            except WorkloadApiError as exc:
-                delay = self._x509_failed(exc, backoff)
+        try:
+            while True:
+                try:
+                    await self._follow_x509(client, backoff)
+                    continue  # the stream went silent: reconnect at once
+                except WorkloadApiUnavailable as exc:
+                    if self._fast_retries:
+                        self._fast_retries -= 1
+                        self._last_error = exc
+                        event(logger, logging.DEBUG, "workload_api.not_serving_yet", error=exc)
+                        delay = FAST_RETRY_DELAY
+                    else:
+                        delay = self._x509_failed(exc, backoff)
+                except WorkloadApiError as exc:
+                    delay = self._x509_failed(exc, backoff)
+                except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
+                    event(logger, logging.ERROR, "workload_api.unexpected_error", error=repr(exc))
+                    delay = self._x509_failed(
+                        WorkloadApiError(f"workload API at {self.address}: {exc!r}"), backoff
+                    )
+                if await self._retry_wait(delay):
+                    backoff.reset()
+                    self._fast_retries = FAST_RETRIES
+        finally:
+            self._stop_socket_watch()
+
+    async def _follow_x509(self, client: WorkloadApiClient, backoff: Backoff) -> None:
+        """One X.509-SVID stream until it fails (raises) or stays silent too long (returns).
+
+        The first message must come within ``first_message_timeout``; after each
+        message the stream may stay silent for 3/4 of the remaining lifetime of
+        the earliest-expiring SVID held (at least 1 s, at most ``silence_max``),
+        so a server that keeps the connection open but stopped sending is
+        abandoned while a quarter of that lifetime is left to fetch a new SVID. A
+        healthy upstream rotates at half-life (SPIRE, our provider), well inside
+        the bound, so a fresh SVID never causes a reconnect.
+        """
+        connected = False
+        async with contextlib.aclosing(client._x509_responses()) as responses:
+            while True:
+                limit = self._silence_limit() if connected else self.first_message_timeout
+                try:
+                    async with asyncio.timeout(limit):
+                        resp = await anext(responses)
+                except StopAsyncIteration:
+                    raise WorkloadApiUnavailable(
+                        f"workload API at {self.address} ended the X.509-SVID stream"
+                    ) from None
+                except TimeoutError:
+                    client.close()  # a hung server: the next attempt opens a new connection
+                    if not connected:
+                        raise WorkloadApiUnavailable(
+                            f"workload API at {self.address} sent no X.509-SVID message "
+                            f"within {limit:g}s of connecting"
+                        ) from None
+                    event(
+                        logger,
+                        logging.WARNING,
+                        "workload_api.silent",
+                        address=self.address,
+                        silent_for=f"{limit:.3f}",
+                        action="reconnecting (a stalled stream or a replaced server)",
+                    )
+                    return
+                if not connected:
+                    connected = True
+                    self._on_stream_up()
+                if self._apply_x509(resp):
+                    backoff.reset()
+
+    def _on_stream_up(self) -> None:
+        self._last_error = None
+        self._fast_retries = 0
+        self._stop_socket_watch()
+        self._connected_inode = _inode(self.address.path) if self._watch_socket else None
+        self._reconnected.set()
+        self._reconnected.clear()
+        self._events.on_connected()
+        event(logger, logging.INFO, "workload_api.connected", address=self.address)
+
+    def _silence_limit(self) -> float:
+        """How long the X.509 stream may stay silent: 3/4 of the earliest SVID's remaining life."""
+        expires_at = self._expires_at
+        if expires_at is None:
+            return self.silence_max
+        remaining = (expires_at - utcnow()).total_seconds()
+        return min(max(remaining * SILENCE_FRACTION, SILENCE_MIN), self.silence_max)
+
+    async def _retry_wait(self, delay: float) -> bool:
+        """Sleep ``delay`` before reconnecting; on a Unix socket, wake early (True) when the
+        socket file is created or replaced. The directory is watched only while disconnected."""
+        if not self._watch_socket:
             await asyncio.sleep(delay)
+            return False
+        if self._socket_watch is None:
+            self._socket_watch = SocketWatch(self.address.path, self._connected_inode)
+        appeared = await self._socket_watch.wait(delay)
+        if appeared:
+            event(logger, logging.INFO, "workload_api.socket_appeared", address=self.address)
+        return appeared
+
+    def _stop_socket_watch(self) -> None:
+        if self._socket_watch is not None:
+            self._socket_watch.close()
+            self._socket_watch = None
 
     def _x509_failed(self, exc: WorkloadApiError, backoff: Backoff) -> float:
         """Record a failed X.509 stream attempt; return the delay before the next one."""
@@ -710,7 +1060,8 @@ class Watcher:
                 address=self.address,
                 error=exc,
                 problem="configuration: the server rejected the request as invalid "
-                "(e.g. the workload.spiffe.io security header or the address)",
+                "(e.g. the workload.spiffe.io security header) or is not a Workload API "
+                "(check the address)",
                 attempt=backoff.attempt,
                 retry_in=f"{self._backoff_max:.3f}",
             )
@@ -751,7 +1102,9 @@ class Watcher:
                 raise WorkloadApiUnavailable(
                     f"workload API at {self.address} ended the JWT bundle stream"
                 )
-            except WorkloadApiError as exc:
+            except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
+                if not isinstance(exc, WorkloadApiError):
+                    exc = WorkloadApiError(f"workload API at {self.address}: {exc!r}")
                 if isinstance(exc, WorkloadApiMisconfigured):
                     backoff.attempt += 1
                     delay = self._backoff_max
@@ -768,7 +1121,10 @@ class Watcher:
                     attempt=backoff.attempt,
                     retry_in=f"{delay:.3f}",
                 )
-            await asyncio.sleep(delay)
+            # Wake early when the X.509 stream is back (e.g. the socket reappeared).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._reconnected.wait()
 
     # -- state changes -----------------------------------------------------
 

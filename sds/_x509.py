@@ -30,8 +30,14 @@ __all__ = [
     "X509Source",
     "X509Svid",
     "split_der_certificates",
+    "utc_text",
     "utcnow",
 ]
+
+
+def utc_text(when: dt.datetime) -> str:
+    """``when`` in UTC as RFC 3339 to the second with a ``Z`` (``2026-01-02T03:04:05Z``)."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def utcnow() -> dt.datetime:

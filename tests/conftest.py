@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -11,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +21,8 @@ from sds._procs import stop_group
 from tests.envoy import echo_app, envoy_version, envoys
 
 __all__ = ["echo_app", "envoy_version", "envoys"]
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -38,13 +42,70 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
         delay = min(delay * 2, 0.1)
 
 
+def run_sds(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sds ARGS`` to completion; its exit status and text output, never raising."""
+    return subprocess.run(
+        [sys.executable, "-m", "sds", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def captured_log(logger_name: str, keep: Callable[[logging.LogRecord], T]) -> Iterator[list[T]]:
+    """``keep(record)`` for every record logged on ``logger_name`` (DEBUG and up) in the block.
+
+    A handler on the logger itself, so it sees records whatever the propagation settings.
+    """
+    records: list[T] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(keep(record))
+
+    log = logging.getLogger(logger_name)
+    handler = Collect(logging.DEBUG)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+@pytest.fixture
+def sds_logs_reach_caplog() -> Iterator[None]:
+    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
+    root = logging.getLogger("sds")
+    saved = (root.handlers[:], root.level, root.propagate)
+    root.handlers[:], root.propagate = [], True
+    yield
+    root.handlers[:], root.level, root.propagate = saved
+
+
+@contextlib.contextmanager
+def short_tmp(prefix: str, mode: int) -> Iterator[Path]:
+    """A new directory under /tmp (short, for sun_path's 107 bytes) with ``mode``; removed after."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     """A short private directory for Unix sockets (sun_path is limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="sds-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp("sds-", 0o755) as path:
+        yield path
 
 
 class Processes:

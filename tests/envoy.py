@@ -89,6 +89,19 @@ _WHEEL_BINARY = Path("envoy") / "_bin" / "envoy"
 _LOOPBACK = "127.0.0.1"
 
 
+def http_request(
+    port: int, path: str, *, method: str = "GET", timeout: float = 5.0, host: str = _LOOPBACK
+) -> tuple[int, bytes]:
+    """One plain HTTP/1.1 request to ``host:port``; (status, body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 class EnvoyError(Exception):
     """An Envoy could not be installed, started, reached or did not become ready."""
 
@@ -697,13 +710,7 @@ class EnvoyProcess:
 
     def admin(self, path: str, *, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
         """Send one request to the admin interface; return (status, body)."""
-        conn = http.client.HTTPConnection(_LOOPBACK, self.admin_port(), timeout=timeout)
-        try:
-            conn.request(method, path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        return http_request(self.admin_port(), path, method=method, timeout=timeout)
 
     def admin_json(self, path: str) -> Any:
         """GET an admin path and decode its JSON; raise EnvoyError on a non-200 status."""

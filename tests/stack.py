@@ -72,10 +72,9 @@ class Stack:
 
     # -- processes --------------------------------------------------------------------------
 
-    def start_provider(self) -> None:
-        if self.workload_socket.exists():
-            self.workload_socket.unlink()
-        self.provider = self.procs.sds(
+    def provider_args(self) -> list[str]:
+        """``sds`` arguments of the provider (one state dir, so restarts keep the CA)."""
+        return [
             "workload-api",
             "--socket",
             str(self.workload_socket),
@@ -87,8 +86,12 @@ class Stack:
             str(self.dir / "ca"),
             "--x509-ttl",
             self.x509_ttl,
-            name="provider",
-        )
+        ]
+
+    def start_provider(self) -> None:
+        if self.workload_socket.exists():
+            self.workload_socket.unlink()
+        self.provider = self.procs.sds(*self.provider_args(), name="provider")
         wait_for(self.workload_socket.exists, 15, "workload API socket")
 
     def write_config(self, **extra: Any) -> None:

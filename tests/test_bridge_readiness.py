@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -23,13 +23,8 @@ HOUR = dt.timedelta(hours=1)
 
 
 @pytest.fixture(autouse=True)
-def _sds_logs_reach_caplog() -> Iterator[None]:
-    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
-    root = logging.getLogger("sds")
-    saved = (root.handlers[:], root.level, root.propagate)
-    root.handlers[:], root.propagate = [], True
-    yield
-    root.handlers[:], root.level, root.propagate = saved
+def _sds_logs_reach_caplog(sds_logs_reach_caplog: None) -> None:
+    """Every test here reads ``sds`` logs through caplog."""
 
 
 class Source:

@@ -19,18 +19,12 @@ import pytest
 import sds
 from sds._log import configure_logging, event
 from sds.cli import build_parser, main
+from tests.conftest import run_sds
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-def sds_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sds", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+sds_cli = run_sds
 
 
 @pytest.fixture

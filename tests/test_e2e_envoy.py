@@ -249,8 +249,8 @@ def test_bridge_kill9_and_provider_restart_keep_traffic_flowing(
         before = loop.ok
         procs.stop(stack.provider, signal.SIGKILL)
         wait_for(lambda: loop.ok > before + 10, 10, "traffic while the provider is down")
+        served = stack.served_serial()  # before the restart: the bridge reconnects at once
         stack.start_provider()
-        served = stack.served_serial()
         wait_for(lambda: stack.served_serial() != served, 20, "bridge got the restarted provider")
         wait_for(lambda: loop.serials[-1] == stack.served_serial(), 10, "Envoy presents it")
     finally:

@@ -33,13 +33,19 @@ import pytest
 import yaml
 
 from sds import _bootstrap
-from sds._ca import LocalCA
-from sds._spiffe import TrustDomain
 from tests import gobuild
 from tests.conftest import REPO, Processes, wait_for
-from tests.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, EchoApp, EnvoyProcess, Envoys
+from tests.envoy import (
+    CURRENT_VERSION,
+    DEFAULT_VERSIONS,
+    EchoApp,
+    EnvoyProcess,
+    Envoys,
+    http_request,
+)
 from tests.stack import Stack, identities_yaml
 from tests.test_e2e_envoy import ClientLoop
+from tests.test_provider import start_federated_provider
 from tests.tlsclient import HttpsClient
 
 TD = "spiffe://example.org"
@@ -112,29 +118,9 @@ spec:
 @pytest.fixture
 def provider(procs: Processes, sockdir: Path, tmp_path: Path) -> Path:
     """``sds workload-api`` with a partner.org federation and a 6 s X.509 TTL (rotates ~3 s)."""
-    identities = tmp_path / "identities.yaml"
-    identities.write_text(CHECKER_IDENTITIES)
-    federated = tmp_path / "partner.pem"
-    federated.write_bytes(LocalCA.ephemeral(TrustDomain("partner.org")).bundle.pem())
     sock = sockdir / "workload.sock"
-    server = procs.sds(
-        "workload-api",
-        "--socket",
-        str(sock),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(identities),
-        "--ephemeral",
-        "--federate",
-        f"partner.org={federated}",
-        "--x509-ttl",
-        "6s",
-        "--socket-mode",
-        "666",
-        name="provider",
-    )
-    wait_for(lambda: "provider.ready" in procs.log(server), 15, "provider.ready")
+    extra = ("--x509-ttl", "6s", "--socket-mode", "666")
+    start_federated_provider(procs, sock, tmp_path, CHECKER_IDENTITIES, *extra, timeout=15)
     return sock
 
 
@@ -325,7 +311,6 @@ def start_go_server(procs: Processes, gopeers: Path, stack: Stack, allow: str) -
 def test_spiffetls_server_behind_the_envoy_outbound_listener(
     procs: Processes, gopeers: Path, stack: Stack, envoys: Envoys
 ) -> None:
-    import http.client
 
     stack.start_provider()
     stack.start_bridge()
@@ -339,13 +324,7 @@ def test_spiffetls_server_behind_the_envoy_outbound_listener(
     ports = [envoy.listener_port(f"outbound_{i}") for i in range(len(routes))]
 
     def get(port: int) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request("GET", "/hello")
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        return http_request(port, "/hello", timeout=10)
 
     status, body = get(ports[0])
     assert status == 200, body

@@ -28,6 +28,7 @@ from sds._provider.identities import (
 )
 from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import ConfigError
+from tests.conftest import captured_log
 
 DATA = Path(__file__).parent / "data" / "identities"
 TD = TrustDomain("example.org")
@@ -51,20 +52,8 @@ def with_condition(condition: str) -> str:
 @pytest.fixture
 def provider_log() -> Iterator[list[logging.LogRecord]]:
     """Records logged on ``sds.provider`` (independent of propagation settings)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    log = logging.getLogger("sds.provider")
-    handler = Collect(logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    yield records
-    log.removeHandler(handler)
-    log.setLevel(old_level)
+    with captured_log("sds.provider", lambda record: record) as records:
+        yield records
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sds import cli
-from tests.conftest import PYTHON, REPO, Processes, wait_for
+from tests.conftest import PYTHON, REPO, Processes, run_sds, wait_for
 from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, x509_response
 from tests.material import Authority
 
@@ -203,14 +203,7 @@ async def test_inspect_bad_address_and_no_address(
 def test_inspect_missing_socket_as_a_process(sockdir: Path) -> None:
     """The real command line: exit status 1 and exactly one line on stderr."""
     address = f"unix://{sockdir}/missing.sock"
-    proc = subprocess.run(
-        [PYTHON, "-m", "sds", "inspect", "--path", address],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_sds("inspect", "--path", address, cwd=REPO)
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert (

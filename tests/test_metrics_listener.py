@@ -7,7 +7,6 @@ what the loopback-only admin endpoint does: ``/secrets``, ``/envoys``, JWKS.
 from __future__ import annotations
 
 import argparse
-import http.client
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,12 @@ from sds._sds import command
 from sds._sds.config import MetricsConfig, load_config, parse_config
 from sds.errors import ConfigError
 from tests.conftest import Processes, wait_for
+from tests.envoy import http_request
 from tests.stack import TRUST_DOMAIN, Stack
 
 
 def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request(method, path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    return http_request(port, path, method=method)
 
 
 @pytest.mark.parametrize(

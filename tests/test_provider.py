@@ -39,7 +39,7 @@ from sds._provider.server import WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import X509Bundle, X509Svid, utcnow
 from tests.asuser import run_as
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes, captured_log, wait_for
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -65,20 +65,8 @@ ONLY_ME = uid_rule("eq", os.getuid())
 @pytest.fixture
 def provider_log() -> Iterator[list[str]]:
     """Messages logged on ``sds.provider`` (independent of propagation settings)."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    log = logging.getLogger("sds.provider")
-    handler = Collect(logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(old_level)
+    with captured_log("sds.provider", logging.LogRecord.getMessage) as lines:
+        yield lines
 
 
 Serve = Callable[..., Awaitable[tuple[WorkloadApiProvider, SpiffeWorkloadAPIStub]]]
@@ -523,10 +511,16 @@ DB = (
 )
 
 
-def start_provider(
-    procs: Processes, sock: Path, identities: Path, *extra: str, **kwargs: Any
-) -> Any:
-    proc = procs.sds(
+def write_identities(directory: Path, text: str = WEB) -> Path:
+    """``directory``/ids.yaml holding ``text`` (one web identity by default)."""
+    path = directory / "ids.yaml"
+    path.write_text(text)
+    return path
+
+
+def provider_args(sock: Path, identities: Path, *extra: str) -> list[str]:
+    """``sds workload-api`` arguments for trust domain example.org on ``sock``."""
+    return [
         "workload-api",
         "--socket",
         str(sock),
@@ -535,15 +529,37 @@ def start_provider(
         "--identities",
         str(identities),
         *extra,
-        name="provider",
-        **kwargs,
-    )
+    ]
+
+
+def start_provider(
+    procs: Processes,
+    sock: Path,
+    identities: Path,
+    *extra: str,
+    timeout: float = 10.0,
+    **kwargs: Any,
+) -> Any:
+    """Start ``sds workload-api`` (see provider_args) and wait until it logs provider.ready."""
+    proc = procs.sds(*provider_args(sock, identities, *extra), name="provider", **kwargs)
     wait_for(
         lambda: "provider.ready" in procs.log(proc) or proc.poll() is not None,
-        what="provider.ready",
+        timeout,
+        "provider.ready",
     )
     assert proc.poll() is None, procs.log(proc)
     return proc
+
+
+def start_federated_provider(
+    procs: Processes, sock: Path, directory: Path, identities: str, *extra: str, **kwargs: Any
+) -> Any:
+    """start_provider with ``identities`` (YAML text) and an ephemeral partner.org bundle."""
+    federated = directory / "partner.pem"
+    federated.write_bytes(LocalCA.ephemeral(TrustDomain("partner.org")).bundle.pem())
+    ids = write_identities(directory, identities)
+    federate = ("--federate", f"partner.org={federated}")
+    return start_provider(procs, sock, ids, "--ephemeral", *federate, *extra, **kwargs)
 
 
 async def fetch_once(sock: Path, method: str) -> Any:
@@ -563,8 +579,7 @@ async def fetch_once(sock: Path, method: str) -> Any:
 async def test_cli_serves_logs_ready_and_stops_on_sigterm(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB + "---\n" + DB)
+    ids = write_identities(tmp_path, WEB + "---\n" + DB)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral")
     assert (
@@ -584,8 +599,7 @@ async def test_cli_serves_logs_ready_and_stops_on_sigterm(
 
 
 async def test_cli_socket_mode_and_sigint(procs: Processes, sockdir: Path, tmp_path: Path) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral", "--socket-mode", "666")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o666
@@ -658,22 +672,11 @@ def test_cli_config_errors_exit_2_with_one_line(
     procs: Processes, sockdir: Path, tmp_path: Path, case: str
 ) -> None:
     content, extra, message = CLI_ERRORS[case]
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(content)
+    ids = write_identities(tmp_path, content)
     bad = tmp_path / "bad.bundle"
     bad.write_text("not a bundle\n")
     args = [a.format(bad=bad) for a in extra]
-    proc = procs.sds(
-        "workload-api",
-        "--socket",
-        str(sockdir / "x.sock"),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(ids),
-        "--ephemeral",
-        *args,
-    )
+    proc = procs.sds(*provider_args(sockdir / "x.sock", ids, "--ephemeral", *args))
     assert proc.wait(30) == 2
     expected = "sds workload-api: " + message.format(ids=ids, bad=bad) + "\n"
     assert procs.log(proc) == expected
@@ -683,19 +686,9 @@ def test_cli_config_errors_exit_2_with_one_line(
 def test_cli_missing_socket_dir_exits_2_with_one_line(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "missing-dir" / "w.sock"
-    proc = procs.sds(
-        "workload-api",
-        "--socket",
-        str(sock),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(ids),
-        "--ephemeral",
-    )
+    proc = procs.sds(*provider_args(sock, ids, "--ephemeral"))
     assert proc.wait(30) == 2
     assert procs.log(proc) == (
         f"sds workload-api: socket directory {sock.parent}: cannot open: "
@@ -706,8 +699,7 @@ def test_cli_missing_socket_dir_exits_2_with_one_line(
 async def test_cli_state_dir_is_private_and_reused(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     state = tmp_path / "state"
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--state-dir", str(state))
@@ -727,8 +719,7 @@ async def test_cli_state_dir_is_private_and_reused(
 async def test_cli_ephemeral_writes_nothing(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     sock = sockdir / "w.sock"
@@ -744,8 +735,7 @@ async def test_cli_ephemeral_writes_nothing(
 
 
 async def test_cli_federation(procs: Processes, sockdir: Path, tmp_path: Path) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     other, third = LocalCA.ephemeral(OTHER), LocalCA.ephemeral(THIRD)
     (tmp_path / "other.pem").write_bytes(other.bundle.pem())
     (tmp_path / "third.json").write_bytes(other_ca_jwks(third))
@@ -777,8 +767,7 @@ async def test_cli_federation(procs: Processes, sockdir: Path, tmp_path: Path) -
 
 
 async def test_cli_rotates_at_half_life(procs: Processes, sockdir: Path, tmp_path: Path) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     start_provider(procs, sock, ids, "--ephemeral", "--x509-ttl", "4s")
     channel = Channel(path=str(sock))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,9 +30,9 @@ from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
 from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes, short_tmp, wait_for
 from tests.h2raw import RawH2, grpc_frame
-from tests.test_provider import WEB, start_provider
+from tests.test_provider import WEB, provider_args, start_provider, write_identities
 
 pytestmark = pytest.mark.hostile
 
@@ -47,23 +45,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid
 @pytest.fixture
 def public_tmp() -> Iterator[Path]:
     """A sticky, world-writable directory like /tmp, where another uid can plant things."""
-    path = Path(tempfile.mkdtemp(prefix="sds-pub-", dir="/tmp"))
-    os.chmod(path, 0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def provider_args(sock: Path, ids: Path, *extra: str) -> list[str]:
-    return [
-        "workload-api",
-        "--socket",
-        str(sock),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(ids),
-        *extra,
-    ]
+    with short_tmp("sds-pub-", 0o1777) as path:
+        yield path
 
 
 def fails_with(procs: Processes, args: list[str], message: str) -> None:
@@ -87,8 +70,7 @@ def _plant(state: str) -> None:
 def test_state_dir_precreated_by_another_uid_is_refused_and_no_key_is_written(
     procs: Processes, public_tmp: Path, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     state = public_tmp / "state"
     run_as(ATTACKER, _plant, str(state))
     fails_with(
@@ -105,8 +87,7 @@ def test_state_dir_precreated_by_another_uid_is_refused_and_no_key_is_written(
 def test_state_dir_open_to_others_is_refused_even_if_ours(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
     os.chmod(state, 0o755)
@@ -121,8 +102,7 @@ def test_state_dir_open_to_others_is_refused_even_if_ours(
 def test_state_dir_that_is_a_symlink_is_refused(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     link = tmp_path / "state"
@@ -189,8 +169,7 @@ def test_fifo_in_state_dir_is_refused_without_hanging(tmp_path: Path) -> None:
 def test_socket_dir_owned_by_another_uid_is_refused(
     procs: Processes, public_tmp: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     theirs = public_tmp / "run"
     run_as(ATTACKER, os.mkdir, str(theirs), 0o755)
     fails_with(
@@ -205,8 +184,7 @@ def test_socket_dir_owned_by_another_uid_is_refused(
 def test_world_writable_socket_dir_without_sticky_bit_is_refused(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     os.chmod(sockdir, 0o777)
     fails_with(
         procs,
@@ -230,8 +208,7 @@ def test_sticky_world_writable_socket_dir_is_accepted(public_tmp: Path) -> None:
 def test_second_provider_on_a_live_socket_exits_2_and_the_first_keeps_serving(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     first = start_provider(procs, sock, ids, "--ephemeral")
     inode = os.lstat(sock).st_ino
@@ -322,8 +299,7 @@ async def _served_once(sock: Path) -> None:
 async def test_non_entitled_flood_is_refused_before_reading_and_rss_stays_flat(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(ONLY_1000)  # we (uid 0) are not entitled
+    ids = write_identities(tmp_path, ONLY_1000)  # we (uid 0) are not entitled
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral", "--socket-mode", "666")
     await _served_once(sock)  # warm up every code path once
@@ -351,8 +327,7 @@ async def test_non_entitled_flood_is_refused_before_reading_and_rss_stays_flat(
 async def test_oversized_request_is_resource_exhausted_from_its_prefix(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral")
 
@@ -380,8 +355,7 @@ async def test_oversized_request_is_resource_exhausted_from_its_prefix(
 async def test_jwt_audience_caps(
     procs: Processes, tmp_path: Path, sockdir: Path, audience: list[str], message: str
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     start_provider(procs, sock, ids, "--ephemeral")
     channel = Channel(path=str(sock))
@@ -430,8 +404,7 @@ MALFORMED: dict[str, tuple[str, list[bytes], str]] = {
 async def test_malformed_frames_and_protobuf_are_invalid_argument_without_traceback(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral")
 
@@ -461,8 +434,7 @@ async def test_malformed_frames_and_protobuf_are_invalid_argument_without_traceb
 async def test_unknown_method_is_unimplemented_with_grpc_content_type(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral")
     path = "/SpiffeWorkloadAPI/FetchWITSVID"
@@ -486,8 +458,7 @@ async def test_unknown_method_is_unimplemented_with_grpc_content_type(
 def test_sigterm_with_a_stale_socket_dir_entry_still_cleans_up(
     procs: Processes, tmp_path: Path, sockdir: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(str(sock))

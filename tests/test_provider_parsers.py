@@ -28,7 +28,7 @@ from sds._provider.identities import (
 from sds._spiffe import TrustDomain
 from sds.errors import ConfigError
 from tests.conftest import Processes, wait_for
-from tests.test_provider import WEB, first, start_provider
+from tests.test_provider import WEB, first, provider_args, start_provider, write_identities
 
 pytestmark = pytest.mark.hostile
 
@@ -114,6 +114,15 @@ IDENTITY_CASES: dict[str, tuple[bytes, str]] = {
         "than 87600h",
     ),
     "NUL": (b"kind: workload_identity\x00\n", "{f}: invalid YAML: "),
+    # The strict YAML rules shared with the bridge config (sds/_strictyaml.py):
+    "non-plain key": (
+        b"? [a]\n: 1\n",
+        "{f}: document 1: line 1: invalid YAML: a key must be a plain value",
+    ),
+    "merge overriding a key": (
+        b"a: &a {x: 1}\nb: {<<: *a, x: 2}\n",
+        "{f}: document 1: line 2: invalid YAML: duplicate key 'x'",
+    ),
 }
 
 
@@ -180,20 +189,9 @@ def test_bad_socket_modes(text: str) -> None:
 def test_cli_ttl_overflow_exits_2_with_one_line(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
-    proc = procs.sds(
-        "workload-api",
-        "--socket",
-        str(sockdir / "w.sock"),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(ids),
-        "--ephemeral",
-        "--x509-ttl",
-        "99999999999h",
-    )
+    ids = write_identities(tmp_path)
+    args = provider_args(sockdir / "w.sock", ids, "--ephemeral", "--x509-ttl", "99999999999h")
+    proc = procs.sds(*args)
     assert proc.wait(30) == 2
     assert procs.log(proc) == (
         "sds workload-api: --x509-ttl: duration '99999999999h' is longer than 87600h\n"
@@ -325,8 +323,7 @@ RELOAD_SAMPLES: dict[str, tuple[bytes, str]] = {
 async def test_sighup_with_bad_files_keeps_old_state_and_logs_each_failure(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     sock = sockdir / "w.sock"
     proc = start_provider(procs, sock, ids, "--ephemeral")
     expected = []
@@ -387,8 +384,7 @@ def test_hostile_cli_values_exit_2_with_one_line(
 ) -> None:
     from sds.cli import main
 
-    ids = tmp_path / "ids.yaml"
-    ids.write_text(WEB)
+    ids = write_identities(tmp_path)
     override, message = CLI_VALUES[case]
     options = {
         "--socket": str(sockdir / "w.sock"),

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sds._ca import LocalCA
-from sds._spiffe import TrustDomain
-from tests.conftest import PYTHON, REPO, Processes, wait_for
+from tests.conftest import PYTHON, REPO, Processes
+from tests.test_provider import start_federated_provider
 
 PROBE = REPO / "tests" / "pyspiffe_probe.py"
 
@@ -61,25 +60,8 @@ def run_probe(procs: Processes, socket_uri: str, *args: str) -> dict[str, Any]:
 def test_pyspiffe_fetches_and_validates_everything(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
-    identities = tmp_path / "identities.yaml"
-    identities.write_text(IDENTITIES)
-    federated = tmp_path / "partner.pem"
-    federated.write_bytes(LocalCA.ephemeral(TrustDomain("partner.org")).bundle.pem())
     sock = sockdir / "workload.sock"
-    server = procs.sds(
-        "workload-api",
-        "--socket",
-        str(sock),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(identities),
-        "--ephemeral",
-        "--federate",
-        f"partner.org={federated}",
-        name="provider",
-    )
-    wait_for(lambda: "provider.ready" in procs.log(server), what="provider.ready")
+    server = start_federated_provider(procs, sock, tmp_path, IDENTITIES)
 
     out = run_probe(procs, f"unix://{sock}", "payments", "spiffe://example.org/svc/hidden")
 

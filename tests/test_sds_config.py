@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sds._sds.config import load_config, parse_config, parse_config_text
 from sds.errors import ConfigError
+from tests.conftest import run_sds
 from tests.mutate import mutations
 
 
@@ -20,8 +19,8 @@ from tests.mutate import mutations
         (
             "listen: unix:///tmp/x.sock\nlisten_mode: 1\n",
             "sds.yaml: listen_mode: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-            "default_svid, disable_spiffe_cert_validation, listen, metrics, names, policies, "
-            "secrets, socket_mode, trust_domain, workload_api)",
+            "default_svid, disable_spiffe_cert_validation, jwt_svids, listen, metrics, names, "
+            "policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)",
         ),
         (
             "listen: tcp://10.0.0.1:9000\n",
@@ -77,29 +76,17 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, messag
 def test_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     path = tmp_path / "sds.yaml"
     path.write_text("listen: unix:///tmp/x.sock\nbogus: 1\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "sds", "run", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_sds("run", "--config", str(path))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"sds run: {path}: bogus: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-        "default_svid, disable_spiffe_cert_validation, listen, metrics, names, policies, secrets, "
-        "socket_mode, trust_domain, workload_api)"
+        "default_svid, disable_spiffe_cert_validation, jwt_svids, listen, metrics, names, "
+        "policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)"
     ]
 
 
 def test_missing_listen_is_reported() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sds", "run"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_sds("run")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "sds run: no SDS listen address: set listen in the config or pass --listen"
@@ -181,13 +168,7 @@ def test_fifo_or_directory_as_config_is_refused_without_hanging(tmp_path: Path) 
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
     for path in (fifo, tmp_path):
-        result = subprocess.run(
-            [sys.executable, "-m", "sds", "run", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_sds("run", "--config", str(path))
         assert result.returncode == 2
         assert result.stderr.splitlines() == [f"sds run: {path}: cannot read: not a regular file"]
 

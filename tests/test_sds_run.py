@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,19 +23,14 @@ from grpclib.client import Channel
 from sds._sds.command import _prepare_socket_dir
 from sds.errors import StartupError
 from tests.asuser import run_as
-from tests.conftest import PYTHON, Processes, wait_for
+from tests.conftest import PYTHON, Processes, run_sds, wait_for
 from tests.sdsfake import fetch
 from tests.stack import Stack
 
 
 @pytest.fixture(autouse=True)
-def _sds_logs_reach_caplog() -> Iterator[None]:
-    """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
-    root = logging.getLogger("sds")
-    saved = (root.handlers[:], root.level, root.propagate)
-    root.handlers[:], root.propagate = [], True
-    yield
-    root.handlers[:], root.level, root.propagate = saved
+def _sds_logs_reach_caplog(sds_logs_reach_caplog: None) -> None:
+    """Every test here reads ``sds`` logs through caplog."""
 
 
 def _readyz(port: int) -> tuple[int, str]:
@@ -48,13 +42,7 @@ def _readyz(port: int) -> tuple[int, str]:
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sds", "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_sds("run", *args, timeout=timeout)
 
 
 def _fetch_ids(path: Path, names: list[str]) -> dict[str, str]:
@@ -77,13 +65,7 @@ def _fetch_ids(path: Path, names: list[str]) -> dict[str, str]:
 
 
 def _wait(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sds", "wait", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_sds("wait", *args)
 
 
 def test_socket_appears_only_with_secrets_then_sigterm_cleans_up(
@@ -177,11 +159,17 @@ def test_nul_in_listen_is_one_line_exit_2(tmp_path: Path) -> None:
     ]
 
 
-def test_admin_port_in_use_is_one_line_exit_2(sockdir: Path) -> None:
+@contextlib.contextmanager
+def _taken_port() -> Iterator[int]:
+    """A loopback TCP port some other socket is listening on, for the duration."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_admin_port_in_use_is_one_line_exit_2(sockdir: Path) -> None:
+    with _taken_port() as port:
         result = _run(
             "--workload-api",
             f"unix://{sockdir}/none.sock",
@@ -199,10 +187,7 @@ def test_admin_port_in_use_is_one_line_exit_2(sockdir: Path) -> None:
 def test_tcp_listen_port_in_use_is_one_line_exit_2(procs: Processes, sockdir: Path) -> None:
     stack = Stack(procs, sockdir)
     stack.start_provider()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
+    with _taken_port() as port:
         result = _run(
             "--workload-api",
             f"unix://{stack.workload_socket}",
@@ -601,7 +586,6 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import errno
-    import logging
 
     from sds._sds.admin import AdminLimits, AdminServer, Response
 
@@ -650,7 +634,6 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
 
 
 def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    import logging
 
     from sds._sds.command import _ThrottledLoopErrors
 

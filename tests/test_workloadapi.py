@@ -821,6 +821,15 @@ async def test_watcher_survives_a_provider_restart(
         assert isinstance(rec.of("disconnected")[0], WorkloadApiUnavailable)
 
 
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 async def test_client_against_the_real_provider(
     procs: Processes, sockdir: Path, tmp_path: Path
 ) -> None:
@@ -828,7 +837,8 @@ async def test_client_against_the_real_provider(
     identities.write_text(IDENTITIES)
     path = sockdir / "api.sock"
     start_provider(procs, path, tmp_path / "state", identities)
-    await eventually(path.exists, timeout=30, what="the provider's socket")
+    # Listening, not only bound: the provider binds, then chmods, then listens.
+    await eventually(lambda: _accepts(path), timeout=30, what="the provider's socket")
     async with WorkloadApiClient(f"unix://{path}") as client:
         ctx = await client.fetch_x509_context()
         [jwt] = await client.fetch_jwt_svids(["payments"])

@@ -42,9 +42,7 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +51,13 @@ from typing import Any, NoReturn
 import yaml
 from cryptography import x509
 
+from .._files import os_reason
+from .._files import read_regular_file as _read_bounded
 from .._jwt import JwtBundle
 from .._log import event
 from .._peercred import PeerCredentials
 from .._spiffe import SpiffeId, TrustDomain
+from .._strictyaml import describe, strict_loader
 from .._x509 import X509Bundle, utcnow
 from ..errors import ConfigError, InvalidBundle, InvalidSpiffeId
 
@@ -148,20 +149,9 @@ def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     Raises ConfigError naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return _read_bounded(path, limit, lambda why: ConfigError(f"{path}: {why}"))
     except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{_path_text(path)}: cannot read: {reason}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ConfigError(f"{path}: not a regular file")
-        try:
-            data = handle.read(limit + 1)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise ConfigError(f"{path}: larger than {limit} bytes")
-    return data
+        raise ConfigError(f"{_path_text(path)}: cannot read: {os_reason(exc)}") from exc
 
 
 def _path_text(path: Path) -> str:
@@ -511,28 +501,8 @@ def _identity(doc: object, trust_domain: TrustDomain, source: str) -> Identity:
     )
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:
-            continue  # unhashable: construct_mapping reports it
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# Teleport's files carry unquoted RFC 3339 ``metadata.expires`` and YAML merges.
+_LOADER = strict_loader(fast=False, timestamps=True, merge_keys=True, refuse_tags=False)
 
 
 def parse_identities(text: str, trust_domain: TrustDomain, source: str) -> list[Identity]:
@@ -544,7 +514,7 @@ def parse_identities(text: str, trust_domain: TrustDomain, source: str) -> list[
     identities: list[Identity] = []
     index = 0
     try:
-        docs = yaml.load_all(text, Loader=_StrictLoader)
+        docs = yaml.load_all(text, Loader=_LOADER)
         while True:
             try:
                 doc = next(docs)
@@ -565,12 +535,9 @@ def parse_identities(text: str, trust_domain: TrustDomain, source: str) -> list[
             except RecursionError:
                 raise ConfigError(f"{source}: document {index}: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = exc.problem or exc.context or "cannot parse"
-        raise ConfigError(f"{source}: document {index + 1}: {line}invalid YAML: {problem}") from exc
+        raise ConfigError(f"{source}: document {index + 1}: {describe(exc)}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"{source}: {describe(exc)}") from exc
     return identities
 
 

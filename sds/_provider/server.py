@@ -25,14 +25,13 @@ INVALID_ARGUMENT; JWT audiences are capped in count and length.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import json
 import logging
 import socket
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +41,13 @@ from grpclib.server import Server
 
 from .._ca import LocalCA
 from .._grpcedge import answer_unknown_methods, recv_request, server_config
-from .._jwt import JwtBundle, validate_jwt_svid
+from .._jwt import JwtBundle, b64url_decode, validate_jwt_svid
 from .._log import event
 from .._peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
 from .._proto import workload_pb2 as pb
 from .._proto.workload_grpc import SpiffeWorkloadAPIBase
 from .._spiffe import SpiffeId, TrustDomain
-from .._x509 import X509Svid, utcnow
+from .._x509 import X509Svid, utc_text, utcnow
 from ..errors import InvalidJwt, InvalidSpiffeId
 from .identities import FederatedBundle, Identity, entitled
 
@@ -90,14 +89,10 @@ MSG_TOO_MANY_AUDIENCES = f"at most {MAX_AUDIENCES} audiences per request"
 MSG_AUDIENCE_TOO_LONG = f"an audience is at most {MAX_AUDIENCE_BYTES} bytes"
 
 
-def _stamp(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _jwt_expiry(token: str) -> dt.datetime:
     """The ``exp`` claim of a token this provider just signed."""
     payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims = json.loads(b64url_decode(payload))
     return dt.datetime.fromtimestamp(claims["exp"], dt.UTC)
 
 
@@ -326,7 +321,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             identity=identity.name,
             spiffe_id=svid.spiffe_id,
             serial=f"{svid.serial:x}",
-            expires=_stamp(svid.not_after),
+            expires=utc_text(svid.not_after),
             pid=creds.pid,
             uid=creds.uid,
             gid=creds.gid,
@@ -392,17 +387,32 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def FetchX509Bundles(self, stream: Any) -> None:
         """Stream the own and federated X.509 bundles (DER): at once and on change."""
-        creds = self._admit(stream, "FetchX509Bundles")
-        self._selected(creds, "FetchX509Bundles", utcnow())
+        await self._stream_bundles(
+            stream,
+            "FetchX509Bundles",
+            lambda: {self._ca.trust_domain.id: self._ca.bundle.der(), **self._x509_bundles()},
+            lambda bundles: pb.X509BundlesResponse(bundles=bundles),
+        )
+
+    async def _stream_bundles(
+        self,
+        stream: Any,
+        method: str,
+        current: Callable[[], dict[str, bytes]],
+        response: Callable[[dict[str, bytes]], Any],
+    ) -> None:
+        """Send ``response(current())`` at once, then again whenever the bundles change."""
+        creds = self._admit(stream, method)
+        self._selected(creds, method, utcnow())
         await self._request(stream)
         last: dict[str, bytes] | None = None
         while True:
             changed = self._changed
             now = utcnow()
-            self._selected(creds, "FetchX509Bundles", now)
-            bundles = {self._ca.trust_domain.id: self._ca.bundle.der(), **self._x509_bundles()}
+            self._selected(creds, method, now)
+            bundles = current()
             if bundles != last:
-                await stream.send_message(pb.X509BundlesResponse(bundles=bundles))
+                await stream.send_message(response(bundles))
                 last = bundles
             await self._wait(changed, self._next_expiry(self._state.identities, now))
 
@@ -452,7 +462,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
                 identity=identity.name,
                 spiffe_id=identity.spiffe_id,
                 audience=",".join(audience),
-                expires=_stamp(_jwt_expiry(token)),
+                expires=utc_text(_jwt_expiry(token)),
                 pid=creds.pid,
                 uid=creds.uid,
                 gid=creds.gid,
@@ -464,19 +474,12 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def FetchJWTBundles(self, stream: Any) -> None:
         """Stream JWKS documents per trust domain (own and federated): at once and on change."""
-        creds = self._admit(stream, "FetchJWTBundles")
-        self._selected(creds, "FetchJWTBundles", utcnow())
-        await self._request(stream)
-        last: dict[str, bytes] | None = None
-        while True:
-            changed = self._changed
-            now = utcnow()
-            self._selected(creds, "FetchJWTBundles", now)
-            bundles = {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()}
-            if bundles != last:
-                await stream.send_message(pb.JWTBundlesResponse(bundles=bundles))
-                last = bundles
-            await self._wait(changed, self._next_expiry(self._state.identities, now))
+        await self._stream_bundles(
+            stream,
+            "FetchJWTBundles",
+            lambda: {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()},
+            lambda bundles: pb.JWTBundlesResponse(bundles=bundles),
+        )
 
     async def ValidateJWTSVID(self, stream: Any) -> None:
         """Validate a JWT-SVID against the own and federated JWT bundles (JWT-SVID section 4)."""

@@ -109,7 +109,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
 
     from .._log import event  # noqa: PLC0415
     from .._peercred import UnixListener  # noqa: PLC0415
-    from .._workloadapi import Watcher, WorkloadApiClient  # noqa: PLC0415
+    from .._workloadapi import Watcher, WorkloadApiClient, parse_address  # noqa: PLC0415
     from ..errors import ConfigError, StartupError, WorkloadApiDenied  # noqa: PLC0415
     from .admin import AdminServer, Response  # noqa: PLC0415
     from .bridge import Bridge  # noqa: PLC0415
@@ -120,7 +120,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         read_config_bytes,
         widened_keys,
     )
-    from .jwt import JwtSvidManager, JwtToken  # noqa: PLC0415
+    from .jwt import JwtSvidManager, JwtToken, wanted_audiences  # noqa: PLC0415
     from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
@@ -141,8 +141,17 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         from .metrics import Metrics  # noqa: PLC0415
 
         metrics = Metrics()
-    addresses = list(config.workload_api) or [None]
-    watchers = [Watcher(address, events=metrics) for address in addresses]
+    addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
+    backoff = config.upstream_backoff
+    watchers = [
+        Watcher(
+            address,
+            events=metrics.upstream(str(address)) if metrics is not None else None,
+            backoff_initial=backoff.initial,
+            backoff_max=backoff.max,
+        )
+        for address in addresses
+    ]
     bridge = Bridge(config, watchers, metrics=metrics)
     jwt_client = WorkloadApiClient(watchers[0].address)
 
@@ -153,7 +162,16 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         svid = svids[0]
         return JwtToken(svid.token, str(svid.spiffe_id), svid.expiry.timestamp())
 
-    bridge.jwt = JwtSvidManager(fetch_jwt, bridge.refresh, spiffe_id=bridge.default_spiffe_id)
+    bridge.jwt = JwtSvidManager(
+        fetch_jwt,
+        bridge.refresh,
+        spiffe_id=bridge.default_spiffe_id,
+        wanted=lambda: wanted_audiences(info.names for info in servicer.streams.values()),
+        retry_initial=backoff.initial,
+        retry_max=backoff.max,
+        max_audiences=config.jwt_svids.max_audiences,
+        idle_timeout=config.jwt_svids.idle_timeout,
+    )
     servicer = SdsServicer(
         bridge.cache,
         access=AccessPolicy(config.allowed_uids, config.allowed_gids),

@@ -14,28 +14,28 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import os
-import stat
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import yaml
-
+from .._files import os_reason, read_regular_file
 from .._spiffe import SpiffeId, TrustDomain
 from ..errors import ConfigError, InvalidSpiffeId
 
 __all__ = [
     "AdminConfig",
     "BridgeConfig",
+    "JwtLimits",
     "ListenAddress",
     "MetricsConfig",
     "NamedSecret",
     "Names",
     "Policy",
     "SvidSelector",
+    "UpstreamBackoff",
     "changed_keys",
     "load_config",
     "parse_config",
@@ -121,6 +121,22 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamBackoff:
+    """Reconnect delays to the Workload API: full jitter, doubling from ``initial`` to ``max``."""
+
+    initial: float = 0.1
+    max: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class JwtLimits:
+    """Bounds on the JWT-SVID audiences the bridge fetches and refreshes for Envoy."""
+
+    max_audiences: int = 64
+    idle_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The scrape listener: /metrics, /healthz and /readyz only, on any IP (port 0 = any).
 
@@ -148,6 +164,8 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    upstream_backoff: UpstreamBackoff = field(default_factory=UpstreamBackoff)
+    jwt_svids: JwtLimits = field(default_factory=JwtLimits)
     metrics: MetricsConfig | None = None
     source: str = "<defaults>"
 
@@ -163,7 +181,7 @@ class BridgeConfig:
         updated = self
         if workload_api:
             for address in workload_api:
-                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+                if _has_control(address):
                     raise ConfigError(
                         f"--workload-api: {address!r}: must not contain control characters"
                     )
@@ -190,6 +208,8 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "upstream_backoff",
+    "jwt_svids",
     "metrics",
 }
 
@@ -217,7 +237,7 @@ class _Reader:
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(path, "must be a non-empty string")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if _has_control(value):
             raise self.fail(path, f"{value!r}: must not contain control characters")
         return value
 
@@ -265,9 +285,25 @@ class _Reader:
         return SvidSelector(spiffe_id, hint)
 
 
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a C0 control character or DEL (refused in every string)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``host`` as an IP address and ``port`` (at most five digits) as a number; else ValueError.
+
+    The range (0-65535) is the caller's check, so its message can come after others.
+    """
+    ip = ipaddress.ip_address(host)
+    if not port.isdigit() or len(port) > 5:
+        raise ValueError(port)
+    return ip, int(port)
+
+
 def parse_listen(text: str, where: str) -> ListenAddress:
     """Parse ``unix:///abs/path`` or ``tcp://127.0.0.1:PORT``; TCP must be loopback."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _has_control(text):
         raise ConfigError(f"{where}: {text!r}: must not contain control characters")
     if text.startswith("unix://"):
         path = text[len("unix://") :]
@@ -280,10 +316,7 @@ def parse_listen(text: str, where: str) -> ListenAddress:
         host, _, port = text[len("tcp://") :].rpartition(":")
         host = host.strip("[]")
         try:
-            ip = ipaddress.ip_address(host)
-            if not port.isdigit() or len(port) > 5:
-                raise ValueError(port)
-            number = int(port)
+            ip, number = _ip_port(host, port)
         except ValueError as exc:
             raise ConfigError(f"{where}: {text!r}: want tcp://IP:PORT") from exc
         if not ip.is_loopback:
@@ -303,10 +336,7 @@ def _parse_admin(text: str, where: str) -> AdminConfig:
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
-        ip = ipaddress.ip_address(host)
-        if not port.isdigit() or len(port) > 5:
-            raise ValueError(port)
-        number = int(port)
+        ip, number = _ip_port(host, port)
     except ValueError as exc:
         raise ConfigError(f"{where}: {text!r}: want HOST:PORT on loopback, or off") from exc
     if not ip.is_loopback:
@@ -324,10 +354,7 @@ def _parse_metrics(text: str, where: str) -> MetricsConfig | None:
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
     try:
-        ip = ipaddress.ip_address(host)
-        if not port.isdigit() or len(port) > 5:
-            raise ValueError(port)
-        number = int(port)
+        ip, number = _ip_port(host, port)
     except ValueError as exc:
         raise ConfigError(
             f"{where}: {text!r}: want IP:PORT (e.g. 0.0.0.0:9102 or [::]:9102), or off"
@@ -461,98 +488,80 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
                 config,
                 metrics=_parse_metrics(reader.string(metrics, "metrics"), f"{source}: metrics"),
             )
+    return _parse_upstream(reader, top, config)
+
+
+# -- upstream and JWT-SVID limits ---------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
+    """Seconds from ``0.1s``, ``250ms``, ``5m``, ``1h`` or a plain number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _UNITS[match[2]]
+    else:
+        raise reader.fail(path, f"{value!r}: want a duration such as 0.1s, 250ms, 5m")
+    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
+        raise reader.fail(path, f"{value!r}: must be more than 0 and at most {maximum:g}s")
+    return seconds
+
+
+def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfig) -> BridgeConfig:
+    """``workload_api`` addresses checked as addresses; ``upstream_backoff``; ``jwt_svids``."""
+    from .._workloadapi import parse_address  # noqa: PLC0415 - grpclib only when needed
+
+    for index, text in enumerate(config.workload_api):
+        try:
+            parse_address(text)
+        except ConfigError as exc:
+            where = f"workload_api[{index}]" if len(config.workload_api) > 1 else "workload_api"
+            raise reader.fail(where, str(exc)) from exc
+    if "upstream_backoff" in top:
+        data = reader.mapping(top["upstream_backoff"], "upstream_backoff", {"initial", "max"})
+        backoff = UpstreamBackoff(
+            *(
+                _duration(reader, data[key], f"upstream_backoff.{key}", maximum=3600)
+                if key in data
+                else getattr(UpstreamBackoff(), key)
+                for key in ("initial", "max")
+            )
+        )
+        if backoff.max < backoff.initial:
+            raise reader.fail("upstream_backoff", "max must not be less than initial")
+        config = replace(config, upstream_backoff=backoff)
+    if "jwt_svids" in top:
+        data = reader.mapping(top["jwt_svids"], "jwt_svids", {"max_audiences", "idle_timeout"})
+        limits = JwtLimits()
+        if "max_audiences" in data:
+            count = data["max_audiences"]
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 4096:
+                raise reader.fail("jwt_svids.max_audiences", "must be an integer from 0 to 4096")
+            limits = replace(limits, max_audiences=count)
+        if "idle_timeout" in data:
+            idle = _duration(reader, data["idle_timeout"], "jwt_svids.idle_timeout", maximum=86400)
+            limits = replace(limits, idle_timeout=idle)
+        config = replace(config, jwt_svids=limits)
     return config
 
 
-def _check_depth(text: str) -> None:
-    """Refuse nesting deeper than MAX_DEPTH before composing (composing recurses)."""
-    import yaml  # noqa: PLC0415
-
-    depth = 0
-    starts = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
-    ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
-    for item in yaml.parse(text, Loader=_strict_loader()):
-        if isinstance(item, starts):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"nested deeper than {MAX_DEPTH} levels",
-                    item.start_mark,  # type: ignore[arg-type]
-                )
-        elif isinstance(item, ends):
-            depth -= 1
-
-
-def _construct_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
-    import yaml  # noqa: PLC0415
-
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value", key_node.start_mark
-            ) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    mapping: dict[Any, Any] = loader.construct_mapping(node)
-    return mapping
-
-
-def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
-    import yaml  # noqa: PLC0415
-
-    digits = sum(c.isalnum() for c in str(node.value))
-    if digits > MAX_INT_DIGITS:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"integer with more than {MAX_INT_DIGITS} digits", node.start_mark
-        )
-    value: int = loader.construct_yaml_int(node)
-    return value
-
-
-def _refuse_tag(loader: Any, node: yaml.Node) -> None:
-    import yaml  # noqa: PLC0415
-
-    raise yaml.constructor.ConstructorError(
-        None, None, f"tag {node.tag} is not allowed in this file", node.start_mark
-    )
-
-
 @functools.cache
-def _strict_loader() -> Any:
-    """A safe loader without implicit timestamps (``2024-02-30`` stays a string), refusing
-    duplicate keys, integers longer than MAX_INT_DIGITS and tags other than plain data.
+def _loader() -> Any:
+    """The strict loader, built on first use: PyYAML is imported only when a config file
+    is read (``sds run`` without ``--config`` never loads it)."""
+    from .._strictyaml import strict_loader  # noqa: PLC0415
 
-    Built on first use: PyYAML is imported only when a config file is read (``sds run``
-    without ``--config`` never loads it).
-    """
-    import yaml  # noqa: PLC0415
-
-    # libyaml's parser when PyYAML has it (every PyYAML wheel does): ~10x faster on hostile input.
-    base: Any = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
-
-    class _StrictLoader(base):  # type: ignore[misc]
-        pass
-
-    _StrictLoader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    _StrictLoader.add_constructor(
-        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+    return strict_loader(
+        fast=True,
+        timestamps=False,  # ``2024-02-30`` stays a string
+        merge_keys=False,
+        refuse_tags=True,
+        max_int_digits=MAX_INT_DIGITS,
+        max_depth=MAX_DEPTH,
     )
-    _StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-    for tag in ("timestamp", "binary", "set", "omap", "pairs"):
-        _StrictLoader.add_constructor(f"tag:yaml.org,2002:{tag}", _refuse_tag)
-    return _StrictLoader
 
 
 def read_config_bytes(path: str | Path) -> bytes:
@@ -561,27 +570,14 @@ def read_config_bytes(path: str | Path) -> bytes:
     Opened non-blocking, so a FIFO or device is refused instead of hanging.
     """
     source = str(path)
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"{source}: cannot read: {reason}")
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        return read_regular_file(path, MAX_CONFIG_BYTES, refuse)
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"{source}: cannot read: {reason}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{source}: cannot read: not a regular file")
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_CONFIG_BYTES:
-                raise ConfigError(f"{source}: cannot read: larger than {MAX_CONFIG_BYTES} bytes")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
+        raise refuse(os_reason(exc)) from exc
 
 
 def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
@@ -592,14 +588,13 @@ def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
         raise ConfigError(f"{source}: not UTF-8 (byte {exc.start})") from exc
     import yaml  # noqa: PLC0415
 
+    from .._strictyaml import check_depth, describe  # noqa: PLC0415
+
     try:
-        _check_depth(text)
-        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a safe loader subclass
+        check_depth(text, _loader())
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from exc
+        raise ConfigError(f"{source}: {describe(exc)}") from exc
     except (ValueError, OverflowError, RecursionError) as exc:
         # explicit tags such as !!timestamp or !!float with values PyYAML cannot construct
         raise ConfigError(f"{source}: invalid YAML value: {str(exc)[:100]}") from exc
@@ -617,7 +612,15 @@ def load_config(path: str | Path) -> BridgeConfig:
 
 
 # Keys that take effect only at start (the socket, the upstream, the admin listener).
-RESTART_KEYS = ("workload_api", "listen", "socket_mode", "admin", "metrics")
+RESTART_KEYS = (
+    "workload_api",
+    "listen",
+    "socket_mode",
+    "admin",
+    "metrics",
+    "upstream_backoff",
+    "jwt_svids",
+)
 
 
 def changed_keys(old: BridgeConfig, new: BridgeConfig) -> list[str]:

@@ -18,7 +18,6 @@ bridge's ``/envoys``: which version and serial each connected Envoy ACKed.
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from .._jwt import b64url_decode
 from ..errors import SdsError
 from .envoy import SECRET_TYPE_URL
 
@@ -56,9 +56,7 @@ def _jwt_claims(value: str) -> dict[str, Any]:
     token = value.removeprefix("Bearer ")
     try:
         payload = token.split(".")[1]
-        claims: dict[str, Any] = json.loads(
-            base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        )
+        claims: dict[str, Any] = json.loads(b64url_decode(payload))
     except (IndexError, ValueError):
         return {"error": "not a JWT"}
     return {k: claims.get(k) for k in ("sub", "aud", "exp")}

@@ -33,7 +33,7 @@ from .._peercred import PeerCredentials
 from .._x509 import X509Context
 from .server import StreamInfo
 
-__all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics"]
+__all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics", "UpstreamEvents"]
 
 #: Distinct ``node`` label values held at once; more nodes share :data:`OTHER_NODE`.
 MAX_NODE_SERIES = 1000
@@ -86,7 +86,10 @@ class Metrics:
             registry=r,
         )
         self.upstream_connected = Gauge(
-            "sds_upstream_connected", "1 while the Workload API stream is up", registry=r
+            "sds_upstream_connected",
+            "1 while the X.509-SVID stream from this Workload API address is up",
+            ["upstream"],
+            registry=r,
         )
         self.upstream_errors = Counter(
             "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
@@ -165,11 +168,17 @@ class Metrics:
 
     # -- WatcherEvents -----------------------------------------------------------------------
 
+    def upstream(self, address: str) -> UpstreamEvents:
+        """The watcher events of the upstream at ``address``: ``sds_upstream_connected`` is
+        per address (0 until its stream is up), the other metrics are shared."""
+        self.upstream_connected.labels(address).set(0)
+        return UpstreamEvents(self, address)
+
     def on_connected(self) -> None:
-        self.upstream_connected.set(1)
+        self.upstream_connected.labels("").set(1)
 
     def on_disconnected(self, error: Exception) -> None:
-        self.upstream_connected.set(0)
+        self.upstream_connected.labels("").set(0)
         self.upstream_errors.labels(type(error).__name__).inc()
 
     def on_x509_update(self, ctx: Any) -> None:
@@ -267,3 +276,33 @@ class Metrics:
 
     def denied(self, creds: PeerCredentials | None) -> None:
         self.denials.inc()
+
+
+class UpstreamEvents:
+    """WatcherEvents for one upstream address: its own connected gauge, shared counters."""
+
+    def __init__(self, metrics: Metrics, address: str) -> None:
+        self._metrics = metrics
+        self._connected = metrics.upstream_connected.labels(address)
+
+    def on_connected(self) -> None:
+        self._connected.set(1)
+
+    def on_disconnected(self, error: Exception) -> None:
+        self._connected.set(0)
+        self._metrics.upstream_errors.labels(type(error).__name__).inc()
+
+    def on_x509_update(self, ctx: Any) -> None:
+        self._metrics.on_x509_update(ctx)
+
+    def on_svid_rejected(self, error: Exception) -> None:
+        self._metrics.on_svid_rejected(error)
+
+    def on_svid_expired(self, svid: Any) -> None:
+        self._metrics.on_svid_expired(svid)
+
+    def on_jwt_bundles_update(self, bundles: Any) -> None:
+        self._metrics.on_jwt_bundles_update(bundles)
+
+    def on_misconfigured(self, error: Exception) -> None:
+        self._metrics.on_misconfigured(error)
