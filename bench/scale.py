@@ -753,7 +753,7 @@ def plot(result: dict[str, Any]) -> None:
         ax.set_xscale("log")
         ax.set_xticks(counts, [f"{n:,}" for n in counts])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("SDS streams (one connection each, ~61 KB Envoy Node per request)")
+        ax.set_xlabel("SDS streams (one connection each; a 61 KB Envoy Node on each first request)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     left.set_ylabel("ms (median of rotations)")
