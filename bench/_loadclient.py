@@ -17,7 +17,9 @@ stream got its first response. On stdin:
   stream, the ``time.monotonic()`` at which a response containing ``token``
   (the new leaf's PEM) arrived; answers ``{"event": "armed", "id": i}`` and,
   once every stream has it, ``{"event": "done", "id": i, "times": [...]}``
-  (or ``{"event": "timeout", ...}`` after 30 s).
+  (or ``{"event": "timeout", ...}`` after 30 s). With ``"absent": true`` it
+  records the first response *without* ``token`` instead (the current leaf:
+  for servers that rotate on their own schedule, such as a SPIRE agent).
 * ``{"cmd": "stats"}``: answers with open streams, responses and errors.
 
 With ``--reconnect`` (the reconnect storm), a stream whose connection ends
@@ -68,7 +70,6 @@ class Load:
         self.probing: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.reconnect_failures = 0
-        self.timeout = 30.0
         self.ever_opened = [False] * streams
         self.node_template = node_template
         self.path = path
@@ -83,6 +84,8 @@ class Load:
         self.errors: list[str] = []
         self.ready = asyncio.Event()
         self.token: bytes | None = None
+        self.absent = False
+        self.timeout = 30.0
         self.got: list[float | None] = [None] * streams
         self.count = 0
         self.done = asyncio.Event()
@@ -144,7 +147,7 @@ class Load:
                     now = time.monotonic()
                     self.responses += 1
                     token = self.token
-                    if token is not None and self.got[k] is None and token in raw:
+                    if token is not None and self.got[k] is None and (token in raw) != self.absent:
                         self.got[k] = now
                         self.count += 1
                         if self.count == self.n:
@@ -266,6 +269,7 @@ async def main() -> int:
                 load.count = 0
                 load.done.clear()
                 load.token = base64.b64decode(cmd["token"])
+                load.absent = bool(cmd.get("absent", False))
                 load.timeout = float(cmd.get("timeout", 30.0))
                 emit({"event": "armed", "id": cmd["id"]})
                 background.append(asyncio.create_task(finish(cmd["id"])))

@@ -112,6 +112,9 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
         holder: dict[str, Any] = {}
 
         class Fixed:
+            address = "fixed"
+            connected = True
+
             def current(self) -> Any:
                 return holder["ctx"]
 

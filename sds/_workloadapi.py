@@ -880,6 +880,8 @@ class Watcher:
         self._last_error: WorkloadApiError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expires_at: dt.datetime | None = None
+        self._connected = False
+        self._notified = 0  # notifications sent so far
 
     # -- public state ------------------------------------------------------
 
@@ -895,6 +897,11 @@ class Watcher:
     def jwt_bundles(self) -> Mapping[TrustDomain, JwtBundle]:
         """The latest JWT bundles (read-only view; empty before the first message)."""
         return MappingProxyType(self._jwt)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the X.509-SVID stream is up now (a message arrived since the last failure)."""
+        return self._connected
 
     @property
     def last_error(self) -> WorkloadApiError | None:
@@ -1006,8 +1013,14 @@ class Watcher:
                     return
                 if not connected:
                     connected = True
+                    was_connected, self._connected = self._connected, True
                     self._on_stream_up()
-                if self._apply_x509(resp):
+                    notified = self._notified
+                    if self._apply_x509(resp):
+                        backoff.reset()
+                    if not was_connected and self._notified == notified:
+                        self._notify()  # listeners learn of the connection once
+                elif self._apply_x509(resp):
                     backoff.reset()
 
     def _on_stream_up(self) -> None:
@@ -1049,6 +1062,9 @@ class Watcher:
     def _x509_failed(self, exc: WorkloadApiError, backoff: Backoff) -> float:
         """Record a failed X.509 stream attempt; return the delay before the next one."""
         self._last_error = exc
+        if self._connected:
+            self._connected = False
+            self._notify()
         self._events.on_disconnected(exc)
         if isinstance(exc, WorkloadApiMisconfigured):
             self._events.on_misconfigured(exc)
@@ -1234,6 +1250,7 @@ class Watcher:
         self._notify()
 
     def _notify(self) -> None:
+        self._notified += 1
         for callback in list(self._listeners):
             try:
                 callback()

@@ -165,3 +165,53 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+# --------------------------------------------------------------------------- cold builds
+
+# Fixtures whose first use builds something that takes minutes on a fresh machine (Go
+# programs, container images), each with the call that builds (or finds cached) it.
+# Extended by the modules that own those tools.
+PREBUILDS: dict[str, Callable[[], object]] = {}
+
+
+def _register_prebuilds() -> None:
+    from tests import gobuild
+
+    if shutil.which("go") is not None:
+        from tests import spire
+        from tests.gotools import HELM, PROMTOOL, go_tool
+
+        PREBUILDS["helm"] = lambda: go_tool(*HELM)
+        PREBUILDS["promtool"] = lambda: go_tool(*PROMTOOL)
+        PREBUILDS["gopeers"] = gobuild.gopeers_binary
+        PREBUILDS["ghostunnel"] = gobuild.ghostunnel_binary
+        PREBUILDS["spire"] = PREBUILDS["two_agents"] = spire.prebuild
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the slow tools the selected tests need, before the first test starts.
+
+    A cold build (SPIRE takes 10-20 minutes on 2 cores) inside a fixture would
+    count against that test's timeout; built here, outside any test, it cannot
+    be cut short, and the fixtures find the result cached. A build that fails
+    is left to the fixture, which reports or skips with the reason.
+    """
+    if session.config.option.collectonly or not session.items:
+        return
+    _register_prebuilds()
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for fixture, build in PREBUILDS.items():
+        if fixture not in wanted:
+            continue
+        started = time.monotonic()
+        try:
+            build()
+        except Exception as exc:
+            if reporter is not None:
+                reporter.write_line(f"prebuild {fixture}: failed, its tests will say why ({exc})")
+            continue
+        elapsed = time.monotonic() - started
+        if reporter is not None and elapsed > 1:
+            reporter.write_line(f"prebuild {fixture}: ready in {elapsed:.0f} s (cached now)")

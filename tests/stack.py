@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,17 @@ class Stack:
     # -- views ------------------------------------------------------------------------------
 
     def admin(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
-            return json.loads(r.read())
+        return json.loads(self.admin_text(path))
+
+    def admin_text(self, path: str) -> str:
+        """The body of an admin GET, whatever its status (``/readyz`` answers 503 with text)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.admin_port}{path}", timeout=5
+            ) as r:
+                return str(r.read().decode())
+        except urllib.error.HTTPError as exc:
+            return str(exc.read().decode())
 
     def served_serial(self, name: str = "default") -> int:
         for item in self.admin("/secrets"):

@@ -30,9 +30,12 @@ def _sds_logs_reach_caplog(sds_logs_reach_caplog: None) -> None:
 class Source:
     """An UpstreamSource whose set() swaps the context and notifies, like a Watcher."""
 
+    connected = True
+
     def __init__(self) -> None:
         self.ctx: X509Context | None = None
         self._callbacks: list[Callable[[], None]] = []
+        self.address = f"source-{id(self):x}"
 
     def current(self) -> X509Context | None:
         return self.ctx

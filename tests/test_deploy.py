@@ -345,9 +345,18 @@ def test_dockerignore_matching_follows_docker() -> None:
 # =========================================================================== compose
 
 
-def load_compose() -> dict[str, Any]:
-    """docker-compose.yml as compose sees it (YAML merge keys resolved)."""
-    compose: dict[str, Any] = _yaml(COMPOSE_FILE)
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def load_compose(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.yml as compose sees it: merge keys resolved, ``${VAR:-default}`` filled.
+
+    Without ``environ`` every variable takes its default (what users get).
+    """
+    env = environ or {}
+    text = _DEFAULTED.sub(lambda m: env.get(m.group(1)) or m.group(2), COMPOSE_FILE.read_text())
+    assert "${" not in text, "only ${VAR:-default} interpolation is used"
+    compose: dict[str, Any] = yaml.safe_load(text)
     return compose
 
 
@@ -667,7 +676,7 @@ def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
     # The compose and Kubernetes Envoys get the admin's directory as a private mount.
     compose = load_compose()["services"]
     for name in ("envoy-server", "envoy-client"):
-        assert compose[name]["tmpfs"] == ["/run/envoy:mode=0700,uid=101,gid=101"]
+        assert compose[name]["tmpfs"] == ["/run/envoy"]
     for _, pod in _all_pods():
         for container in _containers(pod):
             if container["image"].startswith(ENVOY_IMAGE + ":"):
@@ -1028,11 +1037,12 @@ def _named(pod: Mapping[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def _bridge(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``sds run`` container: our image (from any registry) running ``run``."""
     return next(
         (
             c
             for c in _containers(pod)
-            if c["image"] == OUR_IMAGE and c.get("args", [])[:1] == ["run"]
+            if c["image"].rsplit("/", 1)[-1] == OUR_IMAGE and c.get("args", [])[:1] == ["run"]
         ),
         None,
     )
@@ -1041,6 +1051,17 @@ def _bridge(pod: Mapping[str, Any]) -> dict[str, Any] | None:
 def _probe(container: Mapping[str, Any], kind: str) -> list[str]:
     command: list[str] = container.get(kind, {}).get("exec", {}).get("command", [])
     return command
+
+
+def _http_probe(container: Mapping[str, Any], kind: str) -> tuple[str, int] | None:
+    """(path, container port) of an httpGet probe, a named port resolved; None if not httpGet."""
+    get = container.get(kind, {}).get("httpGet")
+    if get is None:
+        return None
+    port = get["port"]
+    if isinstance(port, str):
+        port = next(p["containerPort"] for p in container.get("ports", []) if p["name"] == port)
+    return str(get["path"]), int(port)
 
 
 @dataclass
@@ -1114,13 +1135,23 @@ def wiring_problems(
         group = int(command[command.index("-g") + 1]) if "-g" in command else _security(maker)[1]
         if command[command.index("-m") + 1] != "0750" or group != proxy_gid:
             problems.append(f"{where}: the socket's directory must be 0750 in group {proxy_gid}")
-    # Probes: the admin endpoint is loopback-only, so they run inside the container.
+    # Probes: the admin endpoint is loopback-only, so they run inside the
+    # container, or go over HTTP to the metrics listener when there is one.
     admin = f"{config.admin.host}:{config.admin.port}"
+    metrics = config.metrics.port if config.metrics is not None else None
     if _probe(bridge, "startupProbe")[:4] != ["sds", "wait", "--socket", f"unix://{listen}"]:
         problems.append(f"{where}: startupProbe must be `sds wait --socket unix://{listen}`")
-    if _probe(bridge, "readinessProbe")[:4] != ["sds", "wait", "--admin", admin]:
+    ready = _http_probe(bridge, "readinessProbe")
+    if ready is not None:
+        if metrics is None or ready != ("/readyz", metrics):
+            problems.append(f"{where}: readinessProbe httpGet must be /readyz on the metrics port")
+    elif _probe(bridge, "readinessProbe")[:4] != ["sds", "wait", "--admin", admin]:
         problems.append(f"{where}: readinessProbe must be `sds wait --admin {admin}`")
-    if f"http://{admin}/healthz" not in " ".join(_probe(bridge, "livenessProbe")):
+    live = _http_probe(bridge, "livenessProbe")
+    if live is not None:
+        if metrics is None or live != ("/healthz", metrics):
+            problems.append(f"{where}: livenessProbe httpGet must be /healthz on the metrics port")
+    elif f"http://{admin}/healthz" not in " ".join(_probe(bridge, "livenessProbe")):
         problems.append(f"{where}: livenessProbe must check http://{admin}/healthz")
     # The proxy starts only once the socket is served.
     init = [c["name"] for c in pod.get("initContainers", [])]

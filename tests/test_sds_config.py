@@ -19,8 +19,8 @@ from tests.mutate import mutations
         (
             "listen: unix:///tmp/x.sock\nlisten_mode: 1\n",
             "sds.yaml: listen_mode: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-            "default_svid, disable_spiffe_cert_validation, jwt_svids, listen, metrics, names, "
-            "policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)",
+            "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
+            "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)",
         ),
         (
             "listen: tcp://10.0.0.1:9000\n",
@@ -80,8 +80,8 @@ def test_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"sds run: {path}: bogus: unknown key (allowed: admin, allowed_gids, allowed_uids, "
-        "default_svid, disable_spiffe_cert_validation, jwt_svids, listen, metrics, names, "
-        "policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)"
+        "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
+        "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)"
     ]
 
 

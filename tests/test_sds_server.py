@@ -37,6 +37,9 @@ HOUR = dt.timedelta(hours=1)
 class StaticSource:
     """An UpstreamSource holding fixed material; set() swaps it and notifies."""
 
+    address = "static"
+    connected = True
+
     def __init__(self, ctx: X509Context | None) -> None:
         self.ctx = ctx
         self._callbacks: list[Callable[[], None]] = []

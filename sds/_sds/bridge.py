@@ -1,6 +1,8 @@
-"""The bridge core: merge upstream X.509 state, build named secrets, publish them to the cache.
+"""The bridge core: choose upstream X.509 state, build named secrets, publish them to the cache.
 
-One upstream watch per Workload API address feeds one in-memory state; every
+One upstream watch per Workload API address feeds one in-memory state; with
+several addresses the :class:`~.upstreams.Selector` picks, per identity, the
+upstream that serves it (redundancy with sticky failover, not a merge). Every
 change is turned into secret specs once and published to the
 :class:`SecretCache`, which notifies only the streams that need it.
 
@@ -18,6 +20,7 @@ trust domains; :attr:`Bridge.unservable` says which name cannot and why.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,11 +28,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from .._log import event
 from .._spiffe import TrustDomain
-from .._x509 import BundleSet, X509Bundle, X509Context, X509Svid, utcnow
+from .._x509 import BundleSet, X509Context, X509Svid, utcnow
 from .cache import SecretCache
 from .config import BridgeConfig, SvidSelector
 from .jwt import JWT_PREFIX, JwtSvidManager, audience_of
 from .resources import GenericSpec, SecretSpec, TlsSpec, build_specs, select_default
+from .upstreams import Selection, Selector, UpstreamState
 
 if TYPE_CHECKING:  # prometheus_client is loaded only when a listener serves /metrics
     from .metrics import Metrics
@@ -37,7 +41,7 @@ if TYPE_CHECKING:  # prometheus_client is loaded only when a listener serves /me
 NO_CONTEXT = "no X.509 context from the Workload API yet"
 _LISTED = 10  # SVIDs named in a "matches none of [...]" reason
 
-__all__ = ["Bridge", "UpstreamSource", "merge_contexts"]
+__all__ = ["Bridge", "UpstreamSource"]
 
 log = logging.getLogger("sds.bridge")
 
@@ -45,23 +49,15 @@ log = logging.getLogger("sds.bridge")
 class UpstreamSource(Protocol):
     """An X.509 source that also says when it changed (a Workload API watcher, or test material)."""
 
+    @property
+    def address(self) -> object: ...
+
+    @property
+    def connected(self) -> bool: ...
+
     def current(self) -> X509Context | None: ...
 
     def subscribe(self, callback: Callable[[], None]) -> None: ...
-
-
-def merge_contexts(contexts: Sequence[X509Context | None]) -> X509Context:
-    """SVIDs in upstream order (the first upstream's first SVID is the default); bundles united,
-    the first upstream winning for a trust domain that several provide."""
-    svids: list[X509Svid] = []
-    bundles: dict[TrustDomain, X509Bundle] = {}
-    for ctx in contexts:
-        if ctx is None:
-            continue
-        svids.extend(ctx.svids)
-        for td, bundle in ctx.bundles.items():
-            bundles.setdefault(td, bundle)
-    return X509Context(tuple(svids), BundleSet(bundles.values()))
 
 
 def _describe(selector: SvidSelector) -> str:
@@ -89,6 +85,11 @@ def _keys(ctx: X509Context | None) -> _Keys:
     return {(str(s.spiffe_id), s.serial): s.not_after.timestamp() for s in ctx.svids}
 
 
+def _epoch_now() -> float:
+    """The selection's clock: :func:`utcnow` (looked up at call time) in epoch seconds."""
+    return utcnow().timestamp()
+
+
 class Bridge:
     """Keeps the cache equal to what ``config`` says should be served from ``sources``."""
 
@@ -99,6 +100,7 @@ class Bridge:
         *,
         cache: SecretCache | None = None,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.sources = list(sources)
@@ -115,6 +117,14 @@ class Bridge:
         self._rechoose = False
         self._listeners: list[Callable[[], None]] = []
         self.jwt: JwtSvidManager | None = None
+        self._clock = clock or _epoch_now
+        self.selector = Selector(config.failover, self._clock)
+        names = [str(s.address) for s in self.sources]
+        self._names = [  # a repeated address still names two upstreams apart
+            n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)
+        ]
+        self.selection = Selection(self.context)
+        self._recheck: asyncio.TimerHandle | None = None
         for source in self.sources:
             source.subscribe(self.refresh)
 
@@ -158,7 +168,53 @@ class Bridge:
         """Apply a reloaded config (names, selectors, policies) and push what changed."""
         self._rechoose = config.default_svid != self.config.default_svid
         self.config = config
+        self.selector.policy = config.failover
         self.refresh()
+
+    def upstreams_view(self) -> list[dict[str, object]]:
+        """Per upstream: connection, health, and which SPIFFE IDs it serves (``/upstreams``)."""
+        now = self._clock()
+        return [view.as_dict(now) for view in self.selection.upstreams]
+
+    def upstreams_text(self) -> str:
+        """One line per upstream for ``/readyz``."""
+        lines = []
+        now = self._clock()
+        for view in self.selection.upstreams:
+            since = view.disconnected_for(now)
+            if since is None:
+                state = "connected"
+            else:
+                state = f"disconnected for {since:.1f}s"
+                state += " (in grace period)" if view.healthy else ""
+            serving = ",".join(view.serving) or "nothing"
+            lines.append(f"upstream {view.upstream}: {state}, serving {serving}\n")
+        return "".join(lines)
+
+    def _select(self, contexts: Sequence[X509Context | None]) -> X509Context:
+        """Run the upstream selection; log failovers and arm a timer for the next deadline."""
+        selection = self.selector.select(
+            [
+                UpstreamState(name, ctx, s.connected)
+                for name, s, ctx in zip(self._names, self.sources, contexts, strict=True)
+            ]
+        )
+        self.selection = selection
+        for spiffe_id, old, new in selection.switched:
+            event(log, logging.WARNING, "upstream.failover", spiffe_id=spiffe_id, old=old, new=new)
+        if self.metrics is not None:
+            self.metrics.upstreams_changed(selection.upstreams)
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if selection.recheck_at is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # driven synchronously (tests): the caller refreshes
+                return selection.context
+            delay = max(0.0, selection.recheck_at - self._clock()) + 0.01
+            self._recheck = loop.call_later(delay, self.refresh)
+        return selection.context
 
     def _fresh(self, contexts: Sequence[X509Context | None]) -> list[bool]:
         """Per source: did it change beyond local expiry since the last refresh?"""
@@ -272,7 +328,7 @@ class Bridge:
     def refresh(self) -> None:
         """Recompute every secret from the sources' latest state and publish the changes."""
         contexts = [source.current() for source in self.sources]
-        ctx = merge_contexts(contexts)
+        ctx = self._select(contexts)
         default = self._choose_default(ctx, contexts)
         if self.config.trust_domain is not None:
             self._own = self.config.trust_domain

@@ -153,9 +153,12 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         for address in addresses
     ]
     bridge = Bridge(config, watchers, metrics=metrics)
-    jwt_client = WorkloadApiClient(watchers[0].address)
+    jwt_clients = {str(w.address): WorkloadApiClient(w.address) for w in watchers}
 
     async def fetch_jwt(audience: str, spiffe_id: str | None) -> JwtToken:
+        # From the upstream serving that identity's X.509-SVID (it is the one that is up).
+        serving = bridge.selection.serving.get(spiffe_id or "", str(watchers[0].address))
+        jwt_client = jwt_clients.get(serving) or jwt_clients[str(watchers[0].address)]
         svids = await jwt_client.fetch_jwt_svids([audience], spiffe_id)
         if not svids:
             raise WorkloadApiDenied(f"no JWT-SVID issued for audience {audience!r}")
@@ -192,9 +195,10 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         return Response(404, f"no JWT bundle for trust domain {trust_domain!r}\n".encode())
 
     def readyz() -> Response:
+        detail = bridge.upstreams_text().encode() if len(watchers) > 1 else b""
         if bridge.ready:
-            return Response(200, b"ready\n")
-        return Response(503, f"not ready: {bridge.readiness_reason()}\n".encode())
+            return Response(200, b"ready\n" + detail)
+        return Response(503, f"not ready: {bridge.readiness_reason()}\n".encode() + detail)
 
     def secrets_view() -> Response:
         out = []
@@ -236,6 +240,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
                         [info.as_dict() for info in servicer.streams.values()]
                     ),
                     "/secrets": secrets_view,
+                    "/upstreams": lambda: Response.json(bridge.upstreams_view()),
                 },
                 {"/jwks/": jwks},
             )
@@ -405,7 +410,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
             server=server,
             ours=ours,
             bridge=bridge,
-            jwt_client=jwt_client,
+            jwt_clients=list(jwt_clients.values()),
             tasks=tasks,
             reloads=reloads,
             admin=admin,
@@ -419,7 +424,7 @@ async def _shutdown(
     server: Any,
     ours: Any,
     bridge: Any,
-    jwt_client: Any,
+    jwt_clients: list[Any],
     tasks: list[Any],
     reloads: set[Any],
     admin: Any,
@@ -439,7 +444,8 @@ async def _shutdown(
         ours.sock.close()
     if bridge.jwt is not None:
         await bridge.jwt.close()
-    jwt_client.close()
+    for jwt_client in jwt_clients:
+        jwt_client.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, *reloads, return_exceptions=True)

@@ -12,6 +12,7 @@ read as "no restrictions").
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import ipaddress
 import math
@@ -24,6 +25,7 @@ from typing import Any
 from .._files import os_reason, read_regular_file
 from .._spiffe import SpiffeId, TrustDomain
 from ..errors import ConfigError, InvalidSpiffeId
+from .upstreams import FailoverPolicy
 
 __all__ = [
     "AdminConfig",
@@ -164,6 +166,7 @@ class BridgeConfig:
     secrets: tuple[NamedSecret, ...] = ()
     policies: tuple[Policy, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
     upstream_backoff: UpstreamBackoff = field(default_factory=UpstreamBackoff)
     jwt_svids: JwtLimits = field(default_factory=JwtLimits)
     metrics: MetricsConfig | None = None
@@ -208,6 +211,7 @@ _TOP_KEYS = {
     "secrets",
     "policies",
     "admin",
+    "failover",
     "upstream_backoff",
     "jwt_svids",
     "metrics",
@@ -471,6 +475,8 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
         if name in seen:
             raise reader.fail(where, f"{name!r} is already used by {seen[name]}")
         seen[name] = where
+    if "failover" in top:
+        config = replace(config, failover=_parse_failover(reader, top["failover"]))
     if "admin" in top:
         admin = top["admin"]
         if admin in (None, False, "off"):
@@ -562,6 +568,31 @@ def _loader() -> Any:
         max_int_digits=MAX_INT_DIGITS,
         max_depth=MAX_DEPTH,
     )
+
+
+_MAX_GRACE = dt.timedelta(hours=1)
+
+
+def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
+    given = reader.mapping(value, "failover", {"grace", "margin"})
+    policy = FailoverPolicy()
+    if "grace" in given:
+        # the provider's duration reader, imported here: its module loads PyYAML
+        from .._provider.identities import parse_duration  # noqa: PLC0415
+
+        try:
+            grace = parse_duration(reader.string(given["grace"], "failover.grace"))
+        except ValueError as exc:
+            raise reader.fail("failover.grace", str(exc)) from exc
+        if grace > _MAX_GRACE:
+            raise reader.fail("failover.grace", f"{given['grace']!r}: must be at most 1h")
+        policy = replace(policy, grace=grace.total_seconds())
+    if "margin" in given:
+        margin = given["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise reader.fail("failover.margin", "must be a fraction of the lifetime, 0 <= m < 1")
+        policy = replace(policy, margin=float(margin))
+    return policy
 
 
 def read_config_bytes(path: str | Path) -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -27,11 +28,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .._log import event
 from .._peercred import PeerCredentials
 from .._x509 import X509Context
 from .server import StreamInfo
+from .upstreams import UpstreamView
 
 __all__ = ["MAX_NODE_SERIES", "OTHER_NODE", "Metrics", "UpstreamEvents"]
 
@@ -46,6 +50,23 @@ def _build_version() -> str:
     from .. import __version__  # noqa: PLC0415 - the one version string (sds --version)
 
     return __version__
+
+
+class _AckedInfo(Collector):
+    """``sds_envoy_acked_info{node,secret,version,serial}`` = 1, from the live ACK table."""
+
+    def __init__(self, acked: dict[tuple[str, str], tuple[str, str]]) -> None:
+        self._acked = acked
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sds_envoy_acked_info",
+            "1 for the version and serial each Envoy node last ACKed per secret",
+            labels=["node", "secret", "version", "serial"],
+        )
+        for (node, secret), (version, serial) in list(self._acked.items()):
+            family.add_metric([node, secret, version, serial], 1)
+        yield family
 
 
 class Metrics:
@@ -91,6 +112,12 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.upstream_serving = Gauge(
+            "sds_upstream_serving",
+            "1 for the upstream whose SVID is served for each SPIFFE ID",
+            ["upstream", "spiffe_id"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "sds_upstream_errors_total", "Workload API disconnects", ["reason"], registry=r
         )
@@ -115,19 +142,17 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
-        self.acked_serial = Gauge(
-            "sds_envoy_acked_info",
-            "1 for the version and serial each Envoy node last ACKed per secret",
-            ["node", "secret", "version", "serial"],
-            registry=r,
-        )
+        # (node, secret) -> (version, serial); rendered at scrape time by _AckedInfo, so an
+        # ACK costs a dict store, not a label-set swap (1,000 Envoys ACK every rotation).
+        self._acked: dict[tuple[str, str], tuple[str, str]] = {}
+        r.register(_AckedInfo(self._acked))
         self._serials: dict[str, int] = {}
         self._bundles: set[str] = set()  # trust domains ever seen: a lost bundle reads 0
-        self._acked: dict[tuple[str, str], tuple[str, str]] = {}
         self.max_node_series = max_node_series
         self._node_streams: dict[str, set[int]] = {}  # node label -> streams using it
         self._stream_node: dict[int, str] = {}  # stream id -> its node label
         self._overflowed: set[str] = set()  # node ids folded into _other (logged once)
+        self._serving: set[tuple[str, str]] = set()
 
     def render(self) -> bytes:
         """The exposition text."""
@@ -157,6 +182,17 @@ class Metrics:
         for name in held | self._bundles:
             self.bundle_present.labels(name).set(1 if name in held else 0)
         self._bundles |= held
+
+    def upstreams_changed(self, upstreams: Iterable[UpstreamView]) -> None:
+        """Record which upstream serves each SPIFFE ID (connections: :meth:`upstream`)."""
+        serving = set()
+        for view in upstreams:
+            serving |= {(view.upstream, spiffe_id) for spiffe_id in view.serving}
+        for labels in self._serving - serving:
+            self.upstream_serving.remove(*labels)
+        for labels in serving - self._serving:
+            self.upstream_serving.labels(*labels).set(1)
+        self._serving = serving
 
     def unservable_changed(self, names: list[str]) -> None:
         """Set ``sds_unservable{name}`` to 1 for ``names``; remove the series of the others."""
@@ -242,8 +278,7 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 counter.remove(label)
         for key in [k for k in self._acked if k[0] == label]:
-            with contextlib.suppress(KeyError):
-                self.acked_serial.remove(label, key[1], *self._acked.pop(key))
+            del self._acked[key]
 
     def pushed(self, info: StreamInfo, names: list[str], latency: float) -> None:
         self.push_latency.observe(latency)
@@ -258,16 +293,9 @@ class Metrics:
         self.acks.labels(node).inc()
         if node == OTHER_NODE:
             return  # many nodes share the label: no per-secret view for them
+        serials = info.acked_serials
         for secret, version in info.acked.items():
-            key = (node, secret)
-            label = (version, info.acked_serials.get(secret, ""))
-            previous = self._acked.get(key)
-            if previous == label:
-                continue
-            if previous is not None:
-                self.acked_serial.remove(node, secret, *previous)
-            self._acked[key] = label
-            self.acked_serial.labels(node, secret, *label).set(1)
+            self._acked[(node, secret)] = (version, serials.get(secret, ""))
 
     def nacked(self, info: StreamInfo, message: str) -> None:
         node = self._node(info)

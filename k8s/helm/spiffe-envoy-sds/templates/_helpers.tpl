@@ -1,0 +1,165 @@
+{{/* The chart's name, and the release-qualified name of its objects. */}}
+{{- define "sds.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "sds.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sds.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sds.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "sds.labels" -}}
+{{ include "sds.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "sds.image" -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end -}}
+
+{{- define "sds.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "sds.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fail early on values that cannot work. */}}
+{{- define "sds.validate" -}}
+{{- if not (has .Values.mode (list "sidecar" "daemonset")) -}}
+{{- fail (printf "mode: %q: want sidecar or daemonset" .Values.mode) -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range .Values.policies -}}{{- $names = append $names .name -}}{{- end -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- if not (has .Values.sidecar.inbound.policy $names) -}}
+{{- fail (printf "sidecar.inbound.policy: %q is not in policies" .Values.sidecar.inbound.policy) -}}
+{{- end -}}
+{{- if and .Values.sidecar.outbound.enabled (not (has .Values.sidecar.outbound.policy $names)) -}}
+{{- fail (printf "sidecar.outbound.policy: %q is not in policies" .Values.sidecar.outbound.policy) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bridge's `sds run` config (docs/configuration.md). */}}
+{{- define "sds.bridgeConfig" -}}
+{{- $config := dict
+  "listen" "unix:///run/sds/bridge/sds.sock"
+  "socket_mode" "0660"
+  "admin" "127.0.0.1:8181"
+-}}
+{{- if .Values.allowedUids }}{{ $_ := set $config "allowed_uids" .Values.allowedUids }}{{ end -}}
+{{- if .Values.allowedGids }}{{ $_ := set $config "allowed_gids" .Values.allowedGids }}{{ end -}}
+{{- if .Values.policies }}{{ $_ := set $config "policies" .Values.policies }}{{ end -}}
+{{- if .Values.metrics.enabled }}{{ $_ := set $config "metrics" (printf "0.0.0.0:%d" (int .Values.metrics.port)) }}{{ end -}}
+{{- toYaml (merge (deepCopy .Values.extraConfig) $config) -}}
+{{- end -}}
+
+{{/* The bridge container (both modes). */}}
+{{- define "sds.bridgeContainer" -}}
+- name: sds-bridge
+  image: {{ include "sds.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: ["run", "--config", "/etc/sds/sds.yaml"]
+  env:
+    # The Workload API (the config names none, like SPIRE's own examples).
+    - name: SPIFFE_ENDPOINT_SOCKET
+      value: {{ printf "unix://%s" .Values.upstream.socket | quote }}
+  {{- if .Values.metrics.enabled }}
+  ports:
+    - name: sds-metrics
+      containerPort: {{ .Values.metrics.port }}
+  {{- end }}
+  securityContext:
+    runAsUser: {{ .Values.bridge.uid }}
+    runAsGroup: {{ .Values.envoy.gid }}
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+  startupProbe:
+    exec:
+      command: ["sds", "wait", "--socket", "unix:///run/sds/bridge/sds.sock", "--timeout", "1"]
+    periodSeconds: 2
+    timeoutSeconds: 3
+    failureThreshold: 90
+  {{- if .Values.metrics.enabled }}
+  readinessProbe:
+    httpGet: {path: /readyz, port: sds-metrics}
+    periodSeconds: 10
+  livenessProbe:
+    httpGet: {path: /healthz, port: sds-metrics}
+    periodSeconds: 20
+    failureThreshold: 3
+  {{- else }}
+  readinessProbe:
+    exec:
+      command: ["sds", "wait", "--admin", "127.0.0.1:8181", "--timeout", "1"]
+    periodSeconds: 10
+    timeoutSeconds: 3
+  livenessProbe:
+    exec:
+      command:
+        - python
+        - -c
+        - "import urllib.request as u; u.urlopen('http://127.0.0.1:8181/healthz', timeout=2)"
+    periodSeconds: 20
+    timeoutSeconds: 3
+    failureThreshold: 3
+  {{- end }}
+  volumeMounts:
+    - name: spiffe-workload-api
+      mountPath: {{ dir .Values.upstream.socket }}
+      readOnly: true
+    - name: sds-socket
+      mountPath: /run/sds
+    - name: sds-config
+      mountPath: /etc/sds
+      readOnly: true
+  resources:
+    {{- toYaml .Values.bridge.resources | nindent 4 }}
+{{- end -}}
+
+{{/* The Workload API volume: the SPIFFE CSI driver, or a read-only hostPath. */}}
+{{- define "sds.upstreamVolume" -}}
+- name: spiffe-workload-api
+  {{- if .Values.upstream.csi.enabled }}
+  csi:
+    driver: {{ .Values.upstream.csi.driver }}
+    readOnly: true
+  {{- else }}
+  hostPath:
+    path: {{ .Values.upstream.hostPath }}
+    type: Directory
+  {{- end }}
+{{- end -}}
+
+{{- define "sds.podScheduling" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
