@@ -48,6 +48,7 @@ def test_sds_run_imports_leave_the_optional_modules_unloaded() -> None:
     assert [m for m in LAZY if m in modules] == []
     assert "sds._sds.metrics" not in modules
     assert not any(m.startswith("envoy_data_plane") for m in modules)
+    assert not any(m.startswith("sds._provider") for m in modules)  # it loads PyYAML
 
 
 def test_the_run_command_line_loads_no_other_subcommand() -> None:
