@@ -40,7 +40,7 @@ import os
 import random
 import struct
 import sys
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
@@ -479,17 +479,24 @@ class WorkloadApiClient:
                 while (message := await _recv_capped(stream, self.max_message_bytes)) is not None:
                     yield message
 
-    async def _first(self, method: Any, request: Any, what: str) -> Any:
-        """The first message of a server stream within ``call_timeout``; then cancelled."""
+    @contextlib.asynccontextmanager
+    async def _call(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        """The stream of one call bounded by ``call_timeout``, its request sent; failures
+        inside (the caller's reads included) become Workload API errors."""
         with self._errors(_method_name(method)):
             async with (
                 asyncio.timeout(self.call_timeout),
                 method.open(metadata=_METADATA) as stream,
             ):
                 await stream.send_message(request, end=True)
-                message = await _recv_capped(stream, self.max_message_bytes)
-                if message is not None:
-                    await stream.cancel()
+                yield stream
+
+    async def _first(self, method: Any, request: Any, what: str) -> Any:
+        """The first message of a server stream within ``call_timeout``; then cancelled."""
+        async with self._call(method, request) as stream:
+            message = await _recv_capped(stream, self.max_message_bytes)
+            if message is not None:
+                await stream.cancel()
         if message is None:
             raise WorkloadApiUnavailable(
                 f"workload API at {self.address} ended the {what} stream without a response"
@@ -498,14 +505,9 @@ class WorkloadApiClient:
 
     async def _unary(self, method: Any, request: Any) -> Any:
         """One unary call, answered within ``call_timeout`` and at most ``max_message_bytes``."""
-        with self._errors(_method_name(method)):
-            async with (
-                asyncio.timeout(self.call_timeout),
-                method.open(metadata=_METADATA) as stream,
-            ):
-                await stream.send_message(request, end=True)
-                message = await _recv_capped(stream, self.max_message_bytes)
-                await stream.recv_trailing_metadata()
+        async with self._call(method, request) as stream:
+            message = await _recv_capped(stream, self.max_message_bytes)
+            await stream.recv_trailing_metadata()
         if message is None:
             raise WorkloadApiUnavailable(
                 f"workload API at {self.address} answered {_method_name(method)} with no message"

@@ -81,6 +81,22 @@ def captured_log(logger_name: str, keep: Callable[[logging.LogRecord], T]) -> It
 
 
 @pytest.fixture
+def sds_debug_logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``sds.*`` record, DEBUG and up, reaches caplog (even once a CLI test set up logs)."""
+    monkeypatch.setattr(logging.getLogger("sds"), "propagate", True)
+    caplog.set_level(logging.DEBUG, logger="sds")
+
+
+def event_lines(caplog: pytest.LogCaptureFixture, logger: str, name: str) -> list[str]:
+    """The messages of ``logger``'s ``name`` events (``name key=value ...``), in order."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == logger and r.getMessage().startswith(name + " ")
+    ]
+
+
+@pytest.fixture
 def sds_logs_reach_caplog() -> Iterator[None]:
     """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
     root = logging.getLogger("sds")

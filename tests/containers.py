@@ -15,21 +15,20 @@ test with the reason.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.gotools import cache_dir
+from tests.locks import locked
 
 __all__ = ["BASE_IMAGE", "FIRST_RUN_SECONDS", "Podman", "base_image", "ensure_tools", "podman"]
 
@@ -54,17 +53,6 @@ runtime = "runc"
 """
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _missing(program: str) -> bool:
     # catatonit lives in /usr/libexec/podman on some distributions, not on PATH.
     return shutil.which(program) is None and not Path(f"/usr/libexec/podman/{program}").exists()
@@ -77,7 +65,7 @@ def ensure_tools() -> None:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip(f"needs {', '.join(missing)} (install them; apt-get needs root)")
-    with _locked(cache_dir() / "apt.lock"):
+    with locked(cache_dir() / "apt.lock"):
         missing = [name for name in PACKAGES if _missing(name)]
         if not missing:
             return
@@ -213,7 +201,7 @@ def base_image(tool: Podman) -> str:
         return BASE_IMAGE
     images = cache_dir() / "images"
     tarball = images / "sds-test-base-bookworm.tar"
-    with _locked(images / "base.lock"):
+    with locked(images / "base.lock"):
         if tool.run("image", "exists", BASE_IMAGE, check=False).returncode == 0:
             return BASE_IMAGE
         if not tarball.is_file():

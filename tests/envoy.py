@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import http.client
 import importlib.metadata
 import itertools
@@ -45,6 +44,7 @@ import pytest
 import yaml
 
 from sds._procs import stop_group
+from tests.locks import locked
 
 __all__ = [
     "CACHE_DIR",
@@ -132,8 +132,7 @@ def envoy_binary(version: str = CURRENT_VERSION) -> Path:
     if marker.is_file() and binary.is_file():
         return binary
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with (CACHE_DIR / f"{version}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(CACHE_DIR / f"{version}.lock"):
         if marker.is_file() and binary.is_file():
             return binary
         shutil.rmtree(target, ignore_errors=True)

@@ -16,7 +16,6 @@ reason when ``go`` is not installed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.locks import locked
 
 __all__ = [
     "CACHE_DIR",
@@ -99,8 +100,7 @@ def _cached_build(key: str, name: str, build: Callable[[Path], None]) -> Path:
     if marker.is_file() and binary.is_file():
         return binary
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with (CACHE_DIR / f"{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(CACHE_DIR / f"{key}.lock"):
         if marker.is_file() and binary.is_file():
             return binary
         target_dir.mkdir(parents=True, exist_ok=True)

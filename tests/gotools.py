@@ -11,17 +11,16 @@ why.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.locks import locked
 
 __all__ = ["HELM", "PROMTOOL", "cache_dir", "go_tool", "tool_bin_dir"]
 
@@ -44,17 +43,6 @@ def tool_bin_dir() -> Path:
     return cache_dir() / "bin"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def go_tool(module: str, program: str, version: str) -> Path:
     """The binary of ``module/program`` at ``version`` (e.g. ``cmd/promtool``), built if missing.
 
@@ -70,7 +58,7 @@ def go_tool(module: str, program: str, version: str) -> Path:
     if go is None:
         pytest.skip(f"{name} {version} is built from Go sources and `go` is not installed")
     package = f"{module}/{program}"
-    with _locked(tool_bin_dir() / f".{name}-{version}.lock"):
+    with locked(tool_bin_dir() / f".{name}-{version}.lock"):
         if target.is_file():
             return target  # another process built it while we waited
         with tempfile.TemporaryDirectory(prefix=f"gotool-{name}-") as scratch:

@@ -23,35 +23,30 @@ from h2.events import (
     TrailersReceived,
 )
 
+from tests.h2raw import StreamReply, grpc_frame
+
 SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 
 
-def grpc_frame(message: bytes, *, flag: int = 0, length: int | None = None) -> bytes:
-    """A gRPC length-prefixed message; ``flag``/``length`` override the prefix."""
-    size = len(message) if length is None else length
-    return bytes([flag]) + size.to_bytes(4, "big") + message
+__all__ = ["SERVICE", "RawClient", "Reply", "grpc_frame"]
 
 
 @dataclass
-class Reply:
+class Reply(StreamReply):
     """What the server sent on one stream."""
 
-    headers: dict[str, str] = field(default_factory=dict)
-    trailers: dict[str, str] = field(default_factory=dict)
-    data: bytes = b""
-    reset: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def status(self) -> str | None:
         """grpc-status, from the trailers or a trailers-only response."""
-        return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+        return self.grpc_field("grpc-status")
 
     @property
     def message(self) -> str | None:
         from urllib.parse import unquote
 
-        raw = self.trailers.get("grpc-message", self.headers.get("grpc-message"))
+        raw = self.grpc_field("grpc-message")
         return unquote(raw) if raw is not None else None
 
 

@@ -9,7 +9,6 @@ of data the server let in is visible in ``Response.sent``.
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass, field
 
 import h2.config
@@ -20,31 +19,45 @@ import h2.exceptions
 __all__ = ["RawH2", "Response", "grpc_frame"]
 
 
-def grpc_frame(body: bytes, *, compressed: bool = False, length: int | None = None) -> bytes:
-    """A gRPC Length-Prefixed-Message; ``length`` overrides the declared size."""
+def grpc_frame(
+    body: bytes, *, compressed: bool = False, flag: int | None = None, length: int | None = None
+) -> bytes:
+    """A gRPC Length-Prefixed-Message; ``flag`` (any byte) overrides the compressed flag,
+    ``length`` the declared size."""
+    first = int(compressed) if flag is None else flag
     declared = len(body) if length is None else length
-    return struct.pack(">?I", compressed, declared) + body
+    return bytes([first]) + declared.to_bytes(4, "big") + body
 
 
 @dataclass
-class Response:
-    """What came back on one stream."""
+class StreamReply:
+    """What the server sent on one stream, as sent (both raw clients record this)."""
 
     headers: dict[str, str] = field(default_factory=dict)
     trailers: dict[str, str] = field(default_factory=dict)
     data: bytes = b""
     reset: bool = False
+
+    def grpc_field(self, name: str) -> str | None:
+        """``name`` from the trailers, or from a trailers-only response's headers."""
+        return self.trailers.get(name, self.headers.get(name))
+
+
+@dataclass
+class Response(StreamReply):
+    """What came back on one stream."""
+
     ended: bool = False
     sent: int = 0  # request DATA bytes the server's flow control let through
 
     @property
     def grpc_status(self) -> str | None:
         """grpc-status from the trailers, or from a trailers-only response's headers."""
-        return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+        return self.grpc_field("grpc-status")
 
     @property
     def grpc_message(self) -> str | None:
-        return self.trailers.get("grpc-message", self.headers.get("grpc-message"))
+        return self.grpc_field("grpc-message")
 
 
 def _text(pairs: list[tuple[bytes | str, bytes | str]]) -> dict[str, str]:

@@ -55,6 +55,26 @@ def identities_yaml(names: tuple[str, ...] = IDENTITIES) -> str:
     return yaml.safe_dump_all(docs)
 
 
+def svc_identities(*identities: tuple[str, str | None]) -> str:
+    """``workload_identity`` documents, one per ``(name, condition)``: ID ``/svc/<name>``,
+    hint ``name``, allowed when ``workload.unix.uid`` meets ``condition`` (e.g.
+    ``"eq: {value: 1000}"``), or with no rules when it is None."""
+    docs = []
+    for name, condition in identities:
+        doc = (
+            "kind: workload_identity\nversion: v1\n"
+            f"metadata: {{name: {name}}}\n"
+            f"spec:\n  spiffe: {{id: /svc/{name}, hint: {name}}}\n"
+        )
+        if condition is not None:
+            doc += (
+                "  rules:\n    allow:\n"
+                f"      - conditions: [{{attribute: workload.unix.uid, {condition}}}]\n"
+            )
+        docs.append(doc)
+    return "---\n".join(docs)
+
+
 class Stack:
     """Starts and restarts the provider and the bridge for one test."""
 

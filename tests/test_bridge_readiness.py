@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 
 import pytest
 
@@ -17,6 +16,7 @@ from sds._sds.metrics import Metrics
 from sds._sds.resources import TlsSpec
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context, X509Svid
+from tests.test_sds_server import StaticSource
 
 TD = TrustDomain.parse("example.org")
 HOUR = dt.timedelta(hours=1)
@@ -27,26 +27,12 @@ def _sds_logs_reach_caplog(sds_logs_reach_caplog: None) -> None:
     """Every test here reads ``sds`` logs through caplog."""
 
 
-class Source:
-    """An UpstreamSource whose set() swaps the context and notifies, like a Watcher."""
-
-    connected = True
+class Source(StaticSource):
+    """A StaticSource that starts empty, with an address of its own (several per bridge)."""
 
     def __init__(self) -> None:
-        self.ctx: X509Context | None = None
-        self._callbacks: list[Callable[[], None]] = []
+        super().__init__(None)
         self.address = f"source-{id(self):x}"
-
-    def current(self) -> X509Context | None:
-        return self.ctx
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
-
-    def set(self, ctx: X509Context | None) -> None:
-        self.ctx = ctx
-        for callback in self._callbacks:
-            callback()
 
 
 class Clock:

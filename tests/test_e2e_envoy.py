@@ -12,9 +12,7 @@ import os
 import re
 import signal
 import ssl
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
 from tests.asuser import run_as
+from tests.chaos import Traffic
 from tests.conftest import Processes, wait_for
 from tests.envoy import (
     CURRENT_VERSION,
@@ -46,42 +45,39 @@ def _start_envoy(
     return envoys.start(config, version=version)
 
 
-@dataclass
 class ClientLoop:
-    """Fresh-handshake HTTPS requests in a thread until stopped; records failures and serials."""
+    """:class:`tests.chaos.Traffic` every 0.05 s, read without the times: ``failures`` (the
+    errors) and ``serials`` (each new serial presented)."""
 
-    client: HttpsClient
-    port: int
-    interval: float = 0.05
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    serials: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, client: HttpsClient, port: int) -> None:
+        self.traffic = Traffic(client, port, interval=0.05)
+
+    @property
+    def interval(self) -> float:
+        return self.traffic.interval
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        self.traffic.interval = seconds
+
+    @property
+    def ok(self) -> int:
+        return self.traffic.ok
+
+    @property
+    def failures(self) -> list[str]:
+        return [error for _, error in self.traffic.failures]
+
+    @property
+    def serials(self) -> list[int]:
+        return [serial for _, serial in self.traffic.served]
 
     def start(self) -> ClientLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.traffic.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                response = self.client.get("127.0.0.1", self.port, timeout=5)
-                if response.status != 200:
-                    self.failures.append(f"HTTP {response.status}")
-                else:
-                    self.ok += 1
-                    if not self.serials or self.serials[-1] != response.serial:
-                        self.serials.append(response.serial)
-            except (ssl.SSLError, OSError) as exc:
-                self.failures.append(repr(exc))
-            self._stop.wait(self.interval)
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self.traffic.stop()
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from tests.envoy import (
     Envoys,
     http_request,
 )
-from tests.stack import Stack, identities_yaml
+from tests.stack import Stack, identities_yaml, svc_identities
 from tests.test_e2e_envoy import ClientLoop
 from tests.test_provider import start_federated_provider
 from tests.tlsclient import HttpsClient
@@ -85,34 +85,10 @@ def by_check(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- Workload API
 
-CHECKER_IDENTITIES = f"""\
-kind: workload_identity
-version: v1
-metadata: {{name: web}}
-spec:
-  spiffe: {{id: /svc/web, hint: web}}
-  rules:
-    allow:
-      - conditions: [{{attribute: workload.unix.uid, eq: {{value: {os.getuid()}}}}}]
----
-kind: workload_identity
-version: v1
-metadata: {{name: batch}}
-spec:
-  spiffe: {{id: /svc/batch, hint: batch}}
-  rules:
-    allow:
-      - conditions: [{{attribute: workload.unix.uid, eq: {{value: {os.getuid()}}}}}]
----
-kind: workload_identity
-version: v1
-metadata: {{name: hidden}}
-spec:
-  spiffe: {{id: /svc/hidden, hint: hidden}}
-  rules:
-    allow:
-      - conditions: [{{attribute: workload.unix.uid, eq: {{value: 4242}}}}]
-"""
+OWN_UID = f"eq: {{value: {os.getuid()}}}"
+CHECKER_IDENTITIES = svc_identities(
+    ("web", OWN_UID), ("batch", OWN_UID), ("hidden", "eq: {value: 4242}")
+)
 
 
 @pytest.fixture

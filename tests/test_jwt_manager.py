@@ -5,7 +5,6 @@ reaped once no stream names them."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,21 +22,17 @@ from sds._sds.jwt import (
     wanted_audiences,
 )
 from sds.errors import WorkloadApiUnavailable
+from tests.conftest import event_lines
 from tests.fake_workload_api import eventually
 
 
 @pytest.fixture(autouse=True)
-def _capture(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logging.getLogger("sds"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="sds")
+def _capture(sds_debug_logs: None) -> None:
+    """Every test here reads ``sds`` logs through caplog."""
 
 
 def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "sds.jwt" and r.getMessage().startswith(name + " ")
-    ]
+    return event_lines(caplog, "sds.jwt", name)
 
 
 class Upstream:

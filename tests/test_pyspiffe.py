@@ -13,39 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import PYTHON, REPO, Processes
+from tests.stack import svc_identities
 from tests.test_provider import start_federated_provider
 
 PROBE = REPO / "tests" / "pyspiffe_probe.py"
 
-IDENTITIES = f"""\
-kind: workload_identity
-version: v1
-metadata: {{name: web}}
-spec:
-  spiffe: {{id: /svc/web, hint: web}}
-  rules:
-    allow:
-      - conditions:
-          - attribute: workload.unix.uid
-            eq: {{value: {os.getuid()}}}
----
-kind: workload_identity
-version: v1
-metadata: {{name: hidden}}
-spec:
-  spiffe: {{id: /svc/hidden, hint: hidden}}
-  rules:
-    allow:
-      - conditions:
-          - attribute: workload.unix.uid
-            not_eq: {{value: {os.getuid()}}}
----
-kind: workload_identity
-version: v1
-metadata: {{name: batch}}
-spec:
-  spiffe: {{id: /svc/batch, hint: batch}}
-"""
+IDENTITIES = svc_identities(
+    ("web", f"eq: {{value: {os.getuid()}}}"),
+    ("hidden", f"not_eq: {{value: {os.getuid()}}}"),
+    ("batch", None),
+)
 
 
 def run_probe(procs: Processes, socket_uri: str, *args: str) -> dict[str, Any]:

@@ -15,8 +15,6 @@ import collections
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from envoy_data_plane.envoy.config.core.v3 import BuildVersion, Node
@@ -34,16 +32,16 @@ from sds._sds.envoy import (
     decode_sotw_request,
     node_info,
 )
+from tests.fake_workload_api import eventually
 from tests.h2async import SERVICE, grpc_frame
 from tests.test_sds_hostile import (
     SECRET_TYPE,
     Served,
-    _eventually,
     _good_client_still_served,
     _no_tracebacks,
-    _serve,
     fd_count,
     rss_kb,
+    served_fixture,  # noqa: F401 - registers the ``served`` fixture here
 )
 
 pytestmark = pytest.mark.hostile
@@ -162,14 +160,6 @@ def cases(seed: int, count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-@pytest.fixture
-async def served(sockdir: Path) -> AsyncIterator[Served]:
-    s = await _serve(sockdir)
-    yield s
-    s.server.close()
-    await s.server.wait_closed()
-
-
 def test_codec_raises_only_wire_errors() -> None:
     """The hand-written decoders, alone: any input is a request or a WireError."""
     rng = random.Random(SEED)
@@ -213,9 +203,9 @@ async def test_fuzzed_requests_through_the_real_server(
     assert statuses["3"] > CASES // 10  # the mutations really were malformed, mostly
     _no_tracebacks(caplog)
     await _good_client_still_served(served)
-    await _eventually(lambda: fd_count() <= fds + 2, "fds back to baseline")
+    await eventually(lambda: fd_count() <= fds + 2, what="fds back to baseline")
     grown = rss_kb() - rss
     print(f"RSS grew {grown / 1024:.1f} MB over {CASES} cases")
     assert grown < 50 * 1024
-    await _eventually(lambda: not served.servicer.streams, "every stream to close")
+    await eventually(lambda: not served.servicer.streams, what="every stream to close")
     assert served.servicer.cache.watch_count == 0

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from sds._sds.metrics import Metrics
 from sds._sds.server import INSPECTOR_NODE, SdsServer, SdsServicer
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context
+from tests.fake_workload_api import eventually
 from tests.h2async import SERVICE, RawClient, grpc_frame
 from tests.sdsfake import node, sotw
 from tests.test_sds_server import StaticSource
@@ -93,23 +94,13 @@ async def _serve(sockdir: Path, **server_options: float) -> Served:
     return served
 
 
-@pytest.fixture
-async def served(sockdir: Path) -> AsyncIterator[Served]:
+@pytest.fixture(name="served")
+async def served_fixture(sockdir: Path) -> AsyncIterator[Served]:
+    """The server of :func:`_serve`, closed after the test (test_sds_fuzz.py imports it)."""
     s = await _serve(sockdir)
     yield s
     s.server.close()
     await s.server.wait_closed()
-
-
-async def _eventually(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
@@ -312,7 +303,7 @@ async def test_nack_message_is_logged_truncated(
             await s.send(["default"])
             await s.recv()
             await s.send(["default"], error="E" * 1_000_000)
-            await _eventually(lambda: served.servicer.streams[1].nacks, "the NACK")
+            await eventually(lambda: served.servicer.streams[1].nacks, what="the NACK")
             info = served.servicer.streams[1]
     finally:
         channel.close()
@@ -337,7 +328,7 @@ async def test_unknown_names_log_one_line_per_request_rate_limited_per_stream(
             await s.expect_silence(0.2)
     finally:
         channel.close()
-    await _eventually(lambda: not served.servicer.streams, "the stream to close")
+    await eventually(lambda: not served.servicer.streams, what="the stream to close")
     lines = [r.getMessage() for r in caplog.records if r.name == "sds.server"]
     unknown = [line for line in lines if line.startswith("sds.unknown_name")]
     # 1,000 + 1,900 unknown names: 5 lines (the per-stream burst), not 2,900.
@@ -362,19 +353,19 @@ async def test_node_series_are_removed_when_the_last_stream_of_the_node_closes(
                 await s.send(["default"], with_node=node("leaving-envoy"))
                 await s.recv()
                 await s.ack()
-            await _eventually(
+            await eventually(
                 lambda: (
                     'sds_acks_total{node="leaving-envoy"} 2.0' in served.metrics.render().decode()
                 ),
-                "both ACKs",
+                what="both ACKs",
             )
             await a.stream.cancel()
-            await _eventually(lambda: len(served.servicer.streams) == 1, "one stream closed")
+            await eventually(lambda: len(served.servicer.streams) == 1, what="one stream closed")
             # One stream of the node is still open: its series stay.
             assert 'node="leaving-envoy"' in served.metrics.render().decode()
     finally:
         channel.close()
-    await _eventually(lambda: not served.servicer.streams, "both streams closed")
+    await eventually(lambda: not served.servicer.streams, what="both streams closed")
     assert "leaving-envoy" not in served.metrics.render().decode()
 
 
@@ -400,7 +391,7 @@ async def test_node_series_are_capped_beyond_which_nodes_share_other(
             assert "n-c" not in text and "n-d" not in text
     finally:
         channel.close()
-    await _eventually(lambda: not served.servicer.streams, "streams closed")
+    await eventually(lambda: not served.servicer.streams, what="streams closed")
     assert "sds_pushes_total{" not in served.metrics.render().decode()
     capped = [
         r.getMessage() for r in caplog.records if "metrics.node_series_capped" in r.getMessage()
@@ -427,7 +418,7 @@ async def test_two_thousand_short_streams_leave_metrics_and_state_as_they_were(
             await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in replies)), 30)
     finally:
         await client.close()
-    await _eventually(lambda: not served.servicer.streams, "streams closed")
+    await eventually(lambda: not served.servicer.streams, what="streams closed")
     after = served.metrics.render()
     assert b"x0-0" not in after
     assert abs(len(after) - len(before)) < 200, (len(before), len(after))
@@ -557,7 +548,7 @@ async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> Non
                 pass
         for _, writer in stuck:
             writer.close()
-        await _eventually(lambda: fd_count() <= baseline, "fds back to baseline")
+        await eventually(lambda: fd_count() <= baseline, what="fds back to baseline")
         await _good_client_still_served(served)
     finally:
         served.server.close()
@@ -618,9 +609,9 @@ async def test_rapid_stream_resets_leave_no_state(served: Served) -> None:
                 client.conn.reset_stream(sid)
             client.writer.write(client.conn.data_to_send())
             await client.writer.drain()
-        await _eventually(lambda: not served.servicer.streams, "every stream to close")
+        await eventually(lambda: not served.servicer.streams, what="every stream to close")
         # Streams reset before their task ran were held until the connection closed.
-        await _eventually(lambda: served.server.open_streams() == 0, "HTTP/2 streams released")
+        await eventually(lambda: served.server.open_streams() == 0, what="HTTP/2 streams released")
         assert not client.closed.is_set()
     finally:
         await client.close()

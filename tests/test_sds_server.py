@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
@@ -27,6 +28,7 @@ from sds._sds.metrics import Metrics
 from sds._sds.server import AccessPolicy, SdsServer, SdsServicer
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context
+from tests.fake_workload_api import eventually
 from tests.sdsfake import delta, fetch, node, sotw
 
 TD = TrustDomain("example.org")
@@ -378,15 +380,13 @@ async def test_jwt_svid_generic_secret_is_fetched_on_demand_and_refreshed(world:
         await world.bridge.jwt.close()
 
 
-async def _eventually(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+async def _push_twice(world: World, stream: Any, node_id: str) -> tuple[Any, Any]:
+    """Subscribe ``default`` as ``node_id``, then rotate: the first push and the second."""
+    await stream.send(["default"], with_node=node(node_id))
+    a = await stream.recv()
+    world.source.set(world.context("/web", "/api", hints=("", "internal")))  # rotate
+    b = await stream.recv()
+    return a, b
 
 
 def _stream_of(world: World, node_id: str) -> Callable[[], object]:
@@ -399,17 +399,14 @@ async def test_sotw_late_ack_and_nack_are_credited_to_the_push_their_nonce_names
     world: World,
 ) -> None:
     async with sotw(world.channel, world.instance) as s:
-        await s.send(["default"], with_node=node("ordered-sotw"))
-        a = await s.recv()
-        world.source.set(world.context("/web", "/api", hints=("", "internal")))  # rotate
-        b = await s.recv()
+        a, b = await _push_twice(world, s, "ordered-sotw")
         version_b = world.bridge.cache.resource_version("default")
         assert a.serial("default") != b.serial("default")
         # Envoy answers both pushes, in order: ACK of A, then NACK of B.
         await s.send(["default"], nonce=a.nonce, version=a.version)
         await s.send(["default"], nonce=b.nonce, version=a.version, error="B is bad")
-        info = await _eventually(_stream_of(world, "ordered-sotw"), "the NACK of B")
-        view = info.as_dict()  # type: ignore[attr-defined]
+        info = await eventually(_stream_of(world, "ordered-sotw"), what="the NACK of B")
+        view = info.as_dict()
         assert view["acked_version"] == a.version
         assert view["acked_serials"] == {"default": f"{a.serial('default'):x}"}
         assert view["nacked_version"] == b.version
@@ -426,10 +423,7 @@ async def test_sotw_late_ack_and_nack_are_credited_to_the_push_their_nonce_names
 
 async def test_sotw_late_ack_of_an_older_push_does_not_regress_the_view(world: World) -> None:
     async with sotw(world.channel, world.instance) as s:
-        await s.send(["default"], with_node=node("late-ack"))
-        a = await s.recv()
-        world.source.set(world.context("/web", "/api", hints=("", "internal")))
-        b = await s.recv()
+        a, b = await _push_twice(world, s, "late-ack")
         await s.send(["default"], nonce=b.nonce, version=b.version)  # ACK of B
         await s.send(["default"], nonce=a.nonce, version=a.version)  # late ACK of A
         await s.send(["default"], nonce=b.nonce, error="repeat")  # B already answered
@@ -442,15 +436,12 @@ async def test_sotw_late_ack_of_an_older_push_does_not_regress_the_view(world: W
 
 async def test_delta_ack_and_nack_out_of_order_are_credited_by_nonce(world: World) -> None:
     async with delta(world.channel, world.instance) as d:
-        await d.send(["default"], with_node=node("ordered-delta"))
-        a = await d.recv()
-        world.source.set(world.context("/web", "/api", hints=("", "internal")))
-        b = await d.recv()
+        a, b = await _push_twice(world, d, "ordered-delta")
         # NACK of B arrives before the ACK of A.
         await d.send(nonce=b.nonce, error="B is bad")
         await d.send(nonce=a.nonce)
-        await _eventually(
-            lambda: any(i.acked_version for i in world.servicer.streams.values()), "ACK of A"
+        await eventually(
+            lambda: any(i.acked_version for i in world.servicer.streams.values()), what="ACK of A"
         )
         (info,) = world.servicer.streams.values()
         view = info.as_dict()

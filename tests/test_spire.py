@@ -19,16 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from grpclib.client import Channel
-from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from sds._sds import inspect as sds_inspect
 from tests.conftest import Processes, wait_for
 from tests.envoy import (
-    SECRET_TYPE_URL,
     EnvoyProcess,
     Envoys,
     bootstrap,
@@ -238,25 +235,7 @@ def _probe(socket: Path, names: list[str], wait: float = 3.0) -> str:
     async def go() -> str:
         channel = Channel(path=str(socket))
         try:
-            async with channel.request(
-                "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
-                Cardinality.STREAM_STREAM,
-                DiscoveryRequest,
-                DiscoveryResponse,
-            ) as stream:
-                await stream.send_message(
-                    DiscoveryRequest(
-                        type_url=SECRET_TYPE_URL,
-                        resource_names=names,
-                        node=Node(id="probe", cluster="probe"),
-                    )
-                )
-                try:
-                    async with asyncio.timeout(wait):
-                        response = await stream.recv_message()
-                except TimeoutError:
-                    response = None
-                await stream.cancel()
+            response = await sds_inspect._ask(channel, names, wait, node_id="probe")
         except GRPCError as exc:
             return f"{exc.status.name}"
         except StreamTerminatedError as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from sds._workloadapi import NullEvents, SocketWatch, Watcher, WorkloadApiClient
 from sds._x509 import X509Context
 from sds.errors import WorkloadApiUnavailable
 from tests.chaos import StallProxy
+from tests.conftest import event_lines
 from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response
 from tests.material import Authority
 from tests.test_upstream_limits import Hanging, serving
@@ -27,17 +27,12 @@ WORKLOAD_LOGGER = "sds.workloadapi"
 
 
 @pytest.fixture(autouse=True)
-def _capture(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logging.getLogger("sds"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="sds")
+def _capture(sds_debug_logs: None) -> None:
+    """Every test here reads ``sds`` logs through caplog."""
 
 
 def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == WORKLOAD_LOGGER and r.getMessage().startswith(name + " ")
-    ]
+    return event_lines(caplog, WORKLOAD_LOGGER, name)
 
 
 class Connections(NullEvents):

@@ -41,7 +41,7 @@ from sds.errors import (
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
-from tests.conftest import Processes
+from tests.conftest import Processes, event_lines
 from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
 from tests.material import Authority, rejection
 
@@ -52,10 +52,8 @@ WORKLOAD_LOGGER = "sds.workloadapi"
 
 
 @pytest.fixture(autouse=True)
-def _capture_sds_logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def _capture_sds_logs(sds_debug_logs: None) -> None:
     """Make sds.* records reach caplog even if a CLI test configured logging in this process."""
-    monkeypatch.setattr(logging.getLogger("sds"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="sds")
 
 
 @pytest.fixture
@@ -138,11 +136,7 @@ def serials(ctx: X509Context | None) -> dict[str, int]:
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == WORKLOAD_LOGGER and r.getMessage().startswith(name + " ")
-    ]
+    return event_lines(caplog, WORKLOAD_LOGGER, name)
 
 
 # --------------------------------------------------------------------------- addresses

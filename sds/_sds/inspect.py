@@ -108,8 +108,12 @@ def summarize(secret: Secret) -> dict[str, Any]:
     return item
 
 
-async def _ask(channel: Channel, names: list[str], wait_seconds: float) -> DiscoveryResponse | None:
-    """The first response to a StreamSecrets request for ``names``; None if none in time."""
+async def _ask(
+    channel: Channel, names: list[str], wait_seconds: float, node_id: str = "sds-inspect"
+) -> DiscoveryResponse | None:
+    """The first response to a StreamSecrets request for ``names``; None if none in time.
+
+    As node ``sds-inspect`` the server counts the stream as an inspector, not an Envoy."""
     import asyncio  # noqa: PLC0415
 
     async with channel.request(
@@ -122,7 +126,7 @@ async def _ask(channel: Channel, names: list[str], wait_seconds: float) -> Disco
             DiscoveryRequest(
                 type_url=SECRET_TYPE_URL,
                 resource_names=names,
-                node=Node(id="sds-inspect", cluster="sds-inspect"),
+                node=Node(id=node_id, cluster=node_id),
             )
         )
         try:

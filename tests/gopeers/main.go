@@ -427,33 +427,56 @@ type multi []string
 func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
+// mtlsPeer is what client, server and load share: -addr, the SVID `-hint` to
+// present, and the repeatable flag naming the SPIFFE IDs the other side may have.
+type mtlsPeer struct {
+	addr, hint *string
+	ids        multi
+}
+
+func mtlsFlags(fs *flag.FlagSet, idsFlag, idsUsage string) *mtlsPeer {
+	p := &mtlsPeer{
+		addr: fs.String("addr", "", "Workload API address"),
+		hint: fs.String("hint", "", "hint of the SVID to present"),
+	}
+	fs.Var(&p.ids, idsFlag, idsUsage)
+	return p
+}
+
+// open returns the X.509 source (the caller closes it) and the authorizer for the IDs.
+func (p *mtlsPeer) open(ctx context.Context) (*workloadapi.X509Source, tlsconfig.Authorizer, error) {
+	src, err := source(ctx, *p.addr, *p.hint)
+	if err != nil {
+		return nil, nil, err
+	}
+	authz, err := authorizer(p.ids)
+	if err != nil {
+		src.Close()
+		return nil, nil, err
+	}
+	return src, authz, nil
+}
+
 // ---------------------------------------------------------------------------- client
 
 // client sends -n GETs to -url over spiffetls (mTLS with its SVID `-hint`), authorizing
 // the server as one of -server-id; one JSON line per request.
 func client(args []string) error {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	addr := fs.String("addr", "", "Workload API address")
-	hint := fs.String("hint", "", "hint of the SVID to present")
+	peer := mtlsFlags(fs, "server-id", "SPIFFE ID the server must present (repeatable)")
 	url := fs.String("url", "", "https://127.0.0.1:PORT/path")
 	n := fs.Int("n", 1, "requests")
 	keepAlive := fs.Bool("keep-alive", false, "reuse one connection")
-	var serverIDs multi
-	fs.Var(&serverIDs, "server-id", "SPIFFE ID the server must present (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	src, err := source(ctx, *addr, *hint)
+	src, authz, err := peer.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer src.Close()
-	authz, err := authorizer(serverIDs)
-	if err != nil {
-		return err
-	}
 	own, err := src.GetX509SVID()
 	if err != nil {
 		return err
@@ -491,23 +514,16 @@ type connKey struct{}
 // authorized as one of -allow) and answers each GET with the caller's SPIFFE ID.
 func server(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	addr := fs.String("addr", "", "Workload API address")
-	hint := fs.String("hint", "", "hint of the SVID to present")
-	var allow multi
-	fs.Var(&allow, "allow", "caller SPIFFE ID admitted (repeatable)")
+	peer := mtlsFlags(fs, "allow", "caller SPIFFE ID admitted (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	ctx := context.Background()
-	src, err := source(ctx, *addr, *hint)
+	src, authz, err := peer.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer src.Close()
-	authz, err := authorizer(allow)
-	if err != nil {
-		return err
-	}
 	own, err := src.GetX509SVID()
 	if err != nil {
 		return err
@@ -547,27 +563,20 @@ func server(args []string) error {
 // failures, latency percentiles, and the distinct server leaf serials seen in order.
 func load(args []string) error {
 	fs := flag.NewFlagSet("load", flag.ContinueOnError)
-	addr := fs.String("addr", "", "Workload API address")
-	hint := fs.String("hint", "", "hint of the SVID to present")
+	peer := mtlsFlags(fs, "server-id", "SPIFFE ID the server must present (repeatable)")
 	url := fs.String("url", "", "https://127.0.0.1:PORT/path")
 	workers := fs.Int("c", 1, "concurrent workers")
 	duration := fs.Duration("duration", 5*time.Second, "")
 	keepAlive := fs.Bool("keep-alive", false, "one reused connection per worker")
-	var serverIDs multi
-	fs.Var(&serverIDs, "server-id", "SPIFFE ID the server must present (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	ctx := context.Background()
-	src, err := source(ctx, *addr, *hint)
+	src, authz, err := peer.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer src.Close()
-	authz, err := authorizer(serverIDs)
-	if err != nil {
-		return err
-	}
 	var mu sync.Mutex
 	var latencies []float64
 	serials := []string{}
