@@ -86,6 +86,7 @@ class FloorServicer:
             with open(self.dump, "wb") as handle:  # noqa: ASYNC230 - once, ~60 KB
                 handle.write(first)
             self.dump = None
+        del first, fields  # a real Envoy's first request is ~61 KB: hold only the names
         event = asyncio.Event()
         if b"default" in names:
             self.events.add(event)
@@ -126,7 +127,7 @@ async def main() -> int:
     server = Server([servicer], codec=RawCodec())
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.socket)
-    await server.start(path=args.socket)
+    await server.start(path=args.socket, backlog=4096)  # the bridge's LISTEN_BACKLOG
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -22,6 +22,13 @@ stream got its first response. On stdin:
   for servers that rotate on their own schedule, such as a SPIRE agent).
 * ``{"cmd": "stats"}``: answers with open streams, responses and errors.
 
+With ``--reconnect`` (the reconnect storm), a stream whose connection ends
+waits until the socket accepts connections again (one probe per process,
+every 2 ms), then reconnects at once, as every Envoy of a node would after a
+bridge restart; failed attempts retry after 2-10 ms and are counted in
+``reconnect_failures``, not as errors. ``expect`` then also records a stream
+whose first response on its new connection carries ``token``.
+
 Exits on stdin EOF or SIGTERM, closing every connection.
 """
 
@@ -31,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import signal
 import sys
 import time
@@ -52,7 +60,17 @@ class Load:
         prefix: str,
         names: list[str],
         node_template: bytes | None,
+        reconnect: bool = False,
+        node_first_only: bool = False,
     ) -> None:
+        self.reconnect = reconnect
+        self.node_first_only = node_first_only
+        self.reachable = asyncio.Event()
+        self.reachable.set()
+        self.probing: asyncio.Task[None] | None = None
+        self.reconnects = 0
+        self.reconnect_failures = 0
+        self.ever_opened = [False] * streams
         self.node_template = node_template
         self.path = path
         self.n = streams
@@ -75,9 +93,41 @@ class Load:
         self.started_at = time.monotonic()
         self.ready_at = 0.0
 
+    async def probe(self) -> None:
+        """Set ``reachable`` once a connect to the socket succeeds (every 2 ms until then)."""
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(self.path)
+            except OSError:
+                await asyncio.sleep(0.002)
+                continue
+            writer.close()
+            self.reachable.set()
+            return
+
+    def lost(self) -> None:
+        if self.reachable.is_set() and (self.probing is None or self.probing.done()):
+            self.reachable.clear()
+            self.probing = asyncio.create_task(self.probe())
+
     async def one(self, k: int) -> None:
         await self.gate.acquire()
-        released = False
+        got = await self.attempt(k)
+        if not self.ever_opened[k]:
+            self.gate.release()  # opened streams released it at their first response
+        while self.reconnect:
+            if got:
+                self.lost()
+            else:
+                self.reconnect_failures += 1
+                await asyncio.sleep(random.uniform(0.002, 0.01))
+            await self.reachable.wait()
+            self.reconnects += 1
+            got = await self.attempt(k)
+
+    async def attempt(self, k: int) -> bool:
+        """One connection's life: a stream, answered and ACKed; whether it got a response."""
+        got_response = False
         channel = Channel(path=self.path, codec=self.codec)
         self.channels.append(channel)
         names = self.names
@@ -90,7 +140,6 @@ class Load:
                 await stream.send_message(
                     discovery_request(names, node_id=node_id, node_template=template)
                 )
-                first = True
                 while True:
                     raw = await stream.recv_message()
                     if raw is None:
@@ -107,21 +156,24 @@ class Load:
                     version = fields[1][0]
                     nonce = fields[5][0]
                     assert isinstance(version, bytes) and isinstance(nonce, bytes)
-                    # Envoy (1.40 default) repeats its node on every request, ACKs included.
+                    # Envoy (1.40 default) repeats its node on every request, ACKs included;
+                    # with set_node_on_first_message_only (sds envoy-bootstrap) it does not.
+                    again = template is not None and not self.node_first_only
                     await stream.send_message(
                         discovery_request(
                             names,
                             version=version.decode(),
                             nonce=nonce.decode(),
-                            node_id=node_id if template is not None else None,
-                            node_template=template,
+                            node_id=node_id if again else None,
+                            node_template=template if again else None,
                         )
                     )
-                    if first:
-                        first = False
-                        self.opened += 1
+                    if not got_response:
+                        got_response = True
                         self.open_now += 1
-                        released = True
+                    if not self.ever_opened[k]:
+                        self.ever_opened[k] = True
+                        self.opened += 1
                         self.gate.release()
                         if self.opened == self.n:
                             self.ready_at = time.monotonic()
@@ -129,13 +181,13 @@ class Load:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.errors.append(f"stream {k}: {exc!r}")
+            if not self.reconnect:
+                self.errors.append(f"stream {k}: {exc!r}")
         finally:
-            if released:
+            if got_response:
                 self.open_now -= 1
-            else:
-                self.gate.release()
             channel.close()
+        return got_response
 
 
 def emit(data: dict[str, Any]) -> None:
@@ -151,6 +203,14 @@ async def main() -> int:
     parser.add_argument("--prefix", default="load")
     parser.add_argument("--names", default="default")
     parser.add_argument("--node-file", help="serialized Node to send, like Envoy, on every request")
+    parser.add_argument(
+        "--node-first-only",
+        action="store_true",
+        help="send the node on a stream's first request only (set_node_on_first_message_only)",
+    )
+    parser.add_argument(
+        "--reconnect", action="store_true", help="reconnect when the server goes away"
+    )
     args = parser.parse_args()
 
     template = None
@@ -164,6 +224,8 @@ async def main() -> int:
         prefix=args.prefix,
         names=args.names.split(","),
         node_template=template,
+        reconnect=args.reconnect,
+        node_first_only=args.node_first_only,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -219,6 +281,8 @@ async def main() -> int:
                         "opened": load.opened,
                         "responses": load.responses,
                         "errors": len(load.errors),
+                        "reconnects": load.reconnects,
+                        "reconnect_failures": load.reconnect_failures,
                         "first_errors": load.errors[:5],
                     }
                 )

@@ -9,14 +9,20 @@ one identity ``web``). Measured in one run:
    ``python -m sds run``; a waiting SDS client in this process polls for the
    socket, opens StreamSecrets for ``default`` and stops the clock at the
    first response. Phases are read from the bridge's log timestamps. The
-   baseline is ``python -c pass`` (interpreter start-up) measured alike.
+   baselines are ``python -c pass`` and ``python -S -c pass`` (interpreter
+   start-up with and without site) measured alike: the floor.
 2. **Idle**: ``sds run`` serving one real Envoy (``default`` + ``ROOTCA``):
    VmRSS (and RssAnon/RssFile), then CPU (utime+stime from /proc/<pid>/stat)
    and context switches over an idle window (default 30 s). Compared in the
    same run with a bare ``python -c 'import asyncio; asyncio.run(sleep)'``,
    the embedded provider, and the zero-work SDS floor serving its own Envoy.
+   A second ``sds run --admin off`` serves its own Envoy: with no listener
+   serving /metrics it never loads prometheus_client.
 3. **Where memory goes**: VmRSS of fresh interpreters importing the
    bridge's dependencies cumulatively, one group more per row.
+Before measuring, ``sds/`` is byte-compiled (as an installed package is), so
+no start compiles source.
+
 4. **Where start-up time goes**: ``python -X importtime`` of one ``sds run``
    start, aggregated per top-level package, plus the slowest modules.
 """
@@ -36,6 +42,7 @@ from typing import Any
 
 import _common
 from _common import (
+    ABSOLUTE,
     BENCH,
     CLK_TCK,
     PYTHON,
@@ -65,17 +72,20 @@ from _common import (
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.stack import identities_yaml
 
-TARGET_RSS_MB = 64.0
-# The issue's target is "exec -> first secret <= 1 s" on an idle 2-vCPU machine,
-# where `python -c pass` takes ~25 ms: 40x the bare interpreter start. A shared,
+TARGET_RSS_MB = 36.0  # issue 13: serving one Envoy
+# Issue 13's target is "exec -> first secret <= 150 ms p50" on an idle 2-vCPU machine,
+# where `python -c pass` takes ~25 ms: 6x the bare interpreter start. A shared,
 # loaded machine slows both alike, so the verdict is that ratio against the
-# interpreter start measured in the same run, never the absolute time.
-TARGET_FIRST_S = 1.0
+# interpreter start measured in the same run; the absolute time is printed beside it.
+TARGET_FIRST_S = 0.150
 REFERENCE_PYTHON_START_MS = 25.0
 TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 
+# What `sds run` imports before serving, whatever its config (tests/test_lazy_imports.py
+# holds it to that): prometheus_client comes only with a /metrics listener, yaml only
+# with --config.
 SDS_RUN_MODULES = (
-    "sds._workloadapi, sds._sds.server, sds._sds.bridge, sds._sds.metrics, "
+    "sds._workloadapi, sds._sds.server, sds._sds.bridge, sds._sds.jwt, sds._sds.config, "
     "sds._sds.admin, sds._sds.command, sds._sds.envoy, sds.cli"
 )
 
@@ -91,8 +101,7 @@ IMPORT_STEPS: list[tuple[str, str, str | None]] = [
         "import sds._proto.workload_pb2, sds._proto.workload_grpc",
         None,
     ),
-    ("+ yaml + config", "import yaml, sds._sds.config", None),
-    ("+ prometheus_client", "import prometheus_client", None),
+    ("+ config parser (no yaml)", "import sds._sds.config", None),
     ("+ grpcio (envoy_data_plane's discovery.v3 imports it)", "import grpc", "grpc"),
     (
         "+ envoy_data_plane messages",
@@ -100,7 +109,9 @@ IMPORT_STEPS: list[tuple[str, str, str | None]] = [
         "envoy_data_plane.envoy.service.discovery.v3",
         "envoy_data_plane",
     ),
-    ("+ rest of sds run (= everything it loads)", "import " + SDS_RUN_MODULES, None),
+    ("+ rest of sds run, --admin off (= everything it loads)", "import " + SDS_RUN_MODULES, None),
+    ("+ prometheus_client (admin or metrics listener on)", "import sds._sds.metrics", None),
+    ("+ yaml (only with --config)", "import yaml", None),
 ]
 
 
@@ -159,7 +170,7 @@ def log_phases(text: str, t0_wall: float) -> dict[str, float]:
     return out
 
 
-def bridge_args(provider_sock: Path, sock: Path) -> list[str]:
+def bridge_args(provider_sock: Path, sock: Path, admin: str = "127.0.0.1:0") -> list[str]:
     return [
         "run",
         "--workload-api",
@@ -167,7 +178,7 @@ def bridge_args(provider_sock: Path, sock: Path) -> list[str]:
         "--listen",
         f"unix://{sock}",
         "--admin",
-        "127.0.0.1:0",
+        admin,
     ]
 
 
@@ -189,11 +200,11 @@ def startup_runs(
     return firsts, phases
 
 
-def interpreter_startup(runs: int) -> dict[str, float]:
+def interpreter_startup(runs: int, *flags: str) -> dict[str, float]:
     samples = []
     for _ in range(runs):
         t0 = time.monotonic()
-        subprocess.run([PYTHON, "-c", "pass"], check=True)
+        subprocess.run([PYTHON, *flags, "-c", "pass"], check=True)
         samples.append((time.monotonic() - t0) * 1000)
     return summary(samples)
 
@@ -282,9 +293,22 @@ def idle_window(pids: dict[str, int], seconds: float) -> dict[str, dict[str, flo
     return out
 
 
+def compile_sources() -> None:
+    """Byte-compile ``sds/`` as ``pip install`` does for an installed package.
+
+    A checkout run with PYTHONDONTWRITEBYTECODE=1 (or from a read-only tree) has no
+    ``__pycache__``, and every start would compile each module from source first:
+    ~50 ms and ~2 MB that no installed bridge pays.
+    """
+    import compileall
+
+    compileall.compile_dir(str(_common.REPO / "sds"), quiet=1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     print(machine_line(info), flush=True)
+    compile_sources()
     with workspace() as wd:
         procs = Procs(wd)
         envoys = Envoys(wd / "envoy")
@@ -324,6 +348,7 @@ def _run(
 
     print(f"start-up: {args.runs} runs of sds run -> first secret", flush=True)
     python_start = interpreter_startup(args.runs)
+    python_s_start = interpreter_startup(args.runs, "-S")
     firsts, phases = startup_runs(procs, wd, provider_sock, args.runs)
     print("import-time profile of one start", flush=True)
     imports = import_time(procs, wd, provider_sock)
@@ -367,6 +392,16 @@ def _run(
         log_level="warning",
         name="envoy-floor",
     )
+    lean_sock = wd / "lean" / "sds.sock"
+    lean = procs.start(sds_argv(*bridge_args(provider_sock, lean_sock, "off")), "bridge-lean")
+    wait_until(lean_sock.exists, 30, "bridge (--admin off) socket", lean)
+    envoys.start(
+        bootstrap(
+            "idle-lean", "bench", [downstream_mtls_listener("in")], [sds_cluster("sds", lean_sock)]
+        ),
+        log_level="warning",
+        name="envoy-lean",
+    )
     prober = Prober(mat["ca_pem"], mat["client_cert"], mat["client_key"], wd)
     if prober.leaf_der(floor_envoy.listener_port("in")) != mat["leaf_der"][0]:
         raise RuntimeError("floor Envoy does not serve the floor's secret")
@@ -385,6 +420,7 @@ def _run(
     time.sleep(2.0)
     pids = {
         "sds run (1 Envoy)": bridge.pid,
+        "sds run --admin off (1 Envoy)": lean.pid,
         "sds workload-api (provider)": provider.pid,
         "floor SDS (1 Envoy)": floor.pid,
         "bare python asyncio": bare.pid,
@@ -399,6 +435,7 @@ def _run(
         args,
         info,
         python_start=python_start,
+        python_s_start=python_s_start,
         firsts=firsts,
         phases=phases,
         imports=imports,
@@ -414,6 +451,7 @@ def report(
     info: dict[str, Any],
     *,
     python_start: dict[str, float],
+    python_s_start: dict[str, float],
     firsts: list[float],
     phases: list[dict[str, float]],
     imports: dict[str, Any],
@@ -432,7 +470,11 @@ def report(
     ]
     phase_med = {e: summary([p[e] for p in phases if e in p])["p50"] for e in events}
     print(f"\nStart-up: exec of `sds run` -> first secret served (ms, n={first['n']})")
-    rows = [["python -c pass (interpreter only)", python_start["p50"], python_start["p99"], 1.0]]
+    rows = [
+        ["python -S -c pass (no site)", python_s_start["p50"], python_s_start["p99"], 1.0],
+        ["python -c pass (interpreter only)", python_start["p50"], python_start["p99"], 1.0],
+    ]
+    rows[0][3] = ratio(python_s_start["p50"], python_start["p50"])
     rows.append(
         [
             "sds run -> first secret",
@@ -506,10 +548,20 @@ def report(
         )
     )
     bridge_rss_mb = rss["sds run (1 Envoy)"]["rss_kb"] / 1024
+    lean_rss_mb = rss["sds run --admin off (1 Envoy)"]["rss_kb"] / 1024
     bridge_cpu = idle["sds run (1 Envoy)"]
     first_ratio = ratio(first["p50"], python_start["p50"])
     targets = [
-        ["idle RSS <= 64 MB", f"{bridge_rss_mb:.1f} MB", verdict(bridge_rss_mb <= TARGET_RSS_MB)],
+        [
+            f"idle RSS <= {TARGET_RSS_MB:.0f} MB (admin on, the default)",
+            f"{bridge_rss_mb:.1f} MB",
+            verdict(bridge_rss_mb <= TARGET_RSS_MB),
+        ],
+        [
+            f"idle RSS <= {TARGET_RSS_MB:.0f} MB (--admin off)",
+            f"{lean_rss_mb:.1f} MB",
+            verdict(lean_rss_mb <= TARGET_RSS_MB),
+        ],
         [
             "idle CPU ~0 (no polling)",
             f"{bridge_cpu['cpu_s']:.2f} s / {args.idle:.0f} s, "
@@ -518,10 +570,16 @@ def report(
         ],
         [
             f"exec -> first secret <= {TARGET_FIRST_RATIO:.0f}x `python -c pass` "
-            f"(1 s at {REFERENCE_PYTHON_START_MS:.0f} ms)",
+            f"({TARGET_FIRST_S * 1000:.0f} ms at {REFERENCE_PYTHON_START_MS:.0f} ms)",
             f"{first_ratio:.1f}x: {first['p50']:.0f} ms (p99 {first['p99']:.0f}) "
             f"against {python_start['p50']:.1f} ms",
             verdict(first_ratio <= TARGET_FIRST_RATIO),
+        ],
+        [
+            f"(exec -> first secret <= {TARGET_FIRST_S * 1000:.0f} ms p50 on an idle machine)",
+            f"{first['p50']:.0f} ms; floor: python -c pass {python_start['p50']:.0f} ms, "
+            f"-S {python_s_start['p50']:.0f} ms",
+            ABSOLUTE,
         ],
     ]
     print("\nTargets")
@@ -531,6 +589,7 @@ def report(
         "machine": info,
         "args": vars(args),
         "python_start_ms": python_start,
+        "python_s_start_ms": python_s_start,
         "first_secret_ms": first,
         "startup_phases_ms": phase_med,
         "importtime": imports,

@@ -46,7 +46,6 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format  # type: ignore[import-untyped]
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
@@ -584,6 +583,8 @@ class WorkloadApiClient:
             sid = SpiffeId.parse(resp.spiffe_id)
         except InvalidSpiffeId as exc:
             raise InvalidJwt(f"validated token has a bad spiffe_id: {exc}") from exc
+        from google.protobuf import json_format  # type: ignore[import-untyped]  # noqa: PLC0415
+
         claims: dict[str, Any] = _plain(json_format.MessageToDict(resp.claims))
         return sid, claims
 

@@ -60,8 +60,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered.
+
+    With ``only``, just that subcommand's module is imported and given its options;
+    the others are listed (for ``sds --help``) without loading their modules, so
+    ``sds run`` never imports the provider, the demo or the bootstrap generator.
+    """
     parser = argparse.ArgumentParser(
         prog="sds", description="SPIFFE Workload API to Envoy SDS bridge."
     )
@@ -70,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(command)
+        if only is None or name == only:
+            importlib.import_module(module).add_arguments(command)
         _add_global_options(command, defaults=False)
         command.set_defaults(_module=module)
     return parser
@@ -78,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sds`` command line; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    # The first word naming a command is the command: global options take no such value.
+    chosen = next((w for w in words if w in COMMANDS), None)
+    args = build_parser(chosen).parse_args(words)
     configure_logging(args.log_level, args.log_format)
     try:
         code: int = importlib.import_module(args._module).run(args)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._log import event
 from .._spiffe import TrustDomain
@@ -32,9 +32,11 @@ from .._x509 import BundleSet, X509Context, X509Svid, utcnow
 from .cache import SecretCache
 from .config import BridgeConfig, SvidSelector
 from .jwt import JWT_PREFIX, JwtSvidManager, audience_of
-from .metrics import Metrics
 from .resources import GenericSpec, SecretSpec, TlsSpec, build_specs, select_default
 from .upstreams import Selection, Selector, UpstreamState
+
+if TYPE_CHECKING:  # prometheus_client is loaded only when a listener serves /metrics
+    from .metrics import Metrics
 
 NO_CONTEXT = "no X.509 context from the Workload API yet"
 _LISTED = 10  # SVIDs named in a "matches none of [...]" reason

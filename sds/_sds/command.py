@@ -25,7 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = ["add_arguments", "run"]
 
@@ -118,7 +121,6 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         widened_keys,
     )
     from .jwt import JwtSvidManager, JwtToken, wanted_audiences  # noqa: PLC0415
-    from .metrics import Metrics  # noqa: PLC0415
     from .server import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")
@@ -133,13 +135,18 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
     if socket_path is not None:  # fail fast, before waiting for upstream
         _prepare_socket_dir(socket_path)
         _try_bind(socket_path, config.socket_mode)
-    metrics = Metrics()
+    # prometheus_client (and the http.server it pulls in) only when something serves /metrics.
+    metrics: Metrics | None = None
+    if config.admin.port is not None or config.metrics is not None:
+        from .metrics import Metrics  # noqa: PLC0415
+
+        metrics = Metrics()
     addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
     backoff = config.upstream_backoff
     watchers = [
         Watcher(
             address,
-            events=metrics.upstream(str(address)),
+            events=metrics.upstream(str(address)) if metrics is not None else None,
             backoff_initial=backoff.initial,
             backoff_max=backoff.max,
         )
@@ -175,6 +182,10 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
         events=metrics,
         on_missing=bridge.demand,
     )
+
+    def metrics_page() -> Response:
+        body = metrics.render() if metrics is not None else b""
+        return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def jwks(trust_domain: str) -> Response:
         for watcher in watchers:
@@ -224,9 +235,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
                 {
                     "/healthz": lambda: Response(200, b"ok\n"),
                     "/readyz": readyz,
-                    "/metrics": lambda: Response(
-                        200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
-                    ),
+                    "/metrics": metrics_page,
                     "/envoys": lambda: Response.json(
                         [info.as_dict() for info in servicer.streams.values()]
                     ),
@@ -253,9 +262,7 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
                 {
                     "/healthz": lambda: Response(200, b"ok\n"),
                     "/readyz": readyz,
-                    "/metrics": lambda: Response(
-                        200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
-                    ),
+                    "/metrics": metrics_page,
                 },
                 name="metrics",
             )

@@ -13,6 +13,7 @@ read as "no restrictions").
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import math
 import re
@@ -21,12 +22,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .._files import os_reason, read_regular_file
-from .._provider.identities import parse_duration
 from .._spiffe import SpiffeId, TrustDomain
-from .._strictyaml import check_depth, describe, strict_loader
 from ..errors import ConfigError, InvalidSpiffeId
 from .upstreams import FailoverPolicy
 
@@ -557,6 +554,22 @@ def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfi
     return config
 
 
+@functools.cache
+def _loader() -> Any:
+    """The strict loader, built on first use: PyYAML is imported only when a config file
+    is read (``sds run`` without ``--config`` never loads it)."""
+    from .._strictyaml import strict_loader  # noqa: PLC0415
+
+    return strict_loader(
+        fast=True,
+        timestamps=False,  # ``2024-02-30`` stays a string
+        merge_keys=False,
+        refuse_tags=True,
+        max_int_digits=MAX_INT_DIGITS,
+        max_depth=MAX_DEPTH,
+    )
+
+
 _MAX_GRACE = dt.timedelta(hours=1)
 
 
@@ -564,6 +577,9 @@ def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
     given = reader.mapping(value, "failover", {"grace", "margin"})
     policy = FailoverPolicy()
     if "grace" in given:
+        # the provider's duration reader, imported here: its module loads PyYAML
+        from .._provider.identities import parse_duration  # noqa: PLC0415
+
         try:
             grace = parse_duration(reader.string(given["grace"], "failover.grace"))
         except ValueError as exc:
@@ -577,16 +593,6 @@ def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
             raise reader.fail("failover.margin", "must be a fraction of the lifetime, 0 <= m < 1")
         policy = replace(policy, margin=float(margin))
     return policy
-
-
-_LOADER = strict_loader(
-    fast=True,
-    timestamps=False,  # ``2024-02-30`` stays a string
-    merge_keys=False,
-    refuse_tags=True,
-    max_int_digits=MAX_INT_DIGITS,
-    max_depth=MAX_DEPTH,
-)
 
 
 def read_config_bytes(path: str | Path) -> bytes:
@@ -611,9 +617,13 @@ def parse_config_text(raw: bytes, source: str) -> BridgeConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 (byte {exc.start})") from exc
+    import yaml  # noqa: PLC0415
+
+    from .._strictyaml import check_depth, describe  # noqa: PLC0415
+
     try:
-        check_depth(text, _LOADER)
-        data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader subclass
+        check_depth(text, _loader())
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {describe(exc)}") from exc
     except (ValueError, OverflowError, RecursionError) as exc:
