@@ -753,13 +753,14 @@ def plot(result: dict[str, Any]) -> None:
         ax.set_xscale("log")
         ax.set_xticks(counts, [f"{n:,}" for n in counts])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("SDS streams (one connection each; a 61 KB Envoy Node on each first request)")
+        ax.set_xlabel("SDS streams")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     left.set_ylabel("ms (median of rotations)")
     left.set_title("rotation -> last stream has the new leaf")
     right.set_ylabel("server RSS, MB")
     right.set_title("memory")
+    fig.suptitle("one connection per stream; a 61 KB Envoy Node on each first request", fontsize=9)
     code = result["machine"]["code"]
     fig.text(
         0.01,
