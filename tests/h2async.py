@@ -28,7 +28,7 @@ from tests.h2raw import StreamReply, grpc_frame
 SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 
 
-__all__ = ["SERVICE", "RawClient", "Reply", "grpc_frame"]
+__all__ = ["SERVICE", "RawClient", "Reply", "grpc_frame", "stall_in_preface"]
 
 
 @dataclass
@@ -154,3 +154,22 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+async def stall_in_preface(path: str, count: int = 200, timeout: float = 20) -> None:
+    """Open ``count`` connections that stop inside the HTTP/2 preface; return once all are closed.
+
+    Each sends nothing or a prefix of the client preface, then waits for the
+    server to close it (EOF, possibly after the server's own SETTINGS frame).
+    Fails with TimeoutError if a connection is still open after ``timeout`` s.
+    """
+    stuck = []
+    for i in range(count):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"PRI * HTTP/2.0\r\n"[: i % 16])  # nothing, or part of the preface
+        stuck.append((reader, writer))
+    for reader, _ in stuck:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    for _, writer in stuck:
+        writer.close()

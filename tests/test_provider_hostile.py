@@ -33,7 +33,7 @@ from sds.errors import SocketInUse, UnsafePath
 from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, short_tmp, wait_for
 from tests.fake_workload_api import eventually
-from tests.h2async import RawClient
+from tests.h2async import RawClient, stall_in_preface
 from tests.h2raw import RawH2, grpc_frame
 from tests.test_provider import WEB, provider_args, start_provider, write_identities
 from tests.test_sds_hostile import fd_count
@@ -522,17 +522,7 @@ async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> Non
         await provider.start(listen_unix(str(path)))
         try:
             baseline = fd_count()
-            stuck = []
-            for i in range(200):
-                reader, writer = await asyncio.open_unix_connection(str(path))
-                writer.write(b"PRI * HTTP/2.0\r\n"[: i % 16])  # nothing, or part of the preface
-                stuck.append((reader, writer))
-            for reader, _ in stuck:
-                # The provider closes each one: EOF (possibly after its own SETTINGS frame).
-                while await asyncio.wait_for(reader.read(65536), 20):
-                    pass
-            for _, writer in stuck:
-                writer.close()
+            await stall_in_preface(str(path))
             await eventually(lambda: fd_count() <= baseline, what="fds back to baseline")
             await _good_client_served(path)
         finally:

@@ -38,7 +38,7 @@ from sds._sds.server import INSPECTOR_NODE, SdsServer, SdsServicer
 from sds._spiffe import SpiffeId, TrustDomain
 from sds._x509 import BundleSet, X509Context
 from tests.fake_workload_api import eventually
-from tests.h2async import SERVICE, RawClient, grpc_frame
+from tests.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
 from tests.sdsfake import node, sotw
 from tests.test_sds_server import StaticSource
 
@@ -537,17 +537,7 @@ async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> Non
     served = await _serve(sockdir, handshake_timeout=0.5)
     try:
         baseline = fd_count()
-        stuck = []
-        for i in range(200):
-            reader, writer = await asyncio.open_unix_connection(served.path)
-            writer.write(b"PRI * HTTP/2.0\r\n"[: i % 16])  # nothing, or part of the preface
-            stuck.append((reader, writer))
-        for reader, _ in stuck:
-            # The server closes each one: EOF (possibly after its own SETTINGS frame).
-            while await asyncio.wait_for(reader.read(65536), 20):
-                pass
-        for _, writer in stuck:
-            writer.close()
+        await stall_in_preface(served.path)
         await eventually(lambda: fd_count() <= baseline, what="fds back to baseline")
         await _good_client_still_served(served)
     finally:
