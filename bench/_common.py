@@ -115,6 +115,15 @@ class Procs:
         for _, proc, _ in reversed(self.started):
             self.stop(proc)
 
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Stop every process; when the run failed, print each one's log tail first."""
+        if kind is not None:
+            print(self.tails(), file=sys.stderr)
+        self.close()
+
     def tails(self, limit: int = 2500) -> str:
         out = []
         for name, _, path in self.started:

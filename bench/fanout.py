@@ -451,23 +451,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
     per_case = args.warmup + args.rotations + 1
-    with workspace() as wd:
-        procs = Procs(wd)
-        try:
-            material = wd / "material.json"
-            mat = make_material(material, per_case * len(cases) + 1)
-            index = 0
-            for case in cases:
-                print(f"case {case.label}", flush=True)
-                index = run_case(
-                    case, args, wd=wd, procs=procs, mat=mat, material=material, first_index=index
-                )
-            return report(args, info, cases)
-        except BaseException:
-            print(procs.tails(), file=sys.stderr)
-            raise
-        finally:
-            procs.close()
+    with workspace() as wd, Procs(wd) as procs:
+        material = wd / "material.json"
+        mat = make_material(material, per_case * len(cases) + 1)
+        index = 0
+        for case in cases:
+            print(f"case {case.label}", flush=True)
+            index = run_case(
+                case, args, wd=wd, procs=procs, mat=mat, material=material, first_index=index
+            )
+        return report(args, info, cases)
 
 
 def main() -> int:

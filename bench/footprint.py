@@ -309,18 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     print(machine_line(info), flush=True)
     compile_sources()
-    with workspace() as wd:
-        procs = Procs(wd)
-        envoys = Envoys(wd / "envoy")
-        try:
-            return _run(args, info, wd, procs, envoys)
-        except BaseException:
-            print(procs.tails(), file=sys.stderr)
-            print(envoys.dump_logs(2000), file=sys.stderr)
-            raise
-        finally:
-            envoys.close()
-            procs.close()
+    with workspace() as wd, Procs(wd) as procs, Envoys(wd / "envoy") as envoys:
+        return _run(args, info, wd, procs, envoys)
 
 
 def _run(

@@ -509,66 +509,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "sweep" not in parts:
         counts = [args.streams] if "fanout" in parts else []
     rotations_needed = len(counts) * 2 * (args.warmup + args.rotations + 1) + 2 * 2 + 4
-    with workspace("sdss-") as wd:
-        procs = Procs(wd)
-        try:
-            material = wd / "material.json"
-            mat = make_material(material, rotations_needed)
-            node_file = capture_node(wd, procs, material)
-            print(f"Envoy's Node: {node_file.stat().st_size} bytes", flush=True)
-            index = [0]
-            fan: dict[str, dict[int, dict[str, Any]]] = {"floor": {}, "bridge": {}}
-            for n in counts:
-                rotations = args.rotations if n == args.streams else args.sweep_rotations
-                for kind in ("floor", "bridge"):
-                    print(f"  {kind}: {n} streams", flush=True)
-                    fan[kind][n] = fanout_case(
-                        kind,
-                        n,
-                        rotations,
-                        args.warmup,
-                        wd=wd,
-                        procs=procs,
-                        mat=mat,
-                        material=material,
-                        node_file=node_file,
-                        index=index,
-                        node_first_only=not args.node_every_request,
-                        profile_copy=args.profile,
-                        profile=wd / "bridge.prof"
-                        if args.profile and kind == "bridge" and n == args.streams
-                        else None,
-                    )
-                    if "profile" in fan[kind][n]:
-                        print(f"\ncProfile of the bridge over {rotations} rotations (own time)")
-                        print(
-                            table(
-                                ["function", "calls", "tottime s", "cumtime s"],
-                                fan[kind][n]["profile"],
-                            )
+    with workspace("sdss-") as wd, Procs(wd) as procs:
+        material = wd / "material.json"
+        mat = make_material(material, rotations_needed)
+        node_file = capture_node(wd, procs, material)
+        print(f"Envoy's Node: {node_file.stat().st_size} bytes", flush=True)
+        index = [0]
+        fan: dict[str, dict[int, dict[str, Any]]] = {"floor": {}, "bridge": {}}
+        for n in counts:
+            rotations = args.rotations if n == args.streams else args.sweep_rotations
+            for kind in ("floor", "bridge"):
+                print(f"  {kind}: {n} streams", flush=True)
+                fan[kind][n] = fanout_case(
+                    kind,
+                    n,
+                    rotations,
+                    args.warmup,
+                    wd=wd,
+                    procs=procs,
+                    mat=mat,
+                    material=material,
+                    node_file=node_file,
+                    index=index,
+                    node_first_only=not args.node_every_request,
+                    profile_copy=args.profile,
+                    profile=wd / "bridge.prof"
+                    if args.profile and kind == "bridge" and n == args.streams
+                    else None,
+                )
+                if "profile" in fan[kind][n]:
+                    print(f"\ncProfile of the bridge over {rotations} rotations (own time)")
+                    print(
+                        table(
+                            ["function", "calls", "tottime s", "cumtime s"],
+                            fan[kind][n]["profile"],
                         )
-            storm: dict[str, dict[str, Any]] = {}
-            if "storm" in parts:
-                for kind in ("floor", "bridge"):
-                    print(f"  storm: {kind}, {args.storm_streams} streams", flush=True)
-                    storm[kind] = storm_case(
-                        kind,
-                        args.storm_streams,
-                        args.storm_runs,
-                        wd=wd,
-                        procs=procs,
-                        mat=mat,
-                        material=material,
-                        node_file=node_file,
-                        index=index,
-                        node_first_only=not args.node_every_request,
                     )
-            return report(args, info, fan, storm)
-        except BaseException:
-            print(procs.tails(), file=sys.stderr)
-            raise
-        finally:
-            procs.close()
+        storm: dict[str, dict[str, Any]] = {}
+        if "storm" in parts:
+            for kind in ("floor", "bridge"):
+                print(f"  storm: {kind}, {args.storm_streams} streams", flush=True)
+                storm[kind] = storm_case(
+                    kind,
+                    args.storm_streams,
+                    args.storm_runs,
+                    wd=wd,
+                    procs=procs,
+                    mat=mat,
+                    material=material,
+                    node_file=node_file,
+                    index=index,
+                    node_first_only=not args.node_every_request,
+                )
+        return report(args, info, fan, storm)
 
 
 def report(

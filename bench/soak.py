@@ -142,17 +142,8 @@ def log_above_info(text: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     print(machine_line(info), flush=True)
-    with workspace("sdsk-") as wd:
-        procs = Procs(wd)
-        envoys = Envoys(wd / "envoy")
-        try:
-            return _run(args, info, wd, procs, envoys)
-        except BaseException:
-            print(procs.tails(), file=sys.stderr)
-            raise
-        finally:
-            envoys.close()
-            procs.close()
+    with workspace("sdsk-") as wd, Procs(wd) as procs, Envoys(wd / "envoy") as envoys:
+        return _run(args, info, wd, procs, envoys)
 
 
 def _run(

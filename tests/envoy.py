@@ -897,6 +897,15 @@ class Envoys:
         for envoy in self.started:
             envoy.stop()
 
+    def __enter__(self) -> Envoys:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Stop every Envoy; when the block failed, print their log tails first."""
+        if kind is not None:
+            sys.stderr.write(self.dump_logs(2000))
+        self.close()
+
     def dump_logs(self, limit: int = 6000) -> str:
         """The tail of each Envoy's log, with its command line, for a failure report."""
         parts = []
