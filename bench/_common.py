@@ -34,9 +34,9 @@ if str(REPO) not in sys.path:
 
 from grpclib.encoding.proto import ProtoCodec  # noqa: E402 - after the sys.path set-up
 
-from sds._procs import stop_group  # noqa: E402
-from sds._sds.envoy import encode_field as field_bytes  # noqa: E402
-from sds._sds.envoy import iter_fields  # noqa: E402
+from sds._util.procs import stop_group  # noqa: E402
+from sds.xds.codec import encode_field as field_bytes  # noqa: E402
+from sds.xds.codec import iter_fields  # noqa: E402
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -420,7 +420,7 @@ def code_version() -> dict[str, Any]:
 
 def request_decoding() -> str:
     """How this checkout's SDS server decodes requests: ``envoy-data-plane`` or ``hand-written``."""
-    from sds._sds import server
+    from sds.xds import service as server
 
     return "envoy-data-plane" if hasattr(server, "DiscoveryRequest") else "hand-written"
 
@@ -461,8 +461,8 @@ def make_material(path: Path, rotations: int, *, ttl_hours: float = 2.0) -> dict
     Returns the in-memory view: ``ca_pem``, ``client_cert``/``client_key`` PEM, and
     ``leaf_der``/``leaf_pem``/``serial`` per server SVID.
     """
-    from sds._ca import LocalCA
-    from sds._spiffe import SpiffeId, TrustDomain
+    from sds.provider.ca import LocalCA
+    from sds.spiffe.id import SpiffeId, TrustDomain
 
     td = TrustDomain(TRUST_DOMAIN)
     ca = LocalCA.ephemeral(td)
@@ -471,8 +471,8 @@ def make_material(path: Path, rotations: int, *, ttl_hours: float = 2.0) -> dict
     servers = [ca.issue_x509_svid(web, ttl, hint="web") for _ in range(rotations + 1)]
     client = ca.issue_x509_svid(SpiffeId.from_path(td, "/client"), ttl, hint="client")
     bundle = ca.bundle
-    from sds._sds.envoy import render_secret
-    from sds._sds.resources import TlsSpec, ValidationSpec
+    from sds.xds.codec import render_secret
+    from sds.xds.resources import TlsSpec, ValidationSpec
 
     doc = {
         # Pre-rendered Any-wrapped Secrets for the floor server, which imports nothing of sds.
@@ -519,8 +519,8 @@ def _b64(data: bytes) -> str:
 
 def load_material(path: Path) -> tuple[Any, list[Any]]:
     """(X509Bundle, [X509Svid]) from a file written by :func:`make_material`."""
-    from sds._spiffe import TrustDomain
-    from sds._x509 import X509Bundle, X509Svid
+    from sds.spiffe.id import TrustDomain
+    from sds.spiffe.x509 import X509Bundle, X509Svid
 
     doc = json.loads(path.read_text())
     td = TrustDomain(doc["trust_domain"])

@@ -70,15 +70,15 @@ def stage_costs(material: Path, envoy_request: bytes | None, n: int = 60) -> dic
 
 
 async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> dict[str, Any]:
-    from sds._log import configure_logging
     from sds._proto import workload_pb2
-    from sds._sds import envoy
-    from sds._sds.bridge import Bridge
-    from sds._sds.cache import SecretCache
-    from sds._sds.config import BridgeConfig
-    from sds._sds.envoy import render_secret, sotw_body, with_nonce
-    from sds._sds.resources import TlsSpec
-    from sds._workloadapi import Watcher
+    from sds._util.log import configure_logging
+    from sds.bridge.config import BridgeConfig
+    from sds.bridge.state import Bridge
+    from sds.workloadapi.client import Watcher
+    from sds.xds import codec as envoy
+    from sds.xds.cache import SecretCache
+    from sds.xds.codec import render_secret, sotw_body, with_nonce
+    from sds.xds.resources import TlsSpec
     from tests.fake_workload_api import x509_response
 
     configure_logging("INFO")

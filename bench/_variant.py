@@ -29,12 +29,6 @@ def run() -> int:
     import grpclib.server  # noqa: F401
     import prometheus_client  # noqa: F401
 
-    import sds._sds.admin
-    import sds._sds.bridge
-    import sds._sds.command
-    import sds._sds.metrics
-    import sds._sds.server
-    import sds._workloadapi  # noqa: F401
     from sds.cli import main
 
     gc.collect()

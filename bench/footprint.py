@@ -85,8 +85,8 @@ TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 # holds it to that): prometheus_client comes only with a /metrics listener, yaml only
 # with --config.
 SDS_RUN_MODULES = (
-    "sds._workloadapi, sds._sds.server, sds._sds.bridge, sds._sds.jwt, sds._sds.config, "
-    "sds._sds.admin, sds._sds.command, sds._sds.envoy, sds.cli"
+    "sds.workloadapi.client, sds.xds.service, sds.bridge.state, sds.bridge.jwtsvids, "
+    "sds.bridge.config, sds.bridge.admin, sds.bridge.app, sds.xds.codec, sds.cli"
 )
 
 # Cumulative import steps: (label, statements added to the previous step, package): a step
@@ -95,13 +95,13 @@ IMPORT_STEPS: list[tuple[str, str, str | None]] = [
     ("python (no imports)", "pass", None),
     ("+ asyncio, logging, argparse", "import asyncio, logging, argparse, json, ssl", None),
     ("+ grpclib client+server (h2)", "import grpclib.client, grpclib.server", None),
-    ("+ cryptography (x509, ec)", "import sds._x509, sds._jwt", None),
+    ("+ cryptography (x509, ec)", "import sds.spiffe.x509, sds.spiffe.jwt", None),
     (
         "+ protobuf + Workload API stubs",
         "import sds._proto.workload_pb2, sds._proto.workload_grpc",
         None,
     ),
-    ("+ config parser (no yaml)", "import sds._sds.config", None),
+    ("+ config parser (no yaml)", "import sds.bridge.config", None),
     ("+ grpcio (envoy_data_plane's discovery.v3 imports it)", "import grpc", "grpc"),
     (
         "+ envoy_data_plane messages",
@@ -110,7 +110,7 @@ IMPORT_STEPS: list[tuple[str, str, str | None]] = [
         "envoy_data_plane",
     ),
     ("+ rest of sds run, --admin off (= everything it loads)", "import " + SDS_RUN_MODULES, None),
-    ("+ prometheus_client (admin or metrics listener on)", "import sds._sds.metrics", None),
+    ("+ prometheus_client (admin or metrics listener on)", "import sds.bridge.metrics", None),
     ("+ yaml (only with --config)", "import yaml", None),
 ]
 

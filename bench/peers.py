@@ -52,7 +52,7 @@ from _common import (
     workspace,
 )
 
-from sds import _bootstrap
+from sds.tools import bootstrap as _bootstrap
 from tests import gobuild
 from tests.envoy import Envoys
 from tests.stack import identities_yaml

@@ -53,8 +53,8 @@ from _common import (
 )
 from cryptography import x509
 
-from sds._workloadapi import WorkloadApiClient
 from sds.errors import SdsError
+from sds.workloadapi.client import WorkloadApiClient
 from tests.chaos import Traffic, outage_recovery, start_envoy, start_provider_timed
 from tests.conftest import Processes, wait_for
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster

@@ -39,14 +39,14 @@ STREAM = f"{SDS_SERVICE}/StreamSecrets"
 def _serve(path: str) -> None:
     import datetime as dt
 
-    from sds._ca import LocalCA
-    from sds._peercred import bind_unix_socket
-    from sds._sds.bridge import Bridge
-    from sds._sds.cache import SecretCache
-    from sds._sds.config import BridgeConfig
-    from sds._sds.server import SdsServer, SdsServicer
-    from sds._spiffe import SpiffeId, TrustDomain
-    from sds._x509 import BundleSet, X509Context
+    from sds._util.peercred import bind_unix_socket
+    from sds.bridge.config import BridgeConfig
+    from sds.bridge.state import Bridge
+    from sds.provider.ca import LocalCA
+    from sds.spiffe.id import SpiffeId, TrustDomain
+    from sds.spiffe.x509 import BundleSet, X509Context
+    from sds.xds.cache import SecretCache
+    from sds.xds.service import SdsServer, SdsServicer
     from tests.test_sds_server import StaticSource
 
     async def main() -> None:

@@ -50,8 +50,8 @@ from _common import (
 )
 from cryptography import x509
 
-from sds._workloadapi import WorkloadApiClient
-from sds._x509 import X509Context
+from sds.spiffe.x509 import X509Context
+from sds.workloadapi.client import WorkloadApiClient
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.stack import identities_yaml
 

@@ -69,7 +69,7 @@ from _common import (
 from cryptography.hazmat.primitives import serialization
 from rotation import profile_top
 
-from sds._workloadapi import WorkloadApiClient
+from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes
 from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.spire import (

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._spiffe import SpiffeId, TrustDomain
-from .errors import (
+from sds.errors import (
     ConfigError,
     InvalidBundle,
     InvalidJwt,
@@ -26,10 +25,11 @@ from .errors import (
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
+from sds.spiffe.id import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
-    from ._workloadapi import Watcher, WorkloadApiClient
-    from ._x509 import BundleSet, X509Bundle, X509Context, X509Source, X509Svid
+    from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Source, X509Svid
+    from sds.workloadapi.client import Watcher, WorkloadApiClient
 
 __all__ = [
     "BundleSet",
@@ -61,13 +61,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BundleSet": "._x509",
-    "X509Bundle": "._x509",
-    "X509Context": "._x509",
-    "X509Source": "._x509",
-    "X509Svid": "._x509",
-    "Watcher": "._workloadapi",
-    "WorkloadApiClient": "._workloadapi",
+    "BundleSet": "sds.spiffe.x509",
+    "X509Bundle": "sds.spiffe.x509",
+    "X509Context": "sds.spiffe.x509",
+    "X509Source": "sds.spiffe.x509",
+    "X509Svid": "sds.spiffe.x509",
+    "Watcher": "sds.workloadapi.client",
+    "WorkloadApiClient": "sds.workloadapi.client",
 }
 
 
@@ -77,4 +77,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'sds' has no attribute {name!r}")
     import importlib  # noqa: PLC0415
 
-    return getattr(importlib.import_module(module, __name__), name)
+    return getattr(importlib.import_module(module), name)

@@ -17,24 +17,24 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from ._log import LOG_FORMATS, configure_logging
-from .errors import ConfigError, SdsError
+from sds import __version__
+from sds._util.log import LOG_FORMATS, configure_logging
+from sds.errors import ConfigError, SdsError
 
 __all__ = ["main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "workload-api": ("sds._provider.command", "serve the embedded SPIFFE Workload API"),
-    "inspect": ("sds._inspect", "print what a Workload API (or our SDS server) hands out"),
-    "run": ("sds._sds.command", "serve Envoy SDS from the Workload API"),
-    "wait": ("sds._sds.wait", "block until a bridge is ready"),
+    "workload-api": ("sds.provider.app", "serve the embedded SPIFFE Workload API"),
+    "inspect": ("sds.tools.inspect", "print what a Workload API (or our SDS server) hands out"),
+    "run": ("sds.bridge.app", "serve Envoy SDS from the Workload API"),
+    "wait": ("sds.tools.wait", "block until a bridge is ready"),
     "envoy-bootstrap": (
-        "sds._bootstrap",
+        "sds.tools.bootstrap",
         "generate an Envoy sidecar bootstrap that uses this bridge",
     ),
-    "demo": ("sds._demo", "run the whole mTLS topology on this machine and explain it"),
-    "version": ("sds._about", "print the versions of sds, Python and its main libraries"),
+    "demo": ("sds.tools.demo", "run the whole mTLS topology on this machine and explain it"),
+    "version": ("sds.tools.version", "print the versions of sds, Python and its main libraries"),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sds._procs import stop_group
+from sds._util.procs import stop_group
 from tests.envoy import echo_app, envoy_version, envoys
 
 __all__ = ["echo_app", "envoy_version", "envoys"]

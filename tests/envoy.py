@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sds._procs import stop_group
+from sds._util.procs import stop_group
 from tests.locks import locked
 
 __all__ = [

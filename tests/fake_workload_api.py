@@ -31,12 +31,12 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
-from sds._jwt import JwtBundle, sign_jwt_svid, validate_jwt_svid
 from sds._proto import workload_pb2
 from sds._proto.workload_grpc import SpiffeWorkloadAPIBase
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import X509Bundle, X509Svid
 from sds.errors import InvalidJwt
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.jwt import JwtBundle, sign_jwt_svid, validate_jwt_svid
+from sds.spiffe.x509 import X509Bundle, X509Svid
 
 __all__ = ["FakeWorkloadApi", "JwtIssuer", "eventually", "x509_response"]
 
@@ -230,7 +230,7 @@ class FakeWorkloadApi(SpiffeWorkloadAPIBase):
             queue.put_nowait(item)
 
     async def _begin(self, stream: Stream[Any, Any], method: str) -> Any:
-        transport = getattr(stream.peer, "_transport", None)  # as sds._peercred reads it
+        transport = getattr(stream.peer, "_transport", None)  # as sds._util.peercred reads it
         if transport is not None:
             self._transports.add(transport)
         request = await stream.recv_message()

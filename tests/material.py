@@ -1,6 +1,6 @@
 """Forge X.509-SVIDs for tests, good ones and ones that break one X509-SVID rule each.
 
-Everything is built with ``cryptography`` directly (not with sds._ca), so the
+Everything is built with ``cryptography`` directly (not with sds.provider.ca), so the
 checks under test are exercised against independently made certificates.
 Bad SVIDs are returned as X509Svid objects built without validation; a fake
 Workload API serves their bytes as-is.
@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import X509Bundle, X509Svid, utcnow
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.x509 import X509Bundle, X509Svid, utcnow
 
 __all__ = ["Authority", "rejection"]
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from sds._workloadapi import WorkloadApiClient
-from sds._x509 import X509Context
+from sds.spiffe.x509 import X509Context
+from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes, wait_for
 from tests.gotools import go_tool
 from tests.stack import Material

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from sds._workloadapi import WorkloadApiClient
-from sds._x509 import X509Context, X509Svid
+from sds.spiffe.x509 import X509Context, X509Svid
+from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes, wait_for
 
 TRUST_DOMAIN = "example.org"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sds._sds.admin import AdminServer, Response
+from sds.bridge.admin import AdminServer, Response
 
 
 async def get(port: int, path: str) -> bytes:

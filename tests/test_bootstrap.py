@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sds import _bootstrap, cli
-from sds._bootstrap import BootstrapOptions
-from sds._sds.config import parse_config
+from sds import cli
+from sds.bridge.config import parse_config
+from sds.tools import bootstrap as _bootstrap
+from sds.tools.bootstrap import BootstrapOptions
 from tests.conftest import Processes, wait_for
 from tests.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
 from tests.stack import Stack
@@ -80,7 +81,9 @@ def tls_context(item: dict[str, Any]) -> dict[str, Any]:
 def sds_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the subcommand as cli.py will (the lead adds it to COMMANDS)."""
     monkeypatch.setitem(
-        cli.COMMANDS, "envoy-bootstrap", ("sds._bootstrap", "generate an Envoy sidecar bootstrap")
+        cli.COMMANDS,
+        "envoy-bootstrap",
+        ("sds.tools.bootstrap", "generate an Envoy sidecar bootstrap"),
     )
 
 

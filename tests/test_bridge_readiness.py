@@ -7,15 +7,15 @@ import logging
 
 import pytest
 
-import sds._sds.bridge as bridge_module
-from sds._ca import LocalCA
-from sds._sds.bridge import Bridge
-from sds._sds.cache import SecretCache
-from sds._sds.config import parse_config
-from sds._sds.metrics import Metrics
-from sds._sds.resources import TlsSpec
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import BundleSet, X509Context, X509Svid
+import sds.bridge.state as bridge_module
+from sds.bridge.config import parse_config
+from sds.bridge.metrics import Metrics
+from sds.bridge.state import Bridge
+from sds.provider.ca import LocalCA
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.x509 import BundleSet, X509Context, X509Svid
+from sds.xds.cache import SecretCache
+from sds.xds.resources import TlsSpec
 from tests.test_sds_server import StaticSource
 
 TD = TrustDomain.parse("example.org")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import sds
-from sds._log import configure_logging, event
+from sds._util.log import configure_logging, event
 from sds.cli import build_parser, main
 from tests.conftest import run_sds
 

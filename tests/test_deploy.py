@@ -44,11 +44,11 @@ import pytest
 import yaml
 
 import sds
-from sds._peercred import PeerCredentials
-from sds._provider.identities import entitled, load_identities
-from sds._sds.config import BridgeConfig, Policy, load_config, parse_config
-from sds._spiffe import TrustDomain
+from sds._util.peercred import PeerCredentials
+from sds.bridge.config import BridgeConfig, Policy, load_config, parse_config
 from sds.errors import ConfigError
+from sds.provider.identities import entitled, load_identities
+from sds.spiffe.id import TrustDomain
 from tests.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent

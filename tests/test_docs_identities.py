@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from sds._peercred import PeerCredentials
-from sds._provider.identities import (
+from sds._util.peercred import PeerCredentials
+from sds.provider.identities import (
     Identity,
     entitled,
     load_federated_bundle,
     load_identities,
     parse_identities,
 )
-from sds._spiffe import SpiffeId, TrustDomain
+from sds.spiffe.id import SpiffeId, TrustDomain
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "identities.md"
 TD = TrustDomain("example.org")

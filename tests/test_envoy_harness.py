@@ -39,9 +39,9 @@ from envoy_data_plane.envoy.service.secret.v3 import SecretDiscoveryServiceBase
 from envoy_data_plane.google.protobuf import Any as AnyProto
 from grpclib.server import Server
 
-from sds._ca import LocalCA
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import X509Svid
+from sds.provider.ca import LocalCA
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.x509 import X509Svid
 from tests import envoy as harness
 from tests.envoy import (
     CACHE_DIR,

@@ -32,8 +32,9 @@ from envoy_data_plane.envoy.type.v3 import SemanticVersion
 from envoy_data_plane.google.protobuf import Any, Struct, Value
 from envoy_data_plane.google.rpc import Status
 
-from sds._ca import LocalCA
-from sds._sds.envoy import (
+from sds.provider.ca import LocalCA
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.xds.codec import (
     SECRET_TYPE_URL,
     WireError,
     decode_delta_request,
@@ -44,8 +45,7 @@ from sds._sds.envoy import (
     sotw_body,
     with_nonce,
 )
-from sds._sds.resources import GenericSpec, TlsSpec, ValidationSpec
-from sds._spiffe import SpiffeId, TrustDomain
+from sds.xds.resources import GenericSpec, TlsSpec, ValidationSpec
 
 TD = TrustDomain("example.org")
 FED = TrustDomain("partner.test")

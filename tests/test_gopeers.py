@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sds import _bootstrap
+from sds.tools import bootstrap as _bootstrap
 from tests import gobuild
 from tests.conftest import REPO, Processes, wait_for
 from tests.envoy import (

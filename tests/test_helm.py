@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sds._sds.config import parse_config
+from sds.bridge.config import parse_config
 from tests.envoy import CURRENT_VERSION, envoy_binary
 from tests.gotools import HELM, go_tool
 from tests.test_deploy import (

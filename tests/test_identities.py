@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sds._ca import LocalCA
-from sds._peercred import PeerCredentials
-from sds._provider import identities as identities_module
-from sds._provider.identities import (
+from sds._util.peercred import PeerCredentials
+from sds.errors import ConfigError
+from sds.provider import identities as identities_module
+from sds.provider.ca import LocalCA
+from sds.provider.identities import (
     Condition,
     Identity,
     Rule,
@@ -26,8 +27,7 @@ from sds._provider.identities import (
     parse_duration,
     parse_identities,
 )
-from sds._spiffe import SpiffeId, TrustDomain
-from sds.errors import ConfigError
+from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.conftest import captured_log
 
 DATA = Path(__file__).parent / "data" / "identities"

@@ -281,7 +281,7 @@ class SpireLikeSds:
     def __mapping__(self) -> dict[str, Any]:
         from grpclib.const import Cardinality, Handler
 
-        from sds._sds.server import RawMessage
+        from sds.xds.service import RawMessage
 
         return {
             "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets": Handler(
@@ -294,7 +294,7 @@ class SpireLikeSds:
         from grpclib.const import Status
         from grpclib.exceptions import GRPCError
 
-        from sds._sds.envoy import render_secret, sotw_body, with_nonce
+        from sds.xds.codec import render_secret, sotw_body, with_nonce
 
         names = list(DiscoveryRequest.parse(await stream.recv_message()).resource_names)
         self.requests.append(names)
@@ -316,10 +316,10 @@ async def test_inspect_sds_against_spire_asks_per_name(
 
     from grpclib.server import Server
 
-    from sds._ca import LocalCA
-    from sds._sds.resources import TlsSpec, ValidationSpec
-    from sds._sds.server import PassthroughCodec
-    from sds._spiffe import SpiffeId, TrustDomain
+    from sds.provider.ca import LocalCA
+    from sds.spiffe.id import SpiffeId, TrustDomain
+    from sds.xds.resources import TlsSpec, ValidationSpec
+    from sds.xds.service import PassthroughCodec
 
     td = TrustDomain.parse("example.org")
     ca = LocalCA.ephemeral(td)

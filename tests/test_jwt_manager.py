@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from sds._sds.bridge import Bridge
-from sds._sds.config import BridgeConfig
-from sds._sds.jwt import (
+from sds.bridge.config import BridgeConfig
+from sds.bridge.jwtsvids import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_AUDIENCES,
     MAX_AUDIENCE_BYTES,
@@ -21,6 +20,7 @@ from sds._sds.jwt import (
     JwtToken,
     wanted_audiences,
 )
+from sds.bridge.state import Bridge
 from sds.errors import WorkloadApiUnavailable
 from tests.conftest import event_lines
 from tests.fake_workload_api import eventually

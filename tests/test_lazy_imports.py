@@ -17,16 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 # _main imports before it reads the configuration's optional features.
 RUN_IMPORTS = (
     "sds.cli",
-    "sds._sds.command",
-    "sds._log",
-    "sds._peercred",
-    "sds._workloadapi",
+    "sds.bridge.app",
+    "sds._util.log",
+    "sds._util.peercred",
+    "sds.workloadapi.client",
     "sds.errors",
-    "sds._sds.admin",
-    "sds._sds.bridge",
-    "sds._sds.config",
-    "sds._sds.jwt",
-    "sds._sds.server",
+    "sds.bridge.admin",
+    "sds.bridge.state",
+    "sds.bridge.config",
+    "sds.bridge.jwtsvids",
+    "sds.xds.service",
 )
 
 # Loaded only on demand: /metrics (admin or metrics listener), a --config file,
@@ -44,11 +44,11 @@ def loaded_after(code: str) -> set[str]:
 
 def test_sds_run_imports_leave_the_optional_modules_unloaded() -> None:
     modules = loaded_after("\n".join(f"import {m}" for m in RUN_IMPORTS))
-    assert "sds._sds.server" in modules
+    assert "sds.xds.service" in modules
     assert [m for m in LAZY if m in modules] == []
-    assert "sds._sds.metrics" not in modules
+    assert "sds.bridge.metrics" not in modules
     assert not any(m.startswith("envoy_data_plane") for m in modules)
-    assert not any(m.startswith("sds._provider") for m in modules)  # it loads PyYAML
+    assert not any(m.startswith("sds.provider") for m in modules)  # it loads PyYAML
 
 
 def test_the_run_command_line_loads_no_other_subcommand() -> None:
@@ -57,14 +57,21 @@ def test_the_run_command_line_loads_no_other_subcommand() -> None:
         "args = build_parser('run').parse_args(['run', '--listen', 'unix:///tmp/x.sock'])\n"
         "assert args.listen == 'unix:///tmp/x.sock'\n"
     )
-    assert "sds._sds.command" in modules
-    others = ("sds._provider", "sds._demo", "sds._bootstrap", "sds._inspect", "yaml", "zipfile")
+    assert "sds.bridge.app" in modules
+    others = (
+        "sds.provider",
+        "sds.tools.demo",
+        "sds.tools.bootstrap",
+        "sds.tools.inspect",
+        "yaml",
+        "zipfile",
+    )
     assert [m for m in others if m in modules] == []
 
 
 def test_reading_a_config_file_loads_yaml_and_still_parses_strictly() -> None:
     modules = loaded_after(
-        "from sds._sds.config import parse_config_text\n"
+        "from sds.bridge.config import parse_config_text\n"
         "from sds.errors import ConfigError\n"
         "try:\n"
         "    parse_config_text(b'listen: unix:///a\\nlisten: unix:///b\\n', 'x.yaml')\n"
@@ -78,4 +85,4 @@ def test_reading_a_config_file_loads_yaml_and_still_parses_strictly() -> None:
 
 def test_metrics_module_brings_prometheus_client() -> None:
     # The other side of the first test: the lazy import is what keeps it out.
-    assert "prometheus_client" in loaded_after("import sds._sds.metrics")
+    assert "prometheus_client" in loaded_after("import sds.bridge.metrics")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sds._sds import command
-from sds._sds.config import MetricsConfig, load_config, parse_config
+from sds.bridge import app as command
+from sds.bridge.config import MetricsConfig, load_config, parse_config
 from sds.errors import ConfigError
 from tests.conftest import Processes, wait_for
 from tests.envoy import http_request

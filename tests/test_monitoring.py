@@ -219,7 +219,7 @@ def test_podmonitor_scrapes_the_named_metrics_port_only() -> None:
 
 
 def test_shipped_bridges_expose_the_metrics_listener_on_the_scraped_port() -> None:
-    from sds._sds.config import MetricsConfig, parse_config
+    from sds.bridge.config import MetricsConfig, parse_config
     from tests.test_deploy import _containers, _pods, render
 
     for overlay in ("sidecar", "daemonset"):

@@ -23,21 +23,21 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from sds._ca import LocalCA
-from sds._jwt import validate_jwt_svid
-from sds._peercred import listen_unix
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._provider.identities import (
+from sds._util.peercred import listen_unix
+from sds.provider.ca import LocalCA
+from sds.provider.identities import (
     Condition,
     FederatedBundle,
     Identity,
     Rule,
     load_federated_bundle,
 )
-from sds._provider.server import WorkloadApiProvider
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import X509Bundle, X509Svid, utcnow
+from sds.provider.service import WorkloadApiProvider
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.jwt import validate_jwt_svid
+from sds.spiffe.x509 import X509Bundle, X509Svid, utcnow
 from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, wait_for
 

@@ -27,13 +27,13 @@ from pathlib import Path
 import pytest
 from grpclib.client import Channel
 
-from sds._ca import LocalCA
-from sds._peercred import listen_unix
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._provider.identities import Identity
-from sds._provider.server import SECURITY_HEADER, WorkloadApiProvider
-from sds._spiffe import SpiffeId, TrustDomain
+from sds._util.peercred import listen_unix
+from sds.provider.ca import LocalCA
+from sds.provider.identities import Identity
+from sds.provider.service import SECURITY_HEADER, WorkloadApiProvider
+from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.conftest import captured_log
 from tests.fake_workload_api import eventually
 from tests.h2async import RawClient

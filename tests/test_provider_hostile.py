@@ -16,20 +16,20 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from sds._ca import LocalCA
-from sds._peercred import (
+from sds._proto import workload_pb2 as pb
+from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
+from sds._util.peercred import (
     listen_unix,
     open_private_dir,
     read_private_file,
     write_private_file,
 )
-from sds._proto import workload_pb2 as pb
-from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._provider import server as provider_server
-from sds._provider.identities import Identity
-from sds._provider.server import MAX_REQUEST_BYTES, WorkloadApiProvider
-from sds._spiffe import SpiffeId, TrustDomain
 from sds.errors import SocketInUse, UnsafePath
+from sds.provider import service as provider_server
+from sds.provider.ca import LocalCA
+from sds.provider.identities import Identity
+from sds.provider.service import MAX_REQUEST_BYTES, WorkloadApiProvider
+from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, short_tmp, wait_for
 from tests.fake_workload_api import eventually

@@ -14,19 +14,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from grpclib.client import Channel
 
-from sds._ca import LocalCA
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._provider.command import _socket_mode
-from sds._provider.identities import (
+from sds.errors import ConfigError
+from sds.provider.app import _socket_mode
+from sds.provider.ca import LocalCA
+from sds.provider.identities import (
     load_federated_bundle,
     load_identities,
     parse_duration,
     parse_federated_bundle,
     parse_identities,
 )
-from sds._spiffe import TrustDomain
-from sds.errors import ConfigError
+from sds.spiffe.id import TrustDomain
 from tests.conftest import Processes, wait_for
 from tests.test_provider import WEB, first, provider_args, start_provider, write_identities
 
@@ -114,7 +114,7 @@ IDENTITY_CASES: dict[str, tuple[bytes, str]] = {
         "than 87600h",
     ),
     "NUL": (b"kind: workload_identity\x00\n", "{f}: invalid YAML: "),
-    # The strict YAML rules shared with the bridge config (sds/_strictyaml.py):
+    # The strict YAML rules shared with the bridge config (sds/_util/strictyaml.py):
     "non-plain key": (
         b"? [a]\n: 1\n",
         "{f}: document 1: line 1: invalid YAML: a key must be a plain value",

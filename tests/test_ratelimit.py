@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sds._ratelimit import RateLimiter
+from sds._util.ratelimit import RateLimiter
 
 
 class Clock:

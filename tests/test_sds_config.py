@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sds._sds.config import load_config, parse_config, parse_config_text
+from sds.bridge.config import load_config, parse_config, parse_config_text
 from sds.errors import ConfigError
 from tests.conftest import run_sds
 from tests.mutate import mutations

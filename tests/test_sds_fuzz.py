@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.type.v3 import SemanticVersion
 from envoy_data_plane.google.protobuf import Struct, Value
 from envoy_data_plane.google.rpc import Status as RpcStatus
 
-from sds._sds.envoy import (
+from sds.xds.codec import (
     WireError,
     decode_delta_request,
     decode_sotw_request,

@@ -28,15 +28,15 @@ from grpclib.client import Channel
 from h2.exceptions import StreamClosedError
 
 import sds
-from sds._ca import LocalCA
-from sds._peercred import bind_unix_socket
-from sds._sds.bridge import Bridge
-from sds._sds.cache import SecretCache
-from sds._sds.config import BridgeConfig
-from sds._sds.metrics import Metrics
-from sds._sds.server import INSPECTOR_NODE, SdsServer, SdsServicer
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import BundleSet, X509Context
+from sds._util.peercred import bind_unix_socket
+from sds.bridge.config import BridgeConfig
+from sds.bridge.metrics import Metrics
+from sds.bridge.state import Bridge
+from sds.provider.ca import LocalCA
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.x509 import BundleSet, X509Context
+from sds.xds.cache import SecretCache
+from sds.xds.service import INSPECTOR_NODE, SdsServer, SdsServicer
 from tests.fake_workload_api import eventually
 from tests.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
 from tests.sdsfake import node, sotw

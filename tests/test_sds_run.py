@@ -20,7 +20,7 @@ import yaml
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from grpclib.client import Channel
 
-from sds._sds.command import _prepare_socket_dir
+from sds.bridge.app import _prepare_socket_dir
 from sds.errors import StartupError
 from tests.asuser import run_as
 from tests.conftest import PYTHON, Processes, run_sds, wait_for
@@ -392,7 +392,7 @@ async def _admin_get(port: int, request: bytes) -> bytes:
 
 @pytest.mark.hostile
 async def test_admin_limits_header_size_idle_and_connection_cap() -> None:
-    from sds._sds.admin import AdminLimits, AdminServer, Response
+    from sds.bridge.admin import AdminLimits, AdminServer, Response
 
     limits = AdminLimits(max_connections=2, idle_timeout=0.5, request_deadline=2.0)
     admin = AdminServer("127.0.0.1", 0, {"/ok": lambda: Response(200, b"ok\n")}, limits=limits)
@@ -494,7 +494,7 @@ def test_admin_flood_does_not_starve_sds_or_the_upstream(procs: Processes, sockd
 
 @pytest.mark.hostile
 def test_reload_of_mutated_configs_keeps_the_old_state(procs: Processes, sockdir: Path) -> None:
-    from sds._sds.config import parse_config_text
+    from sds.bridge.config import parse_config_text
     from sds.errors import ConfigError
     from tests.mutate import mutations
 
@@ -587,7 +587,7 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
 ) -> None:
     import errno
 
-    from sds._sds.admin import AdminLimits, AdminServer, Response
+    from sds.bridge.admin import AdminLimits, AdminServer, Response
 
     routes = {"/ok": lambda: Response(200, b"ok\n")}
     loop = asyncio.get_running_loop()
@@ -635,7 +635,7 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
 
 def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptureFixture) -> None:
 
-    from sds._sds.command import _ThrottledLoopErrors
+    from sds.bridge.app import _ThrottledLoopErrors
 
     handler = _ThrottledLoopErrors(interval=3600)
     error = OSError(24, "Too many open files")

@@ -18,16 +18,16 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from sds._ca import LocalCA
-from sds._peercred import bind_unix_socket
-from sds._sds.bridge import Bridge
-from sds._sds.cache import SecretCache
-from sds._sds.config import BridgeConfig, parse_config
-from sds._sds.envoy import sotw_body, with_nonce
-from sds._sds.metrics import Metrics
-from sds._sds.server import AccessPolicy, SdsServer, SdsServicer
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._x509 import BundleSet, X509Context
+from sds._util.peercred import bind_unix_socket
+from sds.bridge.config import BridgeConfig, parse_config
+from sds.bridge.metrics import Metrics
+from sds.bridge.state import Bridge
+from sds.provider.ca import LocalCA
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.x509 import BundleSet, X509Context
+from sds.xds.cache import SecretCache
+from sds.xds.codec import sotw_body, with_nonce
+from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
 from tests.fake_workload_api import eventually
 from tests.sdsfake import delta, fetch, node, sotw
 
@@ -352,7 +352,7 @@ def test_versions_are_prefixed_by_a_fresh_instance_id() -> None:
 
 
 async def test_jwt_svid_generic_secret_is_fetched_on_demand_and_refreshed(world: World) -> None:
-    from sds._sds.jwt import JwtSvidManager, JwtToken
+    from sds.bridge.jwtsvids import JwtSvidManager, JwtToken
 
     fetched: list[tuple[str, str | None]] = []
 

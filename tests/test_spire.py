@@ -23,7 +23,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from sds._sds import inspect as sds_inspect
+from sds.tools import inspect_sds as sds_inspect
 from tests.conftest import Processes, wait_for
 from tests.envoy import (
     EnvoyProcess,

@@ -21,15 +21,15 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
 from sds._proto.workload_grpc import SpiffeWorkloadAPIBase
-from sds._sds.config import JwtLimits, UpstreamBackoff, parse_config
-from sds._sds.metrics import Metrics
-from sds._workloadapi import MAX_MESSAGE_BYTES, WorkloadApiClient, parse_address
+from sds.bridge.config import JwtLimits, UpstreamBackoff, parse_config
+from sds.bridge.metrics import Metrics
 from sds.errors import (
     ConfigError,
     WorkloadApiError,
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
+from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient, parse_address
 from tests.fake_workload_api import FakeWorkloadApi, x509_response
 from tests.material import Authority
 

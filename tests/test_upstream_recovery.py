@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import sds._workloadapi as workloadapi
-from sds._workloadapi import NullEvents, SocketWatch, Watcher, WorkloadApiClient
-from sds._x509 import X509Context
+import sds.workloadapi.client as workloadapi
 from sds.errors import WorkloadApiUnavailable
+from sds.spiffe.x509 import X509Context
+from sds.workloadapi.client import NullEvents, SocketWatch, Watcher, WorkloadApiClient
 from tests.chaos import StallProxy
 from tests.conftest import event_lines
 from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sds._sds.bridge import Bridge
-from sds._sds.cache import SecretCache
-from sds._sds.config import BridgeConfig
-from sds._sds.resources import TlsSpec
-from sds._sds.upstreams import FailoverPolicy, Selector, UpstreamState
-from sds._workloadapi import Watcher
-from sds._x509 import BundleSet, X509Bundle, X509Context, X509Svid
+from sds.bridge.config import BridgeConfig
+from sds.bridge.state import Bridge
+from sds.bridge.upstreams import FailoverPolicy, Selector, UpstreamState
+from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid
+from sds.workloadapi.client import Watcher
+from sds.xds.cache import SecretCache
+from sds.xds.resources import TlsSpec
 from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response
 from tests.material import Authority
 

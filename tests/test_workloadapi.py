@@ -21,17 +21,6 @@ from typing import Any
 import pytest
 from grpclib.const import Status
 
-from sds._jwt import JwtBundle, validate_jwt_svid
-from sds._spiffe import SpiffeId, TrustDomain
-from sds._workloadapi import (
-    Address,
-    Backoff,
-    NullEvents,
-    Watcher,
-    WorkloadApiClient,
-    parse_address,
-)
-from sds._x509 import X509Context, X509Svid, utcnow
 from sds.errors import (
     ConfigError,
     InvalidBundle,
@@ -40,6 +29,17 @@ from sds.errors import (
     WorkloadApiError,
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
+)
+from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.jwt import JwtBundle, validate_jwt_svid
+from sds.spiffe.x509 import X509Context, X509Svid, utcnow
+from sds.workloadapi.client import (
+    Address,
+    Backoff,
+    NullEvents,
+    Watcher,
+    WorkloadApiClient,
+    parse_address,
 )
 from tests.conftest import Processes, event_lines
 from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response

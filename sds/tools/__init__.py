@@ -1,0 +1,4 @@
+"""Commands around the bridge: ``inspect``, ``wait``, ``envoy-bootstrap``, ``demo``, ``version``.
+
+Each is a client of the packages below it; none is imported by them.
+"""
