@@ -110,7 +110,12 @@ class ProviderApp:
     async def start(self) -> None:
         """Bind the socket, serve the Workload API on it, start the reloader."""
         listener = listen_unix(self.socket, self.mode)
-        await self.provider.start(listener)
+        try:
+            await self.provider.start(listener)
+        except BaseException:
+            listener.remove()
+            listener.sock.close()
+            raise
         self._reloader = self.tasks.spawn("reload", self._reload_on_hup())
         event(
             logger,
