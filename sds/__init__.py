@@ -1,9 +1,10 @@
 """SPIFFE Workload API to Envoy SDS v3 bridge.
 
 The public Python surface is small: the domain types, the error tree and the
-Workload API client. Everything else lives in private modules and is reached
-through the ``sds`` command. Heavy modules load on first use, so ``sds``
-subcommands pay only for what they run.
+Workload API client, the names in ``__all__``. The subpackages are the
+implementation (mapped in ``docs/architecture.md``), importable but not a
+stable API; everything else is reached through the ``sds`` command. Heavy
+modules load on first use, so ``sds`` subcommands pay only for what they run.
 """
 
 from __future__ import annotations
