@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpclib.const
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -76,6 +76,9 @@ from sds.xds.codec import (
     sotw_response,
 )
 from sds.xds.resources import TlsSpec
+
+_Request = TypeVar("_Request", SotwRequest, DeltaRequest)
+_Message = TypeVar("_Message", LiteRequest, LiteDeltaRequest)
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -453,14 +456,9 @@ class SdsServicer:
                     f"the limit is {limits.max_name_bytes}",
                 )
 
-    def _read(
-        self, info: StreamInfo, message: LiteRequest | LiteDeltaRequest
-    ) -> SotwRequest | DeltaRequest:
-        """The server's view of a request (the message may then be dropped): check its type
-        and limits, keep its node once, drop the node bytes."""
-        request = (
-            sotw_request(message) if isinstance(message, LiteRequest) else delta_request(message)
-        )
+    def _read(self, info: StreamInfo, request: _Request) -> _Request:
+        """Check a request (the server's view of it, so the message itself can be dropped):
+        its type and limits; keep its node once, drop the node bytes."""
         self._check_type(request.type_url)
         if isinstance(request, SotwRequest):
             self._check_names(request.resource_names, len(request.resource_names))
@@ -586,8 +584,8 @@ class SdsServicer:
             self._closed(info)
 
     async def _inputs(
-        self, stream: SotwStream | DeltaStream, watch: Watch
-    ) -> AsyncGenerator[LiteRequest | LiteDeltaRequest | None, None]:
+        self, stream: Stream[_Message, Any], watch: Watch
+    ) -> AsyncGenerator[_Message | None, None]:
         """Each request from Envoy (its Node undecoded), or None when the watch fired (a
         coalesced state change). Ends when Envoy half-closes the stream.
 
@@ -604,12 +602,12 @@ class SdsServicer:
                 got_request, woken = recv in done, wake in done
                 del done
                 if got_request:
-                    raw = recv.result()
+                    message = recv.result()
                     recv = asyncio.ensure_future(recv_request(stream, limit))
-                    if raw is None:
+                    if message is None:
                         return
-                    yield raw
-                    del raw
+                    yield message
+                    del message
                 if woken:
                     watch.event.clear()
                     wake = asyncio.ensure_future(watch.event.wait())
@@ -633,11 +631,10 @@ class SdsServicer:
             self._session(stream, "sotw") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for raw in inputs:
-                if raw is not None:
-                    request = self._read(info, raw)
-                    del raw  # release the message (and its Node bytes) before waiting again
-                    assert isinstance(request, SotwRequest)
+            async for message in inputs:
+                if message is not None:
+                    request = self._read(info, sotw_request(message))
+                    del message  # release it (and its Node bytes) before waiting again
                     self._credit(info, request.response_nonce, request.error, complete=True)
                     if last_nonce is not None and request.response_nonce != last_nonce:
                         continue  # stale: it answers an older response
@@ -694,11 +691,10 @@ class SdsServicer:
             self._session(stream, "delta") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for raw in inputs:
-                if raw is not None:
-                    request = self._read(info, raw)
-                    del raw  # release the message (and its Node bytes) before waiting again
-                    assert isinstance(request, DeltaRequest)
+            async for message in inputs:
+                if message is not None:
+                    request = self._read(info, delta_request(message))
+                    del message  # release it (and its Node bytes) before waiting again
                     if first:
                         # Envoy reconnecting says what it holds; versions from another bridge
                         # instance never match ours, so those secrets are sent again.
@@ -758,15 +754,14 @@ class SdsServicer:
 
     async def _fetch_secrets(self, stream: SotwStream) -> None:
         info = self._admit(stream, "fetch")
-        raw = await recv_request(stream, self.limits.max_message_bytes)
-        if raw is None:
+        message = await recv_request(stream, self.limits.max_message_bytes)
+        if message is None:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
                 "FetchSecrets needs a DiscoveryRequest; the call ended without one",
             )
-        request = self._read(info, raw)
-        del raw
-        assert isinstance(request, SotwRequest)
+        request = self._read(info, sotw_request(message))
+        del message
         cache = self.cache
         wanted = list(request.resource_names) or cache.names()
         found = [n for n in wanted if cache.resource_version(n) is not None]
