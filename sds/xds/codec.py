@@ -319,8 +319,9 @@ def node_info(data: bytes, *, max_metadata_bytes: int | None = None) -> NodeInfo
 
     ``disable_spiffe_cert_validation`` in node metadata (a bool, or a string
     parsed as a bool, as SPIRE accepts it) overrides the global setting.
-    Metadata larger than ``max_metadata_bytes`` is not read
-    (``metadata_ignored`` is set instead).
+    Metadata larger than ``max_metadata_bytes`` (serialized) is not consulted
+    (``metadata_ignored`` is set instead); the Node is parsed whole, once per
+    stream, within the server's message size limit.
     """
     try:
         node = base_pb2.Node.FromString(data)
