@@ -3,17 +3,16 @@
 ``python bench/_floor.py --socket PATH --material FILE``
 
 Every ``Secret`` (``default`` for each server SVID of the material file, and
-``ROOTCA``) comes pre-rendered (Any-wrapped bytes, made by the bridge's own
-renderer in the benchmark process), so this process needs only asyncio,
-grpclib and a protobuf field reader; it renders nothing, validates nothing and
-never loads envoy-data-plane. (The field reader is the bridge's own wire codec,
-reached through ``_common``, which also loads ``sds._sds`` and cryptography:
-~13 MB of the floor's RSS since ``109eeb3``, no CPU per request.) A
+``ROOTCA``) comes pre-rendered (serialized, made by the bridge's own renderer
+in the benchmark process), so this process needs only asyncio, grpclib and
+Envoy's generated messages (xds-protos, through ``_common``, which also loads
+parts of ``sds`` and cryptography: ~13 MB of the floor's RSS since ``109eeb3``,
+no CPU per request); it renders nothing and validates nothing. A
 StreamSecrets stream reads the resource names from its first request and is
 answered with the current secrets; later requests (ACKs) are read and
 dropped. A line ``<i>`` on stdin makes SVID ``i`` current and wakes every
-stream that asked for ``default``; each wakes and sends a response made by
-concatenating pre-built bytes. No validation, no parsing beyond the names, no
+stream that asked for ``default``; each wakes and sends a DiscoveryResponse
+wrapping the pre-built bytes. No validation, no parsing beyond the names, no
 logging, no metrics: the time left is grpclib + asyncio + the kernel, the
 cost floor of serving SDS from Python. Prints ``{"event": "ready"}`` once
 listening; exits on stdin EOF or SIGTERM.
@@ -34,8 +33,10 @@ from typing import Any
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import grpclib.const
-from _common import SDS_SERVICE, SECRET_TYPE_URL, RawCodec, field_bytes, top_fields
+from _common import SDS_SERVICE, RawCodec, sotw_response
 from grpclib.server import Server
+
+from sds._proto.discovery_lite_pb2 import DiscoveryRequest
 
 
 class FloorServicer:
@@ -50,7 +51,6 @@ class FloorServicer:
         self.current = 0
         self.events: set[asyncio.Event] = set()
         self.nonce = 0
-        self._type = field_bytes(4, SECRET_TYPE_URL.encode())
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
@@ -64,31 +64,29 @@ class FloorServicer:
         for event in self.events:
             event.set()
 
-    def _body(self, names: list[bytes]) -> bytes:
-        parts = [field_bytes(1, f"v{self.current}".encode())]
+    def _body(self, names: list[str]) -> bytes:
+        secrets = []
         for name in names:
-            if name == b"default":
-                parts.append(field_bytes(2, self.defaults[self.current]))
-            elif (other := self.others.get(name.decode())) is not None:
-                parts.append(field_bytes(2, other))
-        parts.append(self._type)
+            if name == "default":
+                secrets.append(self.defaults[self.current])
+            elif (other := self.others.get(name)) is not None:
+                secrets.append(other)
         self.nonce += 1
-        parts.append(field_bytes(5, f"n{self.nonce}".encode()))
-        return b"".join(parts)
+        return sotw_response(f"v{self.current}", secrets, f"n{self.nonce}")
 
     async def stream_secrets(self, stream: Any) -> None:
         first = await stream.recv_message()
         if first is None:
             return
-        fields = top_fields(first)
-        names = [n for n in fields.get(3, []) if isinstance(n, bytes)]
-        if self.dump and 2 in fields:  # keep one real request (with its node) for analysis
+        request = DiscoveryRequest.FromString(first)  # the Node stays bytes
+        names = list(request.resource_names)
+        if self.dump and request.HasField("node"):  # keep one real request for analysis
             with open(self.dump, "wb") as handle:  # noqa: ASYNC230 - once, ~60 KB
                 handle.write(first)
             self.dump = None
-        del first, fields  # a real Envoy's first request is ~61 KB: hold only the names
+        del first, request  # a real Envoy's first request is ~61 KB: hold only the names
         event = asyncio.Event()
-        if b"default" in names:
+        if "default" in names:
             self.events.add(event)
 
         async def drain() -> None:
