@@ -16,13 +16,14 @@ import datetime as dt
 import functools
 import ipaddress
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sds._util.duration import duration_seconds, parse_duration
 from sds._util.files import os_reason, read_regular_file
+from sds._util.text import has_control
 from sds.bridge.upstreams import FailoverPolicy
 from sds.errors import ConfigError, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
@@ -184,7 +185,7 @@ class BridgeConfig:
         updated = self
         if workload_api:
             for address in workload_api:
-                if _has_control(address):
+                if has_control(address):
                     raise ConfigError(
                         f"--workload-api: {address!r}: must not contain control characters"
                     )
@@ -241,7 +242,7 @@ class _Reader:
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(path, "must be a non-empty string")
-        if _has_control(value):
+        if has_control(value):
             raise self.fail(path, f"{value!r}: must not contain control characters")
         return value
 
@@ -289,11 +290,6 @@ class _Reader:
         return SvidSelector(spiffe_id, hint)
 
 
-def _has_control(text: str) -> bool:
-    """Whether ``text`` holds a C0 control character or DEL (refused in every string)."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
 def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """``host`` as an IP address and ``port`` (at most five digits) as a number; else ValueError.
 
@@ -307,7 +303,7 @@ def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IP
 
 def parse_listen(text: str, where: str) -> ListenAddress:
     """Parse ``unix:///abs/path`` or ``tcp://127.0.0.1:PORT``; TCP must be loopback."""
-    if _has_control(text):
+    if has_control(text):
         raise ConfigError(f"{where}: {text!r}: must not contain control characters")
     if text.startswith("unix://"):
         path = text[len("unix://") :]
@@ -499,16 +495,13 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
 
 # -- upstream and JWT-SVID limits ---------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
 
 def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
-    """Seconds from ``0.1s``, ``250ms``, ``5m``, ``1h`` or a plain number of seconds."""
+    """Seconds from a Go-style duration (``0.1s``, ``250ms``, ``1h30m``) or a plain number."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        seconds = float(match[1]) * _UNITS[match[2]]
+    elif isinstance(value, str) and (parsed := duration_seconds(value.strip())) is not None:
+        seconds = parsed
     else:
         raise reader.fail(path, f"{value!r}: want a duration such as 0.1s, 250ms, 5m")
     if not math.isfinite(seconds) or not 0 < seconds <= maximum:
@@ -577,9 +570,6 @@ def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
     given = reader.mapping(value, "failover", {"grace", "margin"})
     policy = FailoverPolicy()
     if "grace" in given:
-        # the provider's duration reader, imported here: its module loads PyYAML
-        from sds.provider.identities import parse_duration  # noqa: PLC0415
-
         try:
             grace = parse_duration(reader.string(given["grace"], "failover.grace"))
         except ValueError as exc:

@@ -41,7 +41,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,11 +50,13 @@ from typing import Any, NoReturn
 import yaml
 from cryptography import x509
 
+from sds._util.duration import MAX_DURATION, parse_duration
 from sds._util.files import os_reason
 from sds._util.files import read_regular_file as _read_bounded
 from sds._util.log import event
 from sds._util.peercred import PeerCredentials
 from sds._util.strictyaml import describe, strict_loader
+from sds._util.text import show as _show
 from sds.errors import ConfigError, InvalidBundle, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle
@@ -85,7 +86,7 @@ logger = logging.getLogger("sds.provider")
 # SVID lifetimes are whole seconds on the wire (X.509 validity, JWT exp).
 MIN_TTL = dt.timedelta(seconds=1)
 # Longer than any CA we issue from lives; also keeps datetime arithmetic in range.
-MAX_TTL = dt.timedelta(days=3650)
+MAX_TTL = MAX_DURATION
 # Identities and federation files are small; a bigger one is a mistake (or an attack).
 MAX_FILE_BYTES = 4 * 1024 * 1024
 # uid, gid and pid are 32-bit in the kernel.
@@ -100,46 +101,10 @@ _IGNORED = {
 }
 _warned: set[tuple[str, str]] = set()
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DNS_RE = re.compile(
     r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?"
 )
 _DIGITS = re.compile(r"[0-9]+")
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """Parse a positive Go-style duration (``30s``, ``5m``, ``1h30m``, ``1.5h``, ``500ms``).
-
-    Raises ValueError with a message suitable after a field name.
-    """
-    want = f"invalid duration {_show(text)} (want e.g. 30s, 5m, 1h30m)"
-    if not isinstance(text, str) or not text:
-        raise ValueError(want)
-    seconds = 0.0
-    position = 0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            raise ValueError(want)
-        seconds += float(match.group(1)) * _UNITS[match.group(2)]
-        position = match.end()
-    if position != len(text):
-        raise ValueError(want)
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be positive")
-    if not math.isfinite(seconds) or seconds > MAX_TTL.total_seconds():
-        raise ValueError(
-            f"duration {_show(text)} is longer than {int(MAX_TTL.total_seconds()) // 3600}h"
-        )
-    return dt.timedelta(seconds=seconds)
-
-
-def _show(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages that quote input."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<integer of {value.bit_length()} bits>"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 
 def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
