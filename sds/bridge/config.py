@@ -27,6 +27,7 @@ from sds._util.text import has_control
 from sds.bridge.upstreams import FailoverPolicy
 from sds.errors import ConfigError, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.match import WILDCARD_RULE, IdPattern
 
 __all__ = [
     "AdminConfig",
@@ -380,14 +381,12 @@ def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
     exact: list[str] = []
     prefixes: list[str] = []
     for index, entry in enumerate(reader.string_list(data["allow"], f"{path}.allow")):
-        where = f"{path}.allow[{index}]"
-        if entry.endswith("/*"):
-            base = reader.spiffe_id(entry[:-2], where)
-            prefixes.append(base + "/")
-        elif "*" in entry:
-            raise reader.fail(where, f"{entry!r}: '*' is allowed only as a final '/*'")
-        else:
-            exact.append(reader.spiffe_id(entry, where))
+        try:
+            pattern = IdPattern.parse(entry)
+        except InvalidSpiffeId as exc:
+            problem = f"{entry!r}: {exc}" if str(exc) == WILDCARD_RULE else str(exc)
+            raise reader.fail(f"{path}.allow[{index}]", problem) from exc
+        (prefixes if pattern.prefix else exact).append(pattern.value)
     return Policy(name, tds, tuple(exact), tuple(prefixes))
 
 

@@ -247,17 +247,12 @@ def parse_outbound(text: str, expect: Sequence[str]) -> Outbound:
 def parse_peer_id(text: str, flag: str) -> str:
     """Validate an exact SPIFFE ID or a ``spiffe://td/path/*`` prefix; return it normalized."""
     from sds.errors import InvalidSpiffeId  # noqa: PLC0415
-    from sds.spiffe.id import SpiffeId  # noqa: PLC0415
+    from sds.spiffe.match import IdPattern  # noqa: PLC0415
 
-    prefix = text.endswith("/*")
-    base = text[:-2] if prefix else text
-    if "*" in base:
-        raise _config_error(f"{flag} {text!r}: '*' is allowed only as a final '/*'")
     try:
-        parsed = str(SpiffeId.parse(base))
+        return str(IdPattern.parse(text))
     except InvalidSpiffeId as exc:
         raise _config_error(f"{flag} {text!r}: {exc}") from exc
-    return parsed + "/*" if prefix else parsed
 
 
 def _trust_domain(peer: str) -> str:
@@ -329,9 +324,10 @@ def _san_matchers(peers: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _string_matcher(peer: str) -> dict[str, str]:
-    if peer.endswith("/*"):
-        return {"prefix": peer[:-1]}
-    return {"exact": peer}
+    from sds.spiffe.match import IdPattern  # noqa: PLC0415
+
+    pattern = IdPattern.parse(peer)
+    return {"prefix" if pattern.prefix else "exact": pattern.value}
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
