@@ -60,7 +60,7 @@ from sds._util.text import show as _show
 from sds.errors import ConfigError, InvalidBundle, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle
-from sds.spiffe.x509 import X509Bundle, utcnow
+from sds.spiffe.x509 import X509Bundle, is_ca, utcnow
 
 __all__ = [
     "ATTRIBUTES",
@@ -591,7 +591,11 @@ def parse_federated_bundle(trust_domain: TrustDomain, data: bytes, path: str) ->
         except InvalidBundle as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         for cert in bundle.authorities:
-            if not _is_ca(cert):
+            try:
+                authority = is_ca(cert)
+            except ValueError:  # a malformed basicConstraints: not usable as a CA
+                authority = False
+            if not authority:
                 raise ConfigError(
                     f"{path}: certificate {cert.subject.rfc4514_string()!r} is not a CA"
                 )
@@ -599,15 +603,6 @@ def parse_federated_bundle(trust_domain: TrustDomain, data: bytes, path: str) ->
     if data.lstrip().startswith(b"{"):
         return _from_jwks(trust_domain, path, data)
     raise ConfigError(f"{path}: neither PEM certificates nor a SPIFFE bundle JWKS")
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-    except ValueError:  # cryptography parses extensions lazily: a malformed one surfaces here
-        return False
 
 
 def _from_jwks(trust_domain: TrustDomain, path: str, data: bytes) -> FederatedBundle:

@@ -29,7 +29,6 @@ is the long-running, self-healing consumer that ``sds run`` serves from.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import datetime as dt
@@ -66,8 +65,8 @@ from sds.errors import (
     WorkloadApiUnavailable,
 )
 from sds.spiffe.id import SpiffeId, TrustDomain
-from sds.spiffe.jwt import JwtBundle
-from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid, utcnow
+from sds.spiffe.jwt import JwtBundle, b64url_decode
+from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid, utc_text, utcnow
 
 __all__ = [
     "ENDPOINT_ENV",
@@ -306,10 +305,6 @@ def _jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle
     return bundles
 
 
-def _b64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def _jwt_svid(msg: Any) -> JwtSvid:
     """Convert one wire JWT-SVID, reading ``sub`` and ``exp`` from the (unverified) payload."""
     try:
@@ -320,7 +315,7 @@ def _jwt_svid(msg: Any) -> JwtSvid:
     if len(parts) != 3:
         raise InvalidJwt(f"JWT-SVID {sid}: token is not a compact JWS")
     try:
-        claims = json.loads(_b64url(parts[1]))
+        claims = json.loads(b64url_decode(parts[1]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJwt(f"JWT-SVID {sid}: token payload is not base64url JSON") from exc
     if not isinstance(claims, dict):
@@ -823,10 +818,6 @@ def _same_jwt(a: Mapping[TrustDomain, JwtBundle], b: Mapping[TrustDomain, JwtBun
     return {td: x.to_jwks() for td, x in a.items()} == {td: x.to_jwks() for td, x in b.items()}
 
 
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class Watcher:
     """Keeps the latest valid Workload API state, forever; an ``sds.spiffe.x509.X509Source``.
 
@@ -1174,7 +1165,7 @@ class Watcher:
                     svids.append(kept)
                     action = (
                         f"kept the last good SVID (serial {kept.serial:x}, "
-                        f"expires {_iso(_expiry(kept))})"
+                        f"expires {utc_text(_expiry(kept))})"
                     )
                 else:
                     action = "dropped: no unexpired last good SVID"
@@ -1295,7 +1286,7 @@ class Watcher:
                 "svid.expired",
                 spiffe_id=svid.spiffe_id,
                 hint=svid.hint,
-                not_after=_iso(_expiry(svid)),
+                not_after=utc_text(_expiry(svid)),
                 action="dropped: the workload API sent no replacement in time",
             )
         self._set_x509(X509Context(tuple(s for s in ctx.svids if _expiry(s) > now), ctx.bundles))
