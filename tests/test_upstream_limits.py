@@ -29,7 +29,8 @@ from sds.errors import (
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
-from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient, parse_address
+from sds.workloadapi.address import parse_address
+from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient
 from tests.fake_workload_api import FakeWorkloadApi, x509_response
 from tests.material import Authority
 

@@ -120,7 +120,9 @@ async def _main(config: Any, config_path: str | None, flags: dict[str, Any]) -> 
     from sds.bridge.jwtsvids import JwtSvidManager, JwtToken, wanted_audiences  # noqa: PLC0415
     from sds.bridge.state import Bridge  # noqa: PLC0415
     from sds.errors import ConfigError, StartupError, WorkloadApiDenied  # noqa: PLC0415
-    from sds.workloadapi.client import Watcher, WorkloadApiClient, parse_address  # noqa: PLC0415
+    from sds.workloadapi.address import parse_address  # noqa: PLC0415
+    from sds.workloadapi.client import WorkloadApiClient  # noqa: PLC0415
+    from sds.workloadapi.watcher import Watcher  # noqa: PLC0415
     from sds.xds.service import AccessPolicy, SdsServer, SdsServicer  # noqa: PLC0415
 
     log = logging.getLogger("sds.run")

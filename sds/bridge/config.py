@@ -28,6 +28,7 @@ from sds.bridge.upstreams import FailoverPolicy
 from sds.errors import ConfigError, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.match import WILDCARD_RULE, IdPattern
+from sds.workloadapi.address import parse_address, unix_socket_path
 
 __all__ = [
     "AdminConfig",
@@ -307,12 +308,10 @@ def parse_listen(text: str, where: str) -> ListenAddress:
     if has_control(text):
         raise ConfigError(f"{where}: {text!r}: must not contain control characters")
     if text.startswith("unix://"):
-        path = text[len("unix://") :]
-        if not path.startswith("/"):
-            raise ConfigError(f"{where}: {text!r}: unix socket path must be absolute")
-        if len(path.encode()) > 107:
-            raise ConfigError(f"{where}: {text!r}: unix socket path is longer than 107 bytes")
-        return ListenAddress(path=path)
+        try:
+            return ListenAddress(path=unix_socket_path(text))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {text!r}: {exc}") from None
     if text.startswith("tcp://"):
         host, _, port = text[len("tcp://") :].rpartition(":")
         host = host.strip("[]")
@@ -510,8 +509,6 @@ def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> floa
 
 def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfig) -> BridgeConfig:
     """``workload_api`` addresses checked as addresses; ``upstream_backoff``; ``jwt_svids``."""
-    from sds.workloadapi.client import parse_address  # noqa: PLC0415 - grpclib only when needed
-
     for index, text in enumerate(config.workload_api):
         try:
             parse_address(text)

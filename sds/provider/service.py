@@ -58,6 +58,7 @@ from sds.provider.identities import FederatedBundle, Identity, entitled
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle, b64url_decode, validate_jwt_svid
 from sds.spiffe.x509 import X509Svid, utc_text, utcnow
+from sds.workloadapi.address import SECURITY_HEADER, SECURITY_VALUE
 
 __all__ = [
     "DEFAULT_JWT_TTL",
@@ -73,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger("sds.provider")
 
-SECURITY_HEADER = "workload.spiffe.io"
 DEFAULT_X509_TTL = dt.timedelta(hours=1)
 DEFAULT_JWT_TTL = dt.timedelta(minutes=5)
 _CLOSE_TIMEOUT = 5.0
@@ -196,7 +196,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
         self._check_open()
         creds = peer_credentials(stream)
         metadata = stream.metadata or {}
-        if metadata.get(SECURITY_HEADER) != "true":
+        if metadata.get(SECURITY_HEADER) != SECURITY_VALUE:
             self._deny(creds, method, "security header missing")
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_HEADER)
         if creds is None:

@@ -965,11 +965,7 @@ def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
         raise _config_error("--node-id is required")
     if not args.sds_socket:
         raise _config_error("--sds-socket is required (the bridge's unix socket path)")
-    socket = args.sds_socket.removeprefix("unix://")
-    if not socket.startswith("/"):
-        raise _config_error(f"--sds-socket {args.sds_socket!r}: must be an absolute path")
-    if len(socket.encode()) > 107:
-        raise _config_error(f"--sds-socket {args.sds_socket!r}: longer than 107 bytes")
+    socket = _socket_path(args.sds_socket, "--sds-socket")
 
     inbound = None
     allow = tuple(parse_peer_id(value, "--allow") for value in args.allow)
@@ -1038,12 +1034,17 @@ def _admin_socket(value: str | None, port: str | None) -> str:
         return DEFAULT_ADMIN_SOCKET
     if port is not None:
         raise _config_error("--admin-socket and --admin-port exclude each other")
-    path = value.removeprefix("unix://")
-    if not path.startswith("/"):
-        raise _config_error(f"--admin-socket {value!r}: must be an absolute path")
-    if len(path.encode()) > 107:
-        raise _config_error(f"--admin-socket {value!r}: longer than 107 bytes")
-    return path
+    return _socket_path(value, "--admin-socket")
+
+
+def _socket_path(value: str, flag: str) -> str:
+    """``/abs/path`` or ``unix:///abs/path``, as the path; ConfigError naming ``flag``."""
+    from sds.workloadapi.address import unix_socket_path  # noqa: PLC0415
+
+    try:
+        return unix_socket_path(value, bare=True)
+    except ValueError as exc:
+        raise _config_error(f"{flag} {value!r}: {exc}") from None
 
 
 def _jwt_audience(value: str | None) -> str | None:

@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sds.workloadapi.client import Address
+    from sds.workloadapi.address import Address
 
 __all__ = ["add_arguments", "run"]
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
     from sds.errors import ConfigError, InvalidMaterial, WorkloadApiError  # noqa: PLC0415
-    from sds.workloadapi.client import parse_address  # noqa: PLC0415
+    from sds.workloadapi.address import parse_address  # noqa: PLC0415
 
     if args.sds:
         return _run_sds(args)
@@ -216,14 +216,15 @@ def _run_sds(args: argparse.Namespace) -> int:
 
     from sds.errors import ConfigError, SdsError  # noqa: PLC0415
     from sds.tools.inspect_sds import DEFAULT_NAMES, collect_sds, render_sds  # noqa: PLC0415
+    from sds.workloadapi.address import unix_socket_path  # noqa: PLC0415
 
-    if not args.sds.startswith("unix:///"):
-        raise ConfigError(f"--sds {args.sds!r}: want unix:///path")
+    try:
+        path = unix_socket_path(args.sds)
+    except ValueError as exc:
+        raise ConfigError(f"--sds {args.sds!r}: {exc}") from None
     names = args.name or list(DEFAULT_NAMES)
     try:
-        report = asyncio.run(
-            collect_sds(args.sds[len("unix://") :], names, args.admin, args.timeout)
-        )
+        report = asyncio.run(collect_sds(path, names, args.admin, args.timeout))
     except SdsError as exc:
         print(f"sds inspect: {exc}", file=sys.stderr)
         return 1
