@@ -34,9 +34,10 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from grpclib.client import Channel
+from google.protobuf.message import Message
+from grpclib.client import Channel, ServiceMethod, Stream
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
@@ -111,12 +112,16 @@ class MessageTooLarge(Exception):
     """A peer declared a message longer than the receive limit (internal; mapped in _errors)."""
 
 
-def _method_name(method: Any) -> str:
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+
+def _method_name(method: ServiceMethod[Any, Any]) -> str:
     """``FetchJWTSVID`` for grpclib's method object named ``/SpiffeWorkloadAPI/FetchJWTSVID``."""
-    return str(getattr(method, "name", "")).rpartition("/")[2]
+    return method.name.rpartition("/")[2]
 
 
-async def _recv_capped(stream: Any, limit: int) -> Any:
+async def _recv_capped(stream: Stream[Any, _Resp], limit: int) -> _Resp | None:
     """The next message of a grpclib client stream, or None at its end; refuses a message
     whose declared length exceeds ``limit`` before reading its body.
 
@@ -136,7 +141,8 @@ async def _recv_capped(stream: Any, limit: int) -> Any:
         if length > limit:
             raise MessageTooLarge(f"a {length}-byte message (the limit is {limit} bytes)")
         data = await stream._stream.recv_data(length)
-        return stream._codec.decode(data, stream._recv_type)
+        message: _Resp = stream._codec.decode(data, stream._recv_type)
+        return message
 
 
 # --------------------------------------------------------------------------- conversion
@@ -171,7 +177,9 @@ def _x509_bundle_map(entries: Mapping[str, bytes], what: str) -> list[X509Bundle
     ]
 
 
-def _response_bundles(resp: Any) -> tuple[BundleSet, list[X509Bundle | None]]:
+def _response_bundles(
+    resp: workload_pb2.X509SVIDResponse,
+) -> tuple[BundleSet, list[X509Bundle | None]]:
     """The bundles of one X509SVIDResponse, and each SVID's own bundle (None if absent).
 
     Own bundles (each SVID's ``bundle`` field) come first; federated bundles
@@ -199,7 +207,7 @@ def _response_bundles(resp: Any) -> tuple[BundleSet, list[X509Bundle | None]]:
     return BundleSet(merged.values()), own
 
 
-def _convert_svid(msg: Any, own: X509Bundle | None, now: dt.datetime) -> X509Svid:
+def _convert_svid(msg: workload_pb2.X509SVID, own: X509Bundle | None, now: dt.datetime) -> X509Svid:
     """Parse and verify one wire SVID against the bundle sent with it; raise InvalidSvid."""
     try:
         svid = X509Svid.parse(
@@ -211,7 +219,7 @@ def _convert_svid(msg: Any, own: X509Bundle | None, now: dt.datetime) -> X509Svi
     return svid
 
 
-def _x509_context(resp: Any) -> X509Context:
+def _x509_context(resp: workload_pb2.X509SVIDResponse) -> X509Context:
     """Convert one X509SVIDResponse strictly: any bad bundle or SVID raises."""
     now = utcnow()
     bundles, own = _response_bundles(resp)
@@ -260,7 +268,7 @@ def _jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle
     return bundles
 
 
-def _jwt_svid(msg: Any) -> JwtSvid:
+def _jwt_svid(msg: workload_pb2.JWTSVID) -> JwtSvid:
     """Convert one wire JWT-SVID, reading ``sub`` and ``exp`` from the (unverified) payload."""
     try:
         sid = SpiffeId.parse(msg.spiffe_id)
@@ -415,7 +423,9 @@ class WorkloadApiClient:
         except MessageTooLarge as exc:
             raise WorkloadApiError(f"{where} sent {exc}") from exc
 
-    async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
+    async def _stream(
+        self, method: ServiceMethod[_Req, _Resp], request: _Req
+    ) -> AsyncGenerator[_Resp, None]:
         """Raw messages of one server stream, until the server ends it."""
         with self._errors(_method_name(method)):
             async with method.open(metadata=_METADATA) as stream:
@@ -424,7 +434,9 @@ class WorkloadApiClient:
                     yield message
 
     @contextlib.asynccontextmanager
-    async def _call(self, method: Any, request: Any) -> AsyncIterator[Any]:
+    async def _call(
+        self, method: ServiceMethod[_Req, _Resp], request: _Req
+    ) -> AsyncIterator[Stream[_Req, _Resp]]:
         """The stream of one call bounded by ``call_timeout``, its request sent; failures
         inside (the caller's reads included) become Workload API errors."""
         with self._errors(_method_name(method)):
@@ -435,7 +447,7 @@ class WorkloadApiClient:
                 await stream.send_message(request, end=True)
                 yield stream
 
-    async def _first(self, method: Any, request: Any, what: str) -> Any:
+    async def _first(self, method: ServiceMethod[_Req, _Resp], request: _Req, what: str) -> _Resp:
         """The first message of a server stream within ``call_timeout``; then cancelled."""
         async with self._call(method, request) as stream:
             message = await _recv_capped(stream, self.max_message_bytes)
@@ -447,7 +459,7 @@ class WorkloadApiClient:
             )
         return message
 
-    async def _unary(self, method: Any, request: Any) -> Any:
+    async def _unary(self, method: ServiceMethod[_Req, _Resp], request: _Req) -> _Resp:
         """One unary call, answered within ``call_timeout`` and at most ``max_message_bytes``."""
         async with self._call(method, request) as stream:
             message = await _recv_capped(stream, self.max_message_bytes)
@@ -554,7 +566,7 @@ class WorkloadApiClient:
             sid = SpiffeId.parse(resp.spiffe_id)
         except InvalidSpiffeId as exc:
             raise InvalidJwt(f"validated token has a bad spiffe_id: {exc}") from exc
-        from google.protobuf import json_format  # type: ignore[import-untyped]  # noqa: PLC0415
+        from google.protobuf import json_format  # noqa: PLC0415
 
         claims: dict[str, Any] = _plain(json_format.MessageToDict(resp.claims))
         return sid, claims
