@@ -12,7 +12,7 @@ import re
 
 from sds._util.text import show
 
-__all__ = ["MAX_DURATION", "duration_seconds", "parse_duration"]
+__all__ = ["MAX_DURATION", "parse_duration"]
 
 #: The longest duration :func:`parse_duration` accepts (ten years): longer than any
 #: lifetime we issue, and keeps datetime arithmetic in range.
@@ -22,7 +22,7 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
-def duration_seconds(text: str) -> float | None:
+def _seconds(text: str) -> float | None:
     """The seconds ``text`` spells as a sequence of ``NUMBER UNIT`` parts; None if it does not.
 
     Units: ``h``, ``m``, ``s``, ``ms``. No sign, no spaces; the sum may be 0 or
@@ -45,7 +45,7 @@ def parse_duration(text: str, maximum: dt.timedelta = MAX_DURATION) -> dt.timede
 
     Raises ValueError with a message suitable after a field name.
     """
-    seconds = duration_seconds(text)
+    seconds = _seconds(text)
     if seconds is None:
         raise ValueError(f"invalid duration {show(text)} (want e.g. 30s, 5m, 1h30m)")
     if seconds <= 0:

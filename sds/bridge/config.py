@@ -15,14 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sds._util.duration import duration_seconds, parse_duration
 from sds._util.files import os_reason, read_regular_file
+from sds._util.strictyaml import Invalid, Reader
 from sds._util.text import has_control
 from sds.bridge.upstreams import FailoverPolicy
 from sds.errors import ConfigError, InvalidSpiffeId
@@ -221,37 +220,18 @@ _TOP_KEYS = {
 }
 
 
-class _Reader:
-    """Walks a YAML mapping, naming the key path in every error."""
+class _Reader(Reader):
+    """The shared strict-YAML Reader with the config's rules: strings are non-empty and
+    free of control characters; plus the config's own value types."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self) -> None:
+        super().__init__(refuse_control=True)
 
-    def fail(self, path: str, message: str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
-        )
+    def fail(self, path: str, message: str) -> Invalid:
+        return Invalid(path, message)
 
-    def mapping(self, value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"must be a mapping, not {type(value).__name__}")
-        for key in value:
-            if key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                raise self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        return value
-
-    def string(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, "must be a non-empty string")
-        if has_control(value):
-            raise self.fail(path, f"{value!r}: must not contain control characters")
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(path, "must be true or false")
-        return value
+    def string(self, value: object, path: str, *, nonempty: bool = True) -> str:
+        return super().string(value, path, nonempty=nonempty)
 
     def int_list(self, value: Any, path: str) -> frozenset[int]:
         if not isinstance(value, list) or not all(
@@ -391,7 +371,13 @@ def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
 
 def parse_config(data: Any, source: str) -> BridgeConfig:
     """Validate parsed YAML ``data``; raise ConfigError naming ``source`` and the key."""
-    reader = _Reader(source)
+    try:
+        return _parse_config(_Reader(), data, source)
+    except Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
     if data is None:
         data = {}
     top = reader.mapping(data, "", _TOP_KEYS)
@@ -496,15 +482,8 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
 
 def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
     """Seconds from a Go-style duration (``0.1s``, ``250ms``, ``1h30m``) or a plain number."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (parsed := duration_seconds(value.strip())) is not None:
-        seconds = parsed
-    else:
-        raise reader.fail(path, f"{value!r}: want a duration such as 0.1s, 250ms, 5m")
-    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
-        raise reader.fail(path, f"{value!r}: must be more than 0 and at most {maximum:g}s")
-    return seconds
+    limit = dt.timedelta(seconds=maximum)
+    return reader.duration(value, path, maximum=limit, numbers=True).total_seconds()
 
 
 def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfig) -> BridgeConfig:
@@ -566,12 +545,7 @@ def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
     given = reader.mapping(value, "failover", {"grace", "margin"})
     policy = FailoverPolicy()
     if "grace" in given:
-        try:
-            grace = parse_duration(reader.string(given["grace"], "failover.grace"))
-        except ValueError as exc:
-            raise reader.fail("failover.grace", str(exc)) from exc
-        if grace > _MAX_GRACE:
-            raise reader.fail("failover.grace", f"{given['grace']!r}: must be at most 1h")
+        grace = reader.duration(given["grace"], "failover.grace", maximum=_MAX_GRACE)
         policy = replace(policy, grace=grace.total_seconds())
     if "margin" in given:
         margin = given["margin"]
