@@ -78,7 +78,7 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
     from sds._util.log import configure_logging
     from sds.bridge.config import BridgeConfig
     from sds.bridge.state import Bridge
-    from sds.workloadapi.client import Watcher
+    from sds.workloadapi.watcher import Watcher
     from sds.xds import codec as envoy
     from sds.xds.cache import SecretCache
     from sds.xds.codec import LiteRequest, render_secret, sotw_request, sotw_response

@@ -30,7 +30,8 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
     from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Source, X509Svid
-    from sds.workloadapi.client import Watcher, WorkloadApiClient
+    from sds.workloadapi.client import WorkloadApiClient
+    from sds.workloadapi.watcher import Watcher
 
 __all__ = [
     "BundleSet",
@@ -67,7 +68,7 @@ _LAZY = {
     "X509Context": "sds.spiffe.x509",
     "X509Source": "sds.spiffe.x509",
     "X509Svid": "sds.spiffe.x509",
-    "Watcher": "sds.workloadapi.client",
+    "Watcher": "sds.workloadapi.watcher",
     "WorkloadApiClient": "sds.workloadapi.client",
 }
 

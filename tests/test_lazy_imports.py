@@ -23,6 +23,7 @@ RUN_IMPORTS = (
     "sds._util.log",
     "sds._util.peercred",
     "sds.workloadapi.client",
+    "sds.workloadapi.watcher",
     "sds.errors",
     "sds.bridge.admin",
     "sds.bridge.state",

@@ -33,14 +33,10 @@ from sds.errors import (
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle, validate_jwt_svid
 from sds.spiffe.x509 import X509Context, X509Svid, utcnow
-from sds.workloadapi.client import (
-    Address,
-    Backoff,
-    NullEvents,
-    Watcher,
-    WorkloadApiClient,
-    parse_address,
-)
+from sds.workloadapi.address import Address, parse_address
+from sds.workloadapi.backoff import Backoff
+from sds.workloadapi.client import WorkloadApiClient
+from sds.workloadapi.watcher import NullEvents, Watcher
 from tests.conftest import Processes, event_lines
 from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
 from tests.material import Authority, rejection

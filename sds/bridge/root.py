@@ -71,7 +71,9 @@ from sds.bridge.jwtsvids import JwtSvidManager, JwtToken, wanted_audiences
 from sds.bridge.state import Bridge
 from sds.bridge.views import BridgeViews
 from sds.errors import ConfigError, SocketInUse, StartupError, WorkloadApiDenied
-from sds.workloadapi.client import Watcher, WorkloadApiClient, parse_address
+from sds.workloadapi.address import parse_address
+from sds.workloadapi.client import WorkloadApiClient
+from sds.workloadapi.watcher import Watcher
 from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
 
 if TYPE_CHECKING:

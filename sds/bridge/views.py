@@ -17,7 +17,7 @@ from sds.bridge.admin import Response, Route
 if TYPE_CHECKING:
     from sds.bridge.metrics import Metrics
     from sds.bridge.state import Bridge
-    from sds.workloadapi.client import Watcher
+    from sds.workloadapi.watcher import Watcher
     from sds.xds.service import SdsServicer
 
 __all__ = ["BridgeViews"]

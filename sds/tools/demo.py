@@ -28,7 +28,7 @@ from typing import Any
 __all__ = ["add_arguments", "run"]
 
 TRUST_DOMAIN = "demo.example"
-_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 AUDIENCE = "demo-app"
 # A well-formed ES256 JWT-SVID for spiffe://demo.example/client that no key signed.
 _FORGED_JWT = (

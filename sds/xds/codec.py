@@ -43,8 +43,8 @@ from envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2  # type: ignore[import-untyped]
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from sds._proto import discovery_lite_pb2 as lite
 from sds.xds.resources import GenericSpec, SecretSpec, TlsSpec, ValidationSpec
