@@ -27,12 +27,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 WATCHER_BUG = """\
-import sds.workloadapi.client as client
+import sds.workloadapi.watcher as watcher
 
 async def _retry_wait(self, delay):
     raise RuntimeError("injected bug in the watcher")
 
-client.Watcher._retry_wait = _retry_wait
+watcher.Watcher._retry_wait = _retry_wait
 """
 
 RELOAD_BUG = """\
