@@ -378,7 +378,7 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_total = int(line.split()[1]) // 1024
-    from tests.envoy import CURRENT_VERSION
+    from tests.harness.envoy import CURRENT_VERSION
 
     versions = {}
     for dist in ("grpclib", "h2", "cryptography", "envoy_data_plane", "betterproto2", "protobuf"):

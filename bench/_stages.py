@@ -79,7 +79,7 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
     from sds.xds.cache import SecretCache
     from sds.xds.codec import render_secret, sotw_body, with_nonce
     from sds.xds.resources import TlsSpec
-    from tests.fake_workload_api import x509_response
+    from tests.harness.fake_workload_api import x509_response
 
     configure_logging("INFO")
     sink = open(os.devnull, "w")  # noqa: ASYNC230, SIM115 - /dev/null, closed below

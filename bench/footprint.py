@@ -69,8 +69,8 @@ from _common import (
     workspace,
 )
 
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.stack import identities_yaml
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.stack import identities_yaml
 
 TARGET_RSS_MB = 36.0  # issue 13: serving one Envoy
 # Issue 13's target is "exec -> first secret <= 150 ms p50" on an idle 2-vCPU machine,

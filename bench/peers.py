@@ -19,7 +19,7 @@ reported as medians over the repeats. Then RSS of each side, and a rotation
 phase: the three fronts loaded at once for ``--rotation-seconds`` while the
 server SVID is re-issued, counting failed requests and the leaf serials seen.
 
-Both Go programs and Ghostunnel are built (once, cached) by tests/gobuild.py.
+Both Go programs and Ghostunnel are built (once, cached) by tests/harness/gobuild.py.
 
     .venv/bin/python bench/peers.py [--quick]        # ~3 min (--quick ~1 min)
 
@@ -53,9 +53,9 @@ from _common import (
 )
 
 from sds.tools import bootstrap as _bootstrap
-from tests import gobuild
-from tests.envoy import Envoys
-from tests.stack import identities_yaml
+from tests.harness import gobuild
+from tests.harness.envoy import Envoys
+from tests.harness.stack import identities_yaml
 
 FRONTS = ("ghostunnel", "envoy-http", "envoy-tcp")
 MODES = (("new", False), ("keep-alive", True))

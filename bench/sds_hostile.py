@@ -31,7 +31,7 @@ from pathlib import Path
 import _common
 from _common import PYTHON, SDS_SERVICE, SECRET_TYPE_URL, field_bytes, rss_kb
 
-from tests.h2async import RawClient, grpc_frame
+from tests.harness.h2async import RawClient, grpc_frame
 
 STREAM = f"{SDS_SERVICE}/StreamSecrets"
 

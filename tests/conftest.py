@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from sds._util.procs import stop_group
-from tests.envoy import echo_app, envoy_version, envoys
+from tests.harness.envoy import echo_app, envoy_version, envoys
 
 __all__ = ["echo_app", "envoy_version", "envoys"]
 
@@ -192,11 +192,11 @@ PREBUILDS: dict[str, Callable[[], object]] = {}
 
 
 def _register_prebuilds() -> None:
-    from tests import gobuild
+    from tests.harness import gobuild
 
     if shutil.which("go") is not None:
-        from tests import spire
-        from tests.gotools import HELM, PROMTOOL, go_tool
+        from tests.harness import spire
+        from tests.harness.gotools import HELM, PROMTOOL, go_tool
 
         PREBUILDS["helm"] = lambda: go_tool(*HELM)
         PREBUILDS["promtool"] = lambda: go_tool(*PROMTOOL)

@@ -28,8 +28,8 @@ from sds.bridge.config import parse_config
 from sds.tools import bootstrap as _bootstrap
 from sds.tools.bootstrap import BootstrapOptions
 from tests.conftest import Processes, wait_for
-from tests.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
-from tests.stack import Stack
+from tests.harness.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
+from tests.harness.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "envoy"

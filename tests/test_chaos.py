@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos import (
+from tests.conftest import Processes, wait_for
+from tests.harness.chaos import (
     StallProxy,
     Traffic,
     kill_bridge,
@@ -17,10 +18,9 @@ from tests.chaos import (
     restart_provider,
     start_envoy,
 )
-from tests.conftest import Processes, wait_for
-from tests.envoy import Envoys
-from tests.stack import Stack
-from tests.tlsclient import HttpsClient
+from tests.harness.envoy import Envoys
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient
 
 pytestmark = pytest.mark.chaos
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import containers
-from tests.containers import Podman
-from tests.gotools import cache_dir
+from tests.harness import containers
+from tests.harness.containers import Podman
+from tests.harness.gotools import cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PODMAN_COMPOSE = "podman-compose==1.1.0"

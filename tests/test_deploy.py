@@ -49,7 +49,7 @@ from sds.bridge.config import BridgeConfig, Policy, load_config, parse_config
 from sds.errors import ConfigError
 from sds.provider.identities import entitled, load_identities
 from sds.spiffe.id import TrustDomain
-from tests.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
+from tests.harness.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION: str = sds.__version__

@@ -23,10 +23,10 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
-from tests.asuser import run_as
-from tests.chaos import Traffic
 from tests.conftest import Processes, wait_for
-from tests.envoy import (
+from tests.harness.asuser import run_as
+from tests.harness.chaos import Traffic
+from tests.harness.envoy import (
     CURRENT_VERSION,
     EnvoyProcess,
     Envoys,
@@ -34,8 +34,8 @@ from tests.envoy import (
     downstream_mtls_listener,
     sds_cluster,
 )
-from tests.stack import Stack
-from tests.tlsclient import HttpsClient, curl_get, openssl_handshake
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient, curl_get, openssl_handshake
 
 
 def _start_envoy(
@@ -46,7 +46,7 @@ def _start_envoy(
 
 
 class ClientLoop:
-    """:class:`tests.chaos.Traffic` every 0.05 s, read without the times: ``failures`` (the
+    """:class:`tests.harness.chaos.Traffic` every 0.05 s, read without the times: ``failures`` (the
     errors) and ``serials`` (each new serial presented)."""
 
     def __init__(self, client: HttpsClient, port: int) -> None:

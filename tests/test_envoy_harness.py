@@ -1,4 +1,4 @@
-"""Self-tests of the Envoy harness (tests/envoy.py) and TLS clients (tests/tlsclient.py).
+"""Self-tests of the Envoy harness (tests/harness/envoy.py) and TLS clients (tlsclient.py).
 
 Every Envoy test runs on each version in $SDS_TEST_ENVOY_VERSIONS. Listener
 certificates are inline here (harness self-tests only) or come from a toy SDS
@@ -42,8 +42,8 @@ from grpclib.server import Server
 from sds.provider.ca import LocalCA
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.x509 import X509Svid
-from tests import envoy as harness
-from tests.envoy import (
+from tests.harness import envoy as harness
+from tests.harness.envoy import (
     CACHE_DIR,
     CURRENT_VERSION,
     SECRET_TYPE_URL,
@@ -62,7 +62,7 @@ from tests.envoy import (
     upstream_mtls_cluster,
     validate_bootstrap,
 )
-from tests.tlsclient import HttpsClient, curl_get, https_get, openssl_handshake
+from tests.harness.tlsclient import HttpsClient, curl_get, https_get, openssl_handshake
 
 LOCALHOST = "127.0.0.1"
 TD = TrustDomain("example.org")

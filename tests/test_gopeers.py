@@ -1,7 +1,7 @@
 """The Go SPIFFE ecosystem as a peer: go-spiffe clients and servers, and Ghostunnel.
 
 ``tests/gopeers`` (go-spiffe v2.9.0) and Ghostunnel are built once into the
-cache described in :mod:`tests.gobuild`; each test skips with the reason when
+cache described in :mod:`tests.harness.gobuild`; each test skips with the reason when
 ``go`` is missing. The Go programs print JSON lines; the asserts are here.
 
 * the Workload API checker against ``sds workload-api``: X.509 context
@@ -33,9 +33,9 @@ import pytest
 import yaml
 
 from sds.tools import bootstrap as _bootstrap
-from tests import gobuild
 from tests.conftest import REPO, Processes, wait_for
-from tests.envoy import (
+from tests.harness import gobuild
+from tests.harness.envoy import (
     CURRENT_VERSION,
     DEFAULT_VERSIONS,
     EchoApp,
@@ -43,10 +43,10 @@ from tests.envoy import (
     Envoys,
     http_request,
 )
-from tests.stack import Stack, identities_yaml, svc_identities
+from tests.harness.stack import Stack, identities_yaml, svc_identities
+from tests.harness.tlsclient import HttpsClient
 from tests.test_e2e_envoy import ClientLoop
 from tests.test_provider import start_federated_provider
-from tests.tlsclient import HttpsClient
 
 TD = "spiffe://example.org"
 WEB, CLIENT_A, CLIENT_B, BACKEND = (f"{TD}/{n}" for n in ("web", "client-a", "client-b", "backend"))

@@ -1,7 +1,7 @@
 """The Helm chart (k8s/helm/spiffe-envoy-sds), rendered and linted with the real Helm.
 
 Helm is built from the Go module proxy (helm.sh/helm/v3 v3.22.0, cmd/helm;
-tests/gotools.py) and skipped, with the reason, where Go is missing. Every
+tests/harness/gotools.py) and skipped, with the reason, where Go is missing. Every
 values file in the chart's ``ci/`` (the combinations its README documents)
 is rendered for each Kubernetes version tests/test_deploy.py validates; each
 object passes kubernetes-validate strictly (the Prometheus Operator's
@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from sds.bridge.config import parse_config
-from tests.envoy import CURRENT_VERSION, envoy_binary
-from tests.gotools import HELM, go_tool
+from tests.harness.envoy import CURRENT_VERSION, envoy_binary
+from tests.harness.gotools import HELM, go_tool
 from tests.test_deploy import (
     K8S_VERSIONS,
     VERSION,

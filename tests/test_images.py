@@ -2,7 +2,7 @@
 
 No registry is reachable, so the Dockerfile's real default base
 (``PYTHON_IMAGE=python:3.11...-slim``) is replaced, through ``--build-arg``
-only, by a local Debian base made with debootstrap (tests/containers.py).
+only, by a local Debian base made with debootstrap (tests/harness/containers.py).
 Both images must run as non-root with a read-only root filesystem, and
 ``sds run`` must serve from inside ours. Skipped, with the reason, where
 podman cannot be installed or run.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import containers
-from tests.containers import Podman
+from tests.harness import containers
+from tests.harness.containers import Podman
 from tests.test_deploy import VERSION
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import pytest
 
 from sds import cli
 from tests.conftest import PYTHON, REPO, Processes, run_sds, wait_for
-from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, x509_response
-from tests.material import Authority
+from tests.harness.fake_workload_api import FakeWorkloadApi, JwtIssuer, x509_response
+from tests.harness.material import Authority
 
 
 @pytest.fixture(autouse=True)

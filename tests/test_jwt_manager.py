@@ -23,7 +23,7 @@ from sds.bridge.jwtsvids import (
 from sds.bridge.state import Bridge
 from sds.errors import WorkloadApiUnavailable
 from tests.conftest import event_lines
-from tests.fake_workload_api import eventually
+from tests.harness.fake_workload_api import eventually
 
 
 @pytest.fixture(autouse=True)

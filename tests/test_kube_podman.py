@@ -40,8 +40,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import containers
-from tests.containers import Podman
+from tests.harness import containers
+from tests.harness.containers import Podman
 from tests.test_deploy import render
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ from sds.bridge import app as command
 from sds.bridge.config import MetricsConfig, load_config, parse_config
 from sds.errors import ConfigError
 from tests.conftest import Processes, wait_for
-from tests.envoy import http_request
-from tests.stack import TRUST_DOMAIN, Stack
+from tests.harness.envoy import http_request
+from tests.harness.stack import TRUST_DOMAIN, Stack
 
 
 def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:

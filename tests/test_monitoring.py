@@ -9,7 +9,7 @@
 * ``podmonitor.yaml``: scrapes the named port the manifests give the
   metrics listener, at /metrics.
 
-promtool is built from the Go module proxy (tests/gotools.py); without Go
+promtool is built from the Go module proxy (tests/harness/gotools.py); without Go
 those tests skip and say why.
 """
 
@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from tests.conftest import Processes, wait_for
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.gotools import PROMTOOL, go_tool
-from tests.stack import Stack
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.gotools import PROMTOOL, go_tool
+from tests.harness.stack import Stack
 from tests.test_metrics_listener import _get, _metrics_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -38,8 +38,8 @@ from sds.provider.service import WorkloadApiProvider
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import validate_jwt_svid
 from sds.spiffe.x509 import X509Bundle, X509Svid, utcnow
-from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, wait_for
+from tests.harness.asuser import run_as
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -854,7 +854,7 @@ async def _fetch_svids(path: str) -> dict[str, Any]:
 
 
 def fetch_svids(path: str) -> dict[str, Any]:
-    """FetchX509SVID once as whoever runs this (see tests/asuser.py); what came back."""
+    """FetchX509SVID once as whoever runs this (see tests/harness/asuser.py); what came back."""
     return asyncio.run(_fetch_svids(path))
 
 

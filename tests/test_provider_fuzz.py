@@ -35,8 +35,8 @@ from sds.provider.identities import Identity
 from sds.provider.service import SECURITY_HEADER, WorkloadApiProvider
 from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.conftest import captured_log
-from tests.fake_workload_api import eventually
-from tests.h2async import RawClient
+from tests.harness.fake_workload_api import eventually
+from tests.harness.h2async import RawClient
 from tests.test_sds_fuzz import frame, mutate
 from tests.test_sds_hostile import fd_count, rss_kb
 

@@ -30,11 +30,11 @@ from sds.provider.ca import LocalCA
 from sds.provider.identities import Identity
 from sds.provider.service import MAX_REQUEST_BYTES, WorkloadApiProvider
 from sds.spiffe.id import SpiffeId, TrustDomain
-from tests.asuser import run_as
 from tests.conftest import Processes, captured_log, short_tmp, wait_for
-from tests.fake_workload_api import eventually
-from tests.h2async import RawClient, stall_in_preface
-from tests.h2raw import RawH2, grpc_frame
+from tests.harness.asuser import run_as
+from tests.harness.fake_workload_api import eventually
+from tests.harness.h2async import RawClient, stall_in_preface
+from tests.harness.h2raw import RawH2, grpc_frame
 from tests.test_provider import WEB, provider_args, start_provider, write_identities
 from tests.test_sds_hostile import fd_count
 

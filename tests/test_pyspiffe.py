@@ -1,6 +1,6 @@
 """Interoperability: py-spiffe, an independent Workload API client, against ``sds workload-api``.
 
-py-spiffe runs in its own process (tests/pyspiffe_probe.py): it registers the
+py-spiffe runs in its own process (tests/harness/pyspiffe_probe.py): it registers the
 same package-less protobuf names as ``sds._proto`` and must never be imported
 here. The probe validates everything with py-spiffe's own code and prints JSON.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import PYTHON, REPO, Processes
-from tests.stack import svc_identities
+from tests.harness.stack import svc_identities
 from tests.test_provider import start_federated_provider
 
-PROBE = REPO / "tests" / "pyspiffe_probe.py"
+PROBE = REPO / "tests" / "harness" / "pyspiffe_probe.py"
 
 IDENTITIES = svc_identities(
     ("web", f"eq: {{value: {os.getuid()}}}"),

@@ -10,7 +10,7 @@ import pytest
 from sds.bridge.config import load_config, parse_config, parse_config_text
 from sds.errors import ConfigError
 from tests.conftest import run_sds
-from tests.mutate import mutations
+from tests.harness.mutate import mutations
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ from sds.xds.codec import (
     decode_sotw_request,
     node_info,
 )
-from tests.fake_workload_api import eventually
-from tests.h2async import SERVICE, grpc_frame
+from tests.harness.fake_workload_api import eventually
+from tests.harness.h2async import SERVICE, grpc_frame
 from tests.test_sds_hostile import (
     SECRET_TYPE,
     Served,

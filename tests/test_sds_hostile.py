@@ -1,7 +1,7 @@
 """Hostile clients against the real SDS server (issue 7 holes 6-8, issue 9 items 5 and 13).
 
 An in-process :class:`SdsServer` with fixed material; attacks go through a raw HTTP/2
-client (``tests/h2async.py``) that sends exactly the bytes it is given, and good clients
+client (``tests/harness/h2async.py``) that sends exactly the bytes it is given, and good clients
 through the strict fake Envoy. Each test states the limit it checks.
 """
 
@@ -37,9 +37,9 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.x509 import BundleSet, X509Context
 from sds.xds.cache import SecretCache
 from sds.xds.service import INSPECTOR_NODE, SdsServer, SdsServicer
-from tests.fake_workload_api import eventually
-from tests.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
-from tests.sdsfake import node, sotw
+from tests.harness.fake_workload_api import eventually
+from tests.harness.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
+from tests.harness.sdsfake import node, sotw
 from tests.test_sds_server import StaticSource
 
 pytestmark = pytest.mark.hostile

@@ -22,10 +22,10 @@ from grpclib.client import Channel
 
 from sds.bridge.app import _prepare_socket_dir
 from sds.errors import StartupError
-from tests.asuser import run_as
 from tests.conftest import PYTHON, Processes, run_sds, wait_for
-from tests.sdsfake import fetch
-from tests.stack import Stack
+from tests.harness.asuser import run_as
+from tests.harness.sdsfake import fetch
+from tests.harness.stack import Stack
 
 
 @pytest.fixture(autouse=True)
@@ -496,7 +496,7 @@ def test_admin_flood_does_not_starve_sds_or_the_upstream(procs: Processes, sockd
 def test_reload_of_mutated_configs_keeps_the_old_state(procs: Processes, sockdir: Path) -> None:
     from sds.bridge.config import parse_config_text
     from sds.errors import ConfigError
-    from tests.mutate import mutations
+    from tests.harness.mutate import mutations
 
     stack = Stack(procs, sockdir)
     stack.start_provider()

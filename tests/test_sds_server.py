@@ -28,8 +28,8 @@ from sds.spiffe.x509 import BundleSet, X509Context
 from sds.xds.cache import SecretCache
 from sds.xds.codec import sotw_body, with_nonce
 from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
-from tests.fake_workload_api import eventually
-from tests.sdsfake import delta, fetch, node, sotw
+from tests.harness.fake_workload_api import eventually
+from tests.harness.sdsfake import delta, fetch, node, sotw
 
 TD = TrustDomain("example.org")
 FED = TrustDomain("partner.test")

@@ -1,6 +1,6 @@
 """The bridge fed by a real SPIRE 1.13.3 agent, each test against a real Envoy.
 
-One spire-server and one spire-agent run per module (see :mod:`tests.spire`);
+One spire-server and one spire-agent run per module (see :mod:`tests.harness.spire`);
 the agent issues ``spiffe://example.org/web`` to this test process's uid (so
 to the bridge it starts), with a 30 s TTL so it rotates every 10-15 s. TLS
 clients get their certificates minted by the server (``x509 mint``), so the
@@ -25,23 +25,23 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from sds.tools import inspect_sds as sds_inspect
 from tests.conftest import Processes, wait_for
-from tests.envoy import (
+from tests.harness.envoy import (
     EnvoyProcess,
     Envoys,
     bootstrap,
     downstream_mtls_listener,
     sds_cluster,
 )
-from tests.spire import (
+from tests.harness.spire import (
     TRUST_DOMAIN,
     SpireAgent,
     SpireServer,
     own_uid_selector,
     spire_binaries,
 )
-from tests.stack import Material, Stack
+from tests.harness.stack import Material, Stack
+from tests.harness.tlsclient import HttpsClient, openssl_handshake
 from tests.test_e2e_envoy import ClientLoop
-from tests.tlsclient import HttpsClient, openssl_handshake
 
 pytestmark = pytest.mark.spire
 

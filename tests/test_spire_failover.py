@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, wait_for
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.spire import (
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.spire import (
     TRUST_DOMAIN,
     SpireAgent,
     SpireServer,
     own_uid_selector,
     spire_binaries,
 )
-from tests.stack import Stack
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient
 from tests.test_e2e_envoy import ClientLoop
-from tests.tlsclient import HttpsClient
 
 pytestmark = [pytest.mark.spire, pytest.mark.chaos]
 

@@ -11,8 +11,8 @@ import pytest
 from grpclib.client import Channel
 
 from tests.conftest import Processes, wait_for
-from tests.sdsfake import sotw
-from tests.stack import Stack
+from tests.harness.sdsfake import sotw
+from tests.harness.stack import Stack
 
 
 def _metrics(stack: Stack) -> str:

@@ -30,8 +30,8 @@ from sds.errors import (
     WorkloadApiUnavailable,
 )
 from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient, parse_address
-from tests.fake_workload_api import FakeWorkloadApi, x509_response
-from tests.material import Authority
+from tests.harness.fake_workload_api import FakeWorkloadApi, x509_response
+from tests.harness.material import Authority
 
 
 class Hanging(SpiffeWorkloadAPIBase):

@@ -17,10 +17,10 @@ import sds.workloadapi.client as workloadapi
 from sds.errors import WorkloadApiUnavailable
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.client import NullEvents, SocketWatch, Watcher, WorkloadApiClient
-from tests.chaos import StallProxy
 from tests.conftest import event_lines
-from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response
-from tests.material import Authority
+from tests.harness.chaos import StallProxy
+from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response
+from tests.harness.material import Authority
 from tests.test_upstream_limits import Hanging, serving
 
 WORKLOAD_LOGGER = "sds.workloadapi"

@@ -16,8 +16,8 @@ from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid
 from sds.workloadapi.client import Watcher
 from sds.xds.cache import SecretCache
 from sds.xds.resources import TlsSpec
-from tests.fake_workload_api import FakeWorkloadApi, eventually, x509_response
-from tests.material import Authority
+from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response
+from tests.harness.material import Authority
 
 T0 = 2_000_000_000.0  # epoch seconds; every SVID below is dated relative to it
 WEB = "spiffe://example.org/web"

@@ -42,8 +42,8 @@ from sds.workloadapi.client import (
     parse_address,
 )
 from tests.conftest import Processes, event_lines
-from tests.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
-from tests.material import Authority, rejection
+from tests.harness.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
+from tests.harness.material import Authority, rejection
 
 WORKLOAD_LOGGER = "sds.workloadapi"
 

@@ -2,7 +2,7 @@
 is given (broken framing, bad protobuf, unknown methods) and records what comes back,
 headers included, which grpclib's client would hide or refuse to produce.
 
-Unlike the blocking ``tests/h2raw.py``, many streams can be in flight at once on one
+Unlike the blocking ``tests/harness/h2raw.py``, many streams can be in flight at once on one
 connection, which the fuzz and reset tests need (thousands of streams in seconds).
 """
 
@@ -23,7 +23,7 @@ from h2.events import (
     TrailersReceived,
 )
 
-from tests.h2raw import StreamReply, grpc_frame
+from tests.harness.h2raw import StreamReply, grpc_frame
 
 SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 

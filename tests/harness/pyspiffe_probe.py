@@ -3,7 +3,7 @@
 py-spiffe registers the same package-less protobuf names as ``sds._proto``,
 so it must not share a process with ``sds``. Usage::
 
-    python tests/pyspiffe_probe.py unix:///path/to/socket AUDIENCE [DENIED_SPIFFE_ID]
+    python tests/harness/pyspiffe_probe.py unix:///path/to/socket AUDIENCE [DENIED_SPIFFE_ID]
 
 Prints one JSON object describing what py-spiffe fetched and validated with
 its own code: the X.509 context (SVID parsed and checked by py-spiffe, leaf

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.locks import locked
+from tests.harness.locks import locked
 
 __all__ = [
     "CACHE_DIR",
@@ -45,7 +45,7 @@ __all__ = [
     "require_go",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GOPEERS_SOURCES = REPO / "tests" / "gopeers"
 CACHE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sds-tests" / "gopeers"

@@ -1,7 +1,7 @@
 """Real SPIRE (server + agents) for tests, built from the Go module proxy on first use.
 
 :func:`spire_binaries` builds ``spire-server`` and ``spire-agent`` v1.13.3 once
-(:func:`tests.gotools.go_tool`; 10-20 minutes on 2 cores the first time).
+(:func:`tests.harness.gotools.go_tool`; 10-20 minutes on 2 cores the first time).
 :class:`SpireServer` runs a server on loopback: a kernel-chosen ``bind_port``,
 a sqlite datastore and its API socket in a private temp directory,
 ``join_token`` node attestation and a short ``default_x509_svid_ttl``.
@@ -33,8 +33,8 @@ import pytest
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes, wait_for
-from tests.gotools import go_tool
-from tests.stack import Material
+from tests.harness.gotools import go_tool
+from tests.harness.stack import Material
 
 __all__ = [
     "SPIRE_VERSION",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.locks import locked
+from tests.harness.locks import locked
 
 __all__ = ["HELM", "PROMTOOL", "cache_dir", "go_tool", "tool_bin_dir"]
 

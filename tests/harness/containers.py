@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gotools import cache_dir
-from tests.locks import locked
+from tests.harness.gotools import cache_dir
+from tests.harness.locks import locked
 
 __all__ = ["BASE_IMAGE", "FIRST_RUN_SECONDS", "Podman", "base_image", "ensure_tools", "podman"]
 
@@ -42,7 +42,7 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 FIRST_RUN_SECONDS: dict[str, float] = {}
 
 _CONTAINERS_CONF = """\
-# Written by tests/containers.py; podman reads it through CONTAINERS_CONF.
+# Written by tests/harness/containers.py; podman reads it through CONTAINERS_CONF.
 [containers]
 # The sandbox refuses podman's default (higher) limits: setrlimit EPERM.
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
@@ -318,7 +318,7 @@ def _sources_digest(args: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------- the project's images
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 _STANDINS = _REPO / "tests" / "data" / "containers"
 ENVOY_VERSION = "1.36.4"
 ENVOY_IMAGE = f"localhost/envoy:v{ENVOY_VERSION}"
