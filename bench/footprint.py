@@ -81,7 +81,7 @@ TARGET_FIRST_S = 0.150
 REFERENCE_PYTHON_START_MS = 25.0
 TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 
-# What `sds run` imports before serving, whatever its config (tests/test_lazy_imports.py
+# What `sds run` imports before serving, whatever its config (tests/integration/test_lazy_imports.py
 # holds it to that): prometheus_client comes only with a /metrics listener, yaml only
 # with --config.
 SDS_RUN_MODULES = (

@@ -5,7 +5,7 @@ Why not envoy-data-plane at run time: its pydantic models cost ~40 MB of RSS
 to import and several hundred kB per decoded ``Node``, which took a bridge
 with 1,000 Envoy streams from ~130 MB to ~440 MB (bench/fanout.py). The
 messages SDS needs are few and stable, so they are encoded and decoded here
-directly; ``tests/test_envoy_wire.py`` checks every encoding and decoding
+directly; ``tests/unit/test_envoy_wire.py`` checks every encoding and decoding
 byte-for-byte against envoy-data-plane (the reference), so field numbers
 cannot drift. Field numbers are those of Envoy's v3 protos:
 

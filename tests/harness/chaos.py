@@ -1,4 +1,4 @@
-"""Chaos plumbing shared by ``tests/test_chaos.py`` (short runs) and ``bench/chaos.py`` /
+"""Chaos plumbing shared by ``tests/e2e/test_chaos.py`` (short runs) and ``bench/chaos.py`` /
 ``bench/recovery.py`` (long runs): a real provider, bridge and Envoy, continuous mTLS
 traffic with a new connection per request, and the faults.
 

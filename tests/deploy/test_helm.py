@@ -3,7 +3,7 @@
 Helm is built from the Go module proxy (helm.sh/helm/v3 v3.22.0, cmd/helm;
 tests/harness/gotools.py) and skipped, with the reason, where Go is missing. Every
 values file in the chart's ``ci/`` (the combinations its README documents)
-is rendered for each Kubernetes version tests/test_deploy.py validates; each
+is rendered for each Kubernetes version tests/deploy/test_deploy.py validates; each
 object passes kubernetes-validate strictly (the Prometheus Operator's
 custom resources are checked for shape), the bridge config passes the
 bridge's own parser, the Envoy bootstrap passes ``envoy --mode validate``,
@@ -27,7 +27,7 @@ import yaml
 from sds.bridge.config import parse_config
 from tests.harness.envoy import CURRENT_VERSION, envoy_binary
 from tests.harness.gotools import HELM, go_tool
-from tests.test_deploy import (
+from tests.deploy.test_deploy import (
     K8S_VERSIONS,
     VERSION,
     _config_maps,
@@ -36,7 +36,7 @@ from tests.test_deploy import (
     wiring_problems,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "k8s" / "helm" / "spiffe-envoy-sds"
 MONITORING = REPO / "k8s" / "monitoring"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))

@@ -27,7 +27,7 @@ from tests.harness.spire import (
 )
 from tests.harness.stack import Stack
 from tests.harness.tlsclient import HttpsClient
-from tests.test_e2e_envoy import ClientLoop
+from tests.e2e.test_e2e_envoy import ClientLoop
 
 pytestmark = [pytest.mark.spire, pytest.mark.chaos]
 

@@ -30,7 +30,7 @@ from sds.provider.identities import (
 from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.conftest import captured_log
 
-DATA = Path(__file__).parent / "data" / "identities"
+DATA = Path(__file__).parents[1] / "data" / "identities"
 TD = TrustDomain("example.org")
 HEAD = "kind: workload_identity\nversion: v1\nmetadata: {name: web}\n"
 SPEC = "spec:\n  spiffe: {id: /svc/web}\n"

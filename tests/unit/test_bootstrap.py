@@ -31,7 +31,7 @@ from tests.conftest import Processes, wait_for
 from tests.harness.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
 from tests.harness.stack import Stack
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "envoy"
 TD = "spiffe://example.org"
 WEB, CLIENT_A, CLIENT_B = f"{TD}/web", f"{TD}/client-a", f"{TD}/client-b"

@@ -13,7 +13,7 @@ import pytest
 
 import sds
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DIST = "spiffe_envoy_sds"
 
 

@@ -35,8 +35,8 @@ from tests.harness.asuser import run_as
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import RawClient, stall_in_preface
 from tests.harness.h2raw import RawH2, grpc_frame
-from tests.test_provider import WEB, provider_args, start_provider, write_identities
-from tests.test_sds_hostile import fd_count
+from tests.unit.test_provider import WEB, provider_args, start_provider, write_identities
+from tests.unit.test_sds_hostile import fd_count
 
 pytestmark = pytest.mark.hostile
 

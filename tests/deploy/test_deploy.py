@@ -51,7 +51,7 @@ from sds.provider.identities import entitled, load_identities
 from sds.spiffe.id import TrustDomain
 from tests.harness.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VERSION: str = sds.__version__
 OUR_IMAGE = f"spiffe-envoy-sds:{VERSION}"
 ENVOY_IMAGE = "envoyproxy/envoy"
@@ -316,7 +316,7 @@ def test_dockerignore_sends_only_the_package() -> None:
         ".envoy-cache/1.36.4/envoy/_bin/envoy",
         ".pytest_cache/v/cache/nodeids",
         ".mypy_cache/3.11/sds/cli.meta.json",
-        "tests/test_deploy.py",
+        "tests/deploy/test_deploy.py",
         "sds/__pycache__/cli.cpython-311.pyc",
         "spiffe_envoy_sds.egg-info/PKG-INFO",
         "k8s/base/sds.yaml",
@@ -620,7 +620,7 @@ def test_shipped_envoy_is_a_version_the_end_to_end_suite_runs() -> None:
     images += [c["image"] for _, pod in _all_pods() for c in _containers(pod)]
     versions = _envoy_versions(images)
     versions.remove(CURRENT_VERSION)
-    # One Envoy release everywhere, and one tests/test_e2e_envoy.py exercises.
+    # One Envoy release everywhere, and one tests/e2e/test_e2e_envoy.py exercises.
     assert versions == ["1.36.4"]
     assert versions[0] in DEFAULT_VERSIONS.split(",")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.conftest import PYTHON, REPO, Processes
 from tests.harness.stack import svc_identities
-from tests.test_provider import start_federated_provider
+from tests.unit.test_provider import start_federated_provider
 
 PROBE = REPO / "tests" / "harness" / "pyspiffe_probe.py"
 

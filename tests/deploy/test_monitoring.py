@@ -29,9 +29,9 @@ from tests.conftest import Processes, wait_for
 from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.harness.gotools import PROMTOOL, go_tool
 from tests.harness.stack import Stack
-from tests.test_metrics_listener import _get, _metrics_port
+from tests.integration.test_metrics_listener import _get, _metrics_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "k8s" / "monitoring"
 RULES = MONITORING / "sds-alerts.rules.yaml"
 RULE_TESTS = MONITORING / "sds-alerts.test.yaml"
@@ -220,7 +220,7 @@ def test_podmonitor_scrapes_the_named_metrics_port_only() -> None:
 
 def test_shipped_bridges_expose_the_metrics_listener_on_the_scraped_port() -> None:
     from sds.bridge.config import MetricsConfig, parse_config
-    from tests.test_deploy import _containers, _pods, render
+    from tests.deploy.test_deploy import _containers, _pods, render
 
     for overlay in ("sidecar", "daemonset"):
         objects = render(overlay)

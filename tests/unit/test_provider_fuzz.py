@@ -1,7 +1,7 @@
 """Seeded fuzzing of Workload API request frames and protobuf through the real provider.
 
 10,000 mutated requests (bit flips, truncation, insertion, bad varints, wrong gRPC
-prefixes; the mutators of ``tests/test_sds_fuzz.py``) from valid FetchX509SVID,
+prefixes; the mutators of ``tests/unit/test_sds_fuzz.py``) from valid FetchX509SVID,
 FetchX509Bundles, FetchJWTSVID, FetchJWTBundles and ValidateJWTSVID requests, with and
 without the ``workload.spiffe.io`` security header, go through one HTTP/2 connection to
 an in-process :class:`WorkloadApiProvider`: half to one that entitles the caller, half
@@ -37,8 +37,8 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.conftest import captured_log
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import RawClient
-from tests.test_sds_fuzz import frame, mutate
-from tests.test_sds_hostile import fd_count, rss_kb
+from tests.unit.test_sds_fuzz import frame, mutate
+from tests.unit.test_sds_hostile import fd_count, rss_kb
 
 pytestmark = pytest.mark.hostile
 

@@ -21,7 +21,7 @@ from tests.conftest import event_lines
 from tests.harness.chaos import StallProxy
 from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response
 from tests.harness.material import Authority
-from tests.test_upstream_limits import Hanging, serving
+from tests.unit.test_upstream_limits import Hanging, serving
 
 WORKLOAD_LOGGER = "sds.workloadapi"
 

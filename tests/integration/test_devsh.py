@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The fake interpreter: "-c" prints a version, "-m venv DIR" makes a venv whose
 # python is this same script, "-m pip" prints noise (and fails on request).

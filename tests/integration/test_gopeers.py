@@ -45,8 +45,8 @@ from tests.harness.envoy import (
 )
 from tests.harness.stack import Stack, identities_yaml, svc_identities
 from tests.harness.tlsclient import HttpsClient
-from tests.test_e2e_envoy import ClientLoop
-from tests.test_provider import start_federated_provider
+from tests.e2e.test_e2e_envoy import ClientLoop
+from tests.unit.test_provider import start_federated_provider
 
 TD = "spiffe://example.org"
 WEB, CLIENT_A, CLIENT_B, BACKEND = (f"{TD}/{n}" for n in ("web", "client-a", "client-b", "backend"))
