@@ -176,6 +176,29 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
             sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}")
 
 
+# --------------------------------------------------------------------------- tiers
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "e2e", "deploy")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, the directory it lives in (before ``-m`` selects).
+
+    A test module outside the tier directories is a usage error, so none runs unmarked.
+    """
+    del config
+    for item in items:
+        tier = item.path.relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.path.relative_to(TESTS.parent)}: test modules live in tests/<tier>/, "
+                f"one of {', '.join(TIERS)}"
+            )
+        item.add_marker(tier)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

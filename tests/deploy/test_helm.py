@@ -25,8 +25,6 @@ import pytest
 import yaml
 
 from sds.bridge.config import parse_config
-from tests.harness.envoy import CURRENT_VERSION, envoy_binary
-from tests.harness.gotools import HELM, go_tool
 from tests.deploy.test_deploy import (
     K8S_VERSIONS,
     VERSION,
@@ -35,6 +33,8 @@ from tests.deploy.test_deploy import (
     k8s_proxy,
     wiring_problems,
 )
+from tests.harness.envoy import CURRENT_VERSION, envoy_binary
+from tests.harness.gotools import HELM, go_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "k8s" / "helm" / "spiffe-envoy-sds"

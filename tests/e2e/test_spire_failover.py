@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, wait_for
+from tests.e2e.test_e2e_envoy import ClientLoop
 from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.harness.spire import (
     TRUST_DOMAIN,
@@ -27,7 +28,6 @@ from tests.harness.spire import (
 )
 from tests.harness.stack import Stack
 from tests.harness.tlsclient import HttpsClient
-from tests.e2e.test_e2e_envoy import ClientLoop
 
 pytestmark = [pytest.mark.spire, pytest.mark.chaos]
 

