@@ -4,11 +4,12 @@
 
 Every ``Secret`` (``default`` for each server SVID of the material file, and
 ``ROOTCA``) comes pre-rendered (Any-wrapped bytes, made by the bridge's own
-renderer in the benchmark process), so this process needs only asyncio,
-grpclib and a protobuf field reader; it renders nothing, validates nothing and
-never loads envoy-data-plane. (The field reader is the bridge's own wire codec,
-reached through ``_common``, which also loads ``sds._sds`` and cryptography:
-~13 MB of the floor's RSS since ``109eeb3``, no CPU per request.) A
+renderer in the benchmark process, ``_common.make_material``), so this process
+imports only asyncio, grpclib and the standard library: nothing of ``sds``,
+no cryptography, no protobuf runtime, no envoy-data-plane
+(``tests/unit/test_bench_floor.py`` holds it to that). The two wire helpers
+below are the least a server needs to read resource names and frame a
+response; they are not the bridge's codec and do nothing else. A
 StreamSecrets stream reads the resource names from its first request and is
 answered with the current secrets; later requests (ACKs) are read and
 dropped. A line ``<i>`` on stdin makes SVID ``i`` current and wakes every
@@ -32,10 +33,72 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 import grpclib.const
-from _common import SDS_SERVICE, SECRET_TYPE_URL, RawCodec, field_bytes, top_fields
+from grpclib.encoding.base import CodecBase
 from grpclib.server import Server
+
+SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+SDS_SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+
+
+class RawCodec(CodecBase):
+    """grpclib codec that sends and returns raw protobuf bytes (no message classes)."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return bytes(data)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def top_fields(data: bytes) -> dict[int, list[bytes | int]]:
+    """The top-level fields of a protobuf message: number -> values (bytes or ints)."""
+    out: dict[int, list[bytes | int]] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        value: bytes | int
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            length = varint()
+            value, i = data[i : i + length], i + length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = int.from_bytes(data[i : i + size], "little"), i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire} in field {number}")
+        out.setdefault(number, []).append(value)
+    return out
 
 
 class FloorServicer:
