@@ -29,7 +29,6 @@ from typing import Any
 
 from _common import machine, machine_line, run_benchmark, summary, table, verdict, workspace
 
-from tests.conftest import Processes, wait_for
 from tests.harness.chaos import (
     StallProxy,
     Traffic,
@@ -39,6 +38,7 @@ from tests.harness.chaos import (
     start_envoy,
 )
 from tests.harness.envoy import Envoys
+from tests.harness.procs import Processes, wait_for
 from tests.harness.stack import Stack
 from tests.harness.tlsclient import HttpsClient
 

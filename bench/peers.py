@@ -95,23 +95,6 @@ def listening_port(procs: Procs, proc: subprocess.Popen[bytes], what: str) -> in
     return found
 
 
-def start_with_fds(procs: Procs, argv: list[str], name: str, **kwargs: Any) -> Any:
-    """Like Procs.start, with Popen kwargs (``pass_fds``) Procs.start does not take."""
-    log_path = procs.workdir / f"{name}.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            cwd=REPO,
-            **kwargs,
-        )
-    procs.started.append((name, proc, log_path))
-    return proc
-
-
 def generate(*argv: str) -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     _bootstrap.add_arguments(parser)
@@ -164,7 +147,7 @@ class Scene:
             target_port=app_port,
             allow_uris=[CLIENT],
         )
-        ghostunnel = start_with_fds(procs, argv, "ghostunnel", **kwargs)
+        ghostunnel = procs.start(argv, "ghostunnel", **kwargs)
         self.ports["ghostunnel"] = listener.getsockname()[1]
         listener.close()
         self.pids["ghostunnel"] = ghostunnel.pid

@@ -55,9 +55,9 @@ from cryptography import x509
 
 from sds.errors import SdsError
 from sds.workloadapi.client import WorkloadApiClient
-from tests.conftest import Processes, wait_for
 from tests.harness.chaos import Traffic, outage_recovery, start_envoy, start_provider_timed
 from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.procs import Processes, wait_for
 from tests.harness.spire import (
     SPIRE_VERSION,
     TRUST_DOMAIN,

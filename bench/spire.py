@@ -70,8 +70,8 @@ from cryptography.hazmat.primitives import serialization
 from rotation import profile_top
 
 from sds.workloadapi.client import WorkloadApiClient
-from tests.conftest import Processes
 from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.procs import Processes
 from tests.harness.spire import (
     SPIRE_VERSION,
     TRUST_DOMAIN,

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Processes, wait_for
 from tests.harness.envoy import (
     EnvoyProcess,
     Envoys,
@@ -29,6 +28,7 @@ from tests.harness.envoy import (
     downstream_mtls_listener,
     sds_cluster,
 )
+from tests.harness.procs import Processes, wait_for
 from tests.harness.stack import Stack
 from tests.harness.tlsclient import HttpsClient
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sds.provider.ca import LocalCA
 from sds.spiffe.id import TrustDomain
-from tests.conftest import Processes, wait_for
+from tests.harness.procs import Processes, wait_for
 
 WEB = (
     "kind: workload_identity\nversion: v1\nmetadata: {name: web}\n"

@@ -32,8 +32,8 @@ import pytest
 
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.client import WorkloadApiClient
-from tests.conftest import Processes, wait_for
 from tests.harness.gotools import go_tool
+from tests.harness.procs import Processes, wait_for
 from tests.harness.stack import Material
 
 __all__ = [

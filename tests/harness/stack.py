@@ -20,7 +20,7 @@ import yaml
 
 from sds.spiffe.x509 import X509Context, X509Svid
 from sds.workloadapi.client import WorkloadApiClient
-from tests.conftest import Processes, wait_for
+from tests.harness.procs import Processes, wait_for
 
 TRUST_DOMAIN = "example.org"
 IDENTITIES = ("web", "client-a", "client-b")
