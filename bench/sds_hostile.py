@@ -47,7 +47,7 @@ def _serve(path: str) -> None:
     from sds.spiffe.x509 import BundleSet, X509Context
     from sds.xds.cache import SecretCache
     from sds.xds.service import SdsServer, SdsServicer
-    from tests.unit.test_sds_server import StaticSource
+    from tests.harness.static_upstream import StaticSource
 
     async def main() -> None:
         td = TrustDomain("example.org")

@@ -16,7 +16,7 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.x509 import BundleSet, X509Context, X509Svid
 from sds.xds.cache import SecretCache
 from sds.xds.resources import TlsSpec
-from tests.unit.test_sds_server import StaticSource
+from tests.harness.static_upstream import StaticSource
 
 TD = TrustDomain.parse("example.org")
 HOUR = dt.timedelta(hours=1)

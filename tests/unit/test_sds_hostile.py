@@ -40,7 +40,7 @@ from sds.xds.service import INSPECTOR_NODE, SdsServer, SdsServicer
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
 from tests.harness.sdsfake import node, sotw
-from tests.unit.test_sds_server import StaticSource
+from tests.harness.static_upstream import StaticSource
 
 pytestmark = pytest.mark.hostile
 

@@ -30,32 +30,11 @@ from sds.xds.codec import sotw_body, with_nonce
 from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
 from tests.harness.fake_workload_api import eventually
 from tests.harness.sdsfake import delta, fetch, node, sotw
+from tests.harness.static_upstream import StaticSource
 
 TD = TrustDomain("example.org")
 FED = TrustDomain("partner.test")
 HOUR = dt.timedelta(hours=1)
-
-
-class StaticSource:
-    """An UpstreamSource holding fixed material; set() swaps it and notifies."""
-
-    address = "static"
-    connected = True
-
-    def __init__(self, ctx: X509Context | None) -> None:
-        self.ctx = ctx
-        self._callbacks: list[Callable[[], None]] = []
-
-    def current(self) -> X509Context | None:
-        return self.ctx
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
-
-    def set(self, ctx: X509Context | None) -> None:
-        self.ctx = ctx
-        for callback in self._callbacks:
-            callback()
 
 
 @dataclass
