@@ -7,7 +7,7 @@ Every ``Secret`` (``default`` for each server SVID of the material file, and
 renderer in the benchmark process, ``_common.make_material``), so this process
 imports only asyncio, grpclib and the standard library: nothing of ``sds``,
 no cryptography, no protobuf runtime, no envoy-data-plane
-(``tests/unit/test_bench_floor.py`` holds it to that). The two wire helpers
+(``tests/unit/test_bench_imports.py`` holds it to that). The two wire helpers
 below are the least a server needs to read resource names and frame a
 response; they are not the bridge's codec and do nothing else. A
 StreamSecrets stream reads the resource names from its first request and is

@@ -1,8 +1,10 @@
-"""The benchmarks' zero-work SDS server (``bench/_floor.py``) stays zero-work.
+"""What the benchmarks import: no test module, and nothing but grpclib in the floor.
 
-Its RSS is the baseline every SDS figure is compared with, so it imports only
-asyncio, grpclib and the standard library: a module of ``sds`` (or
-cryptography, protobuf, envoy-data-plane) loaded there would move the floor.
+``bench/`` shares the tests' harness (``tests/harness``), never a ``test_*``
+module or a conftest. The zero-work SDS server (``bench/_floor.py``) is the
+baseline every SDS figure is compared with, so it imports only asyncio,
+grpclib and the standard library: a module of ``sds`` (or cryptography,
+protobuf, envoy-data-plane) loaded there would move the floor.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ from types import ModuleType
 
 from sds.xds.codec import encode_field, iter_fields
 
-FLOOR = Path(__file__).resolve().parents[2] / "bench" / "_floor.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+FLOOR = BENCH / "_floor.py"
+
+
+def imports_of(path: Path) -> set[str]:
+    """The full names of every module ``path`` imports, at any depth in the file."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import in {path.name}: line {node.lineno}"
+            assert node.module is not None
+            names.add(node.module)
+    return names
 
 
 def imported_modules(path: Path) -> set[str]:
     """The top-level names of every module ``path`` imports, at any depth in the file."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import in {path.name}: line {node.lineno}"
-            assert node.module is not None
-            names.add(node.module.split(".")[0])
-    return names
+    return {name.split(".")[0] for name in imports_of(path)}
 
 
 def load_floor() -> ModuleType:
@@ -42,6 +50,17 @@ def load_floor() -> ModuleType:
 def test_floor_imports_only_the_standard_library_and_grpclib() -> None:
     third_party = imported_modules(FLOOR) - set(sys.stdlib_module_names) - {"__future__"}
     assert third_party == {"grpclib"}
+
+
+def test_benchmarks_import_the_test_harness_only() -> None:
+    from_tests = {
+        f"{path.name}: {name}"
+        for path in sorted(BENCH.glob("*.py"))
+        for name in imports_of(path)
+        if name.split(".")[0] == "tests" and not name.startswith("tests.harness")
+    }
+    assert from_tests == set()
+    assert "tests.harness.envoy" in imports_of(BENCH / "rotation.py")
 
 
 def test_import_check_sees_a_nested_sds_import(tmp_path: Path) -> None:
