@@ -1,4 +1,10 @@
-"""Shared test fixtures: short socket directories, managed subprocesses, condition waits."""
+"""Shared test fixtures: short socket directories, managed subprocesses, log capture; tiers.
+
+Every test lives in a tier directory (``unit``, ``integration``, ``e2e``,
+``deploy``) and gets that tier's marker here; ``tests/harness`` holds what the
+tests share with ``bench/``. Slow tools the selected tests need are built
+after collection (``PREBUILDS``).
+"""
 
 from __future__ import annotations
 
