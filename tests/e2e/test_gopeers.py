@@ -16,23 +16,10 @@ import yaml
 
 from sds.tools import bootstrap as _bootstrap
 from tests.conftest import Processes, wait_for
-from tests.harness.envoy import (
-    CURRENT_VERSION,
-    EchoApp,
-    EnvoyProcess,
-    Envoys,
-    http_request,
-)
+from tests.harness.envoy import CURRENT_VERSION, EchoApp, EnvoyProcess, Envoys, http_request
 from tests.harness.stack import Stack
 from tests.integration import test_gopeers as _integration
-from tests.integration.test_gopeers import (
-    BACKEND,
-    CLIENT_A,
-    CLIENT_B,
-    WEB,
-    go_client,
-    json_lines,
-)
+from tests.integration.test_gopeers import BACKEND, CLIENT_A, CLIENT_B, WEB, go_client, json_lines
 
 # Fixtures of ``tests/integration/test_gopeers.py``, the same ones here.
 stack = _integration.stack

@@ -32,9 +32,7 @@ import pytest
 from tests.conftest import Processes, wait_for
 from tests.e2e.test_e2e_envoy import ClientLoop
 from tests.harness import gobuild
-from tests.harness.envoy import (
-    EchoApp,
-)
+from tests.harness.envoy import EchoApp
 from tests.harness.provider import start_federated_provider
 from tests.harness.stack import Stack, identities_yaml, svc_identities
 from tests.harness.tlsclient import HttpsClient

@@ -21,9 +21,7 @@ from sds.tools import inspect_sds as sds_inspect
 from tests.conftest import wait_for
 from tests.e2e import test_spire as _e2e
 from tests.e2e.test_spire import CLIENT_A, WEB, Spire
-from tests.harness.spire import (
-    TRUST_DOMAIN,
-)
+from tests.harness.spire import TRUST_DOMAIN
 from tests.harness.stack import Stack
 
 # Fixtures of ``tests/e2e/test_spire.py``, the same ones here

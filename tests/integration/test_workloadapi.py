@@ -13,14 +13,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from sds.errors import (
-    WorkloadApiUnavailable,
-)
+from sds.errors import WorkloadApiUnavailable
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle, validate_jwt_svid
-from sds.workloadapi.client import (
-    WorkloadApiClient,
-)
+from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes
 from tests.harness.fake_workload_api import eventually
 from tests.unit import test_workloadapi as _unit

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness.envoy import (
-    EnvoyError,
-    envoy_binary,
-    envoy_versions,
-)
+from tests.harness.envoy import EnvoyError, envoy_binary, envoy_versions
 
 pytestmark = pytest.mark.timeout(60)
 

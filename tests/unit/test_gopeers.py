@@ -10,10 +10,7 @@ import importlib.metadata
 
 from tests.conftest import REPO
 from tests.harness import gobuild
-from tests.harness.envoy import (
-    CURRENT_VERSION,
-    DEFAULT_VERSIONS,
-)
+from tests.harness.envoy import CURRENT_VERSION, DEFAULT_VERSIONS
 
 
 def readme_peer_rows() -> dict[str, tuple[str, str]]:

@@ -19,12 +19,7 @@ from grpclib.const import Status
 
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._util.peercred import (
-    listen_unix,
-    open_private_dir,
-    read_private_file,
-    write_private_file,
-)
+from sds._util.peercred import listen_unix, open_private_dir, read_private_file, write_private_file
 from sds.errors import SocketInUse, UnsafePath
 from sds.provider import service as provider_server
 from sds.provider.ca import LocalCA
