@@ -2,7 +2,8 @@
 
 Not a test module and not part of the package. Every benchmark script puts
 the repository root on ``sys.path`` by importing this module first, so
-``sds`` and ``tests`` (the Envoy harness, the fake Workload API) import.
+``sds`` and ``tests.harness`` (the Envoy launcher, the fake Workload API) import;
+no benchmark imports a test module.
 """
 
 from __future__ import annotations
