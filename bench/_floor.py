@@ -3,8 +3,9 @@
 ``python bench/_floor.py --socket PATH --material FILE``
 
 Every ``Secret`` (``default`` for each server SVID of the material file, and
-``ROOTCA``) comes pre-rendered (Any-wrapped bytes, made by the bridge's own
-renderer in the benchmark process, ``_common.make_material``), so this process
+``ROOTCA``) comes pre-rendered (serialized, made by the bridge's own renderer
+in the benchmark process, ``_common.make_material``; wrapped in ``Any`` once
+at start), so this process
 imports only asyncio, grpclib and the standard library: nothing of ``sds``,
 no cryptography, no protobuf runtime, no envoy-data-plane
 (``tests/unit/test_bench_imports.py`` holds it to that). The two wire helpers
@@ -65,6 +66,11 @@ def _varint(value: int) -> bytes:
 def field_bytes(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def any_secret(secret: bytes) -> bytes:
+    """A serialized ``google.protobuf.Any`` holding the serialized ``Secret``."""
+    return field_bytes(1, SECRET_TYPE_URL.encode()) + field_bytes(2, secret)
 
 
 def top_fields(data: bytes) -> dict[int, list[bytes | int]]:
@@ -184,8 +190,8 @@ async def main() -> int:
     args = parser.parse_args()
 
     rendered = json.loads(Path(args.material).read_text())["rendered"]  # noqa: ASYNC240
-    defaults = [base64.b64decode(item) for item in rendered["default"]]
-    rootca = base64.b64decode(rendered["ROOTCA"])
+    defaults = [any_secret(base64.b64decode(item)) for item in rendered["default"]]
+    rootca = any_secret(base64.b64decode(rendered["ROOTCA"]))
     servicer = FloorServicer(defaults, {"ROOTCA": rootca}, args.dump_first)
     server = Server([servicer], codec=RawCodec())
     with contextlib.suppress(FileNotFoundError):

@@ -45,7 +45,7 @@ import time
 from typing import Any
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import SDS_SERVICE, RawCodec, discovery_request, top_fields
+from _common import SDS_SERVICE, RawCodec, discovery_request, response_fields
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 
@@ -152,18 +152,15 @@ class Load:
                         self.count += 1
                         if self.count == self.n:
                             self.done.set()
-                    fields = top_fields(raw)
-                    version = fields[1][0]
-                    nonce = fields[5][0]
-                    assert isinstance(version, bytes) and isinstance(nonce, bytes)
+                    version, nonce = response_fields(raw)
                     # Envoy (1.40 default) repeats its node on every request, ACKs included;
                     # with set_node_on_first_message_only (sds envoy-bootstrap) it does not.
                     again = template is not None and not self.node_first_only
                     await stream.send_message(
                         discovery_request(
                             names,
-                            version=version.decode(),
-                            nonce=nonce.decode(),
+                            version=version,
+                            nonce=nonce,
                             node_id=node_id if again else None,
                             node_template=template if again else None,
                         )

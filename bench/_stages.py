@@ -3,9 +3,11 @@
 Uses the bridge's own classes (read-only): the Workload API message decode,
 ``Watcher._apply_x509`` (parse + verify every SVID, compare, notify),
 ``Bridge.refresh`` (build specs, digest, cache update, log lines), the
-``Secret`` rendering (envoy-data-plane / betterproto2), the response framing,
-and the decode of an incoming DiscoveryRequest (grpclib's ProtoCodec on
-envoy-data-plane's class) for a minimal request and for a real Envoy's.
+``Secret`` rendering (xds-protos), the response assembly from the cached
+``Secret`` bytes (``sotw_response`` + serialize, what grpclib's ProtoCodec
+sends), and the decode of an incoming DiscoveryRequest for a minimal request
+and for a real Envoy's: with the lite message the server uses (Node as bytes)
+and, for comparison, with xds-protos' full ``DiscoveryRequest``.
 Logging goes to /dev/null at INFO, as formatted lines, like ``sds run``.
 """
 
@@ -70,14 +72,16 @@ def stage_costs(material: Path, envoy_request: bytes | None, n: int = 60) -> dic
 
 
 async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> dict[str, Any]:
+    from envoy.service.discovery.v3 import discovery_pb2
+
     from sds._proto import workload_pb2
     from sds._util.log import configure_logging
     from sds.bridge.config import BridgeConfig
     from sds.bridge.state import Bridge
-    from sds.workloadapi.client import Watcher
+    from sds.workloadapi.watcher import Watcher
     from sds.xds import codec as envoy
     from sds.xds.cache import SecretCache
-    from sds.xds.codec import render_secret, sotw_body, with_nonce
+    from sds.xds.codec import LiteRequest, render_secret, sotw_request, sotw_response
     from sds.xds.resources import TlsSpec
     from tests.harness.fake_workload_api import x509_response
 
@@ -128,30 +132,46 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
             fixed_bridge.refresh()
 
         out["Bridge.refresh (specs+digest+cache+logs)"] = _time(refresh, count)
-        hand = hasattr(envoy, "decode_sotw_request")
-        impl = "hand-written" if hand else "envoy-data-plane"
-        decode = envoy.decode_sotw_request if hand else envoy.DiscoveryRequest.FromString
+        full = discovery_pb2.DiscoveryRequest.FromString
 
-        def node(request: Any) -> Any:
+        def decode(data: bytes) -> Any:  # what the server does with each request
+            return sotw_request(LiteRequest.FromString(data))
+
+        def first(data: bytes) -> Any:  # and once per stream, with the Node
+            request = decode(data)
             return envoy.node_info(request.node)
 
-        out[f"render Secret default ({impl})"] = _time(
+        def full_node(data: bytes) -> Any:
+            node = full(data).node
+            return node.id, node.cluster, node.metadata.fields.get("x")
+
+        out["render Secret default (xds-protos)"] = _time(
             lambda i: render_secret("default", TlsSpec(svids[i + 1]), trusted_ca=False), count
         )
         body = render_secret("default", TlsSpec(svids[1]), trusted_ca=False)
-        out["frame DiscoveryResponse (bytes concat)"] = _time(
-            lambda i: with_nonce(sotw_body("abc-1", [body]), f"abc-n{i}"), count
+        out["DiscoveryResponse from cached Secret bytes (+ serialize)"] = _time(
+            lambda i: sotw_response("abc-1", [body], f"abc-n{i}").SerializeToString(), count
         )
         minimal = discovery_request(["default"], version="v1", nonce="n1", node_id="load-1")
-        out[f"decode minimal ACK, {len(minimal)} B ({impl})"] = _time(
+        out[f"decode minimal ACK, {len(minimal)} B (lite)"] = _time(
             lambda i: decode(minimal), count
         )
+        out[f"decode minimal ACK, {len(minimal)} B (full DiscoveryRequest)"] = _time(
+            lambda i: full(minimal), count
+        )
         if envoy_request is not None:
-            out[f"decode real Envoy request, {len(envoy_request)} B ({impl})"] = _time(
+            size = len(envoy_request)
+            out[f"decode real Envoy request, {size} B (lite: Node as bytes)"] = _time(
                 lambda i: decode(envoy_request), min(count, 20)
             )
             out["  + node_info() of it (first request of a stream)"] = _time(
-                lambda i: node(decode(envoy_request)), min(count, 20)
+                lambda i: first(envoy_request), min(count, 20)
+            )
+            out[f"decode real Envoy request, {size} B (full DiscoveryRequest)"] = _time(
+                lambda i: full(envoy_request), min(count, 20)
+            )
+            out["  + Node id, cluster, one metadata key of it"] = _time(
+                lambda i: full_node(envoy_request), min(count, 20)
             )
         pause = full_gc_ms()
         out["one full gc.collect() with sds run's modules loaded"] = {

@@ -53,6 +53,7 @@ from _common import (
     ratio,
     read_line,
     request_decoding,
+    request_node,
     rss_breakdown_kb,
     rss_kb,
     run_benchmark,
@@ -60,7 +61,6 @@ from _common import (
     send_line,
     summary,
     table,
-    top_fields,
     verdict,
     wait_idle,
     wait_until,
@@ -199,8 +199,8 @@ def run_case(
         node_file = None
         if case.envoy_node:
             request = (wd / "envoy-request.bin").read_bytes()
-            node = top_fields(request)[2][0]
-            assert isinstance(node, bytes)
+            node = request_node(request)
+            assert node is not None
             node_file = wd / "envoy-node.bin"
             node_file.write_bytes(node)
         per_client = [
@@ -236,7 +236,7 @@ def run_case(
         case.rss_open_kb = rss_kb(server.pid)
         case.anon_open_kb = rss_breakdown_kb(server.pid)["RssAnon"]
 
-        slow = case.envoy_node and case.variant is None and request_decoding() != "hand-written"
+        slow = case.envoy_node and case.variant is None and request_decoding() == "envoy-data-plane"
         rotations = min(args.rotations, 3) if slow else args.rotations
         for r in range(args.warmup + rotations):
             current += 1

@@ -85,8 +85,9 @@ TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 # holds it to that): prometheus_client comes only with a /metrics listener, yaml only
 # with --config.
 SDS_RUN_MODULES = (
-    "sds.workloadapi.client, sds.xds.service, sds.bridge.state, sds.bridge.jwtsvids, "
-    "sds.bridge.config, sds.bridge.admin, sds.bridge.app, sds.xds.codec, sds.cli"
+    "sds.workloadapi.client, sds.workloadapi.watcher, sds.xds.service, sds.bridge.state, "
+    "sds.bridge.jwtsvids, sds.bridge.config, sds.bridge.admin, sds.bridge.app, sds.xds.codec, "
+    "sds.cli, sds.bridge.root, sds.bridge.views, sds._util.tasks"
 )
 
 # Cumulative import steps: (label, statements added to the previous step, package): a step

@@ -135,7 +135,7 @@ def upstream_hop(
     material: Path, procs: Procs, wd: Path, n: int, mat: dict[str, Any]
 ) -> list[float]:
     """T0 -> the bridge's Watcher callback (in this process) for ``n`` rotations; ms."""
-    from sds.workloadapi.client import Watcher
+    from sds.workloadapi.watcher import Watcher
 
     sock = wd / "hop.sock"
     upstream = procs.start(

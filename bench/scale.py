@@ -73,13 +73,13 @@ from _common import (
     make_material,
     ratio,
     read_line,
+    request_node,
     rss_kb,
     run_benchmark,
     sds_argv,
     send_line,
     summary,
     table,
-    top_fields,
     verdict,
     wait_idle,
     wait_until,
@@ -474,8 +474,8 @@ def capture_node(wd: Path, procs: Procs, material: Path) -> Path:
     finally:
         envoys.close()
         procs.stop(floor)
-    node = top_fields(dump.read_bytes())[2][0]
-    assert isinstance(node, bytes)
+    node = request_node(dump.read_bytes())
+    assert node is not None
     node_file = wd / "envoy-node.bin"
     node_file.write_bytes(node)
     return node_file

@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 import _common
-from _common import PYTHON, SDS_SERVICE, SECRET_TYPE_URL, field_bytes, rss_kb
+from _common import PYTHON, SDS_SERVICE, SECRET_TYPE_URL, rss_kb
 
+from sds._proto.discovery_lite_pb2 import DiscoveryRequest
 from tests.harness.h2async import RawClient, grpc_frame
 
 STREAM = f"{SDS_SERVICE}/StreamSecrets"
@@ -78,11 +79,11 @@ def hwm(pid: int) -> int:
 
 
 def request(names: list[str], pad: int = 0) -> bytes:
-    body = b"".join(field_bytes(3, n.encode()) for n in names)
-    body += field_bytes(4, SECRET_TYPE_URL.encode())
-    if pad:
-        body += field_bytes(1, b"v" * pad)
-    return body
+    message = DiscoveryRequest(
+        resource_names=names, type_url=SECRET_TYPE_URL, version_info="v" * pad
+    )
+    data: bytes = message.SerializeToString()
+    return data
 
 
 async def send_all(client: RawClient, sid: int, data: bytes, end: bool = True) -> int:

@@ -1,14 +1,16 @@
-"""Regenerate ``sds/_proto`` from ``proto/workload.proto``; ``--check`` fails if it is stale.
+"""Regenerate ``sds/_proto`` from ``proto/*.proto``; ``--check`` fails if it is stale.
 
 Usage (from the repository root, with the dev extra installed)::
 
-    python proto/generate.py          # rewrite sds/_proto/workload_*.py
+    python proto/generate.py          # rewrite sds/_proto/workload_*.py, discovery_lite_*
     python proto/generate.py --check  # exit 1 if the committed code differs
 
 Code is produced by grpcio-tools' bundled ``protoc`` (``--python_out`` and
-``--pyi_out``) and grpclib's plugin (``--grpclib_python_out``). The proto has
-no package, so the grpclib stub's absolute ``import workload_pb2`` is rewritten
-to a relative import; nothing else is edited.
+``--pyi_out``) and grpclib's plugin (``--grpclib_python_out``, the Workload API
+only: the SDS service is served by ``sds.xds.service`` with request messages
+from ``discovery_lite.proto``). The Workload API proto has no package, so the
+grpclib stub's absolute ``import workload_pb2`` is rewritten to a relative
+import; nothing else is edited.
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "sds" / "_proto"
-GENERATED = ("workload_pb2.py", "workload_pb2.pyi", "workload_grpc.py")
+GENERATED = (
+    "workload_pb2.py",
+    "workload_pb2.pyi",
+    "workload_grpc.py",
+    "discovery_lite_pb2.py",
+    "discovery_lite_pb2.pyi",
+)
 
 
 def generate(dest: Path) -> None:
-    """Write the generated modules for ``workload.proto`` into ``dest``."""
+    """Write the generated modules for ``workload.proto`` and ``discovery_lite.proto``."""
     import grpc_tools  # noqa: PLC0415 - dev-only dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
@@ -48,6 +56,19 @@ def generate(dest: Path) -> None:
             f"--pyi_out={dest}",
             f"--grpclib_python_out={dest}",
             "workload.proto",
+        ],
+        check=True,
+        env=env,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={dest}",
+            f"--pyi_out={dest}",
+            "discovery_lite.proto",
         ],
         check=True,
         env=env,

@@ -1,9 +1,10 @@
 """SPIFFE Workload API to Envoy SDS v3 bridge.
 
 The public Python surface is small: the domain types, the error tree and the
-Workload API client. Everything else lives in private modules and is reached
-through the ``sds`` command. Heavy modules load on first use, so ``sds``
-subcommands pay only for what they run.
+Workload API client, the names in ``__all__``. The subpackages are the
+implementation (mapped in ``docs/architecture.md``), importable but not a
+stable API; everything else is reached through the ``sds`` command. Heavy
+modules load on first use, so ``sds`` subcommands pay only for what they run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
     from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Source, X509Svid
-    from sds.workloadapi.client import Watcher, WorkloadApiClient
+    from sds.workloadapi.client import WorkloadApiClient
+    from sds.workloadapi.watcher import Watcher
 
 __all__ = [
     "BundleSet",
@@ -66,7 +68,7 @@ _LAZY = {
     "X509Context": "sds.spiffe.x509",
     "X509Source": "sds.spiffe.x509",
     "X509Svid": "sds.spiffe.x509",
-    "Watcher": "sds.workloadapi.client",
+    "Watcher": "sds.workloadapi.watcher",
     "WorkloadApiClient": "sds.workloadapi.client",
 }
 

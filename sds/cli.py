@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sds.bridge.app", "serve Envoy SDS from the Workload API"),
     "wait": ("sds.tools.wait", "block until a bridge is ready"),
     "envoy-bootstrap": (
-        "sds.tools.bootstrap",
+        "sds.tools.bootstrap.command",
         "generate an Envoy sidecar bootstrap that uses this bridge",
     ),
     "demo": ("sds.tools.demo", "run the whole mTLS topology on this machine and explain it"),

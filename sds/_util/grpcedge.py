@@ -31,14 +31,14 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler as _GrpclibHandler
-from grpclib.server import Server
+from grpclib.server import Server, Stream
 
 from sds._util.log import event
 from sds._util.ratelimit import RateLimiter
@@ -54,6 +54,8 @@ __all__ = [
     "server_config",
 ]
 
+_Req = TypeVar("_Req")
+
 # The smallest receive window HTTP/2 allows (RFC 9113, section 6.9.2: 2^16 - 1).
 MIN_WINDOW = 65535
 _PREFIX = 5
@@ -67,7 +69,7 @@ def server_config(window: int = MIN_WINDOW) -> Configuration:
     return Configuration(http2_connection_window_size=window, http2_stream_window_size=window)
 
 
-async def recv_request(stream: Any, limit: int) -> Any:
+async def recv_request(stream: Stream[_Req, Any], limit: int) -> _Req | None:
     """The next request message on a grpclib server ``stream``, None at end of stream.
 
     Raises GRPCError: RESOURCE_EXHAUSTED when the message declares more than
@@ -105,7 +107,8 @@ async def recv_request(stream: Any, limit: int) -> Any:
         raise GRPCError(Status.INVALID_ARGUMENT, f"request is not a valid {name}") from exc
     (message,) = await stream._dispatch.recv_message(message)
     stream._messages_received += 1
-    return message
+    request: _Req = message
+    return request
 
 
 async def _unimplemented(stream: Any) -> None:

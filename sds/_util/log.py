@@ -56,10 +56,22 @@ class _Logfmt:
         return f"{self.name} {pairs}" if pairs else self.name
 
 
-def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> None:
-    """Log event ``name`` with ``fields`` as one line, if ``level`` is enabled."""
+def event(
+    logger: logging.Logger,
+    level: int,
+    name: str,
+    /,
+    *,
+    exc_info: BaseException | None = None,
+    **fields: Any,
+) -> None:
+    """Log event ``name`` with ``fields`` as one line, if ``level`` is enabled.
+
+    With ``exc_info`` (at ``ERROR`` and above) the line ends with that exception's
+    traceback as the ``exc`` field, still one line.
+    """
     if logger.isEnabledFor(level):
-        logger.log(level, _Logfmt(name, fields))
+        logger.log(level, _Logfmt(name, fields), exc_info=exc_info)
 
 
 def _stamp(record: logging.LogRecord) -> str:

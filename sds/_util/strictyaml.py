@@ -1,21 +1,36 @@
 """Strict YAML reading, shared by the bridge config and the provider's identities files.
 
-:func:`strict_loader` builds a PyYAML safe loader that refuses duplicate keys
+Two halves. :func:`strict_loader` builds a PyYAML safe loader that refuses duplicate keys
 (and keys that are not plain values) in every mapping; each file format then
 chooses, by keyword, how much more it refuses: implicit timestamps, merge keys
 (``<<``), long integers, explicit tags for non-plain data, and nesting depth
 (checked on the event stream before composing, which recurses). The file
 formats keep their own error messages; :func:`describe` turns a PyYAML error
 into the one-line ``line N: invalid YAML: PROBLEM`` both use.
+
+:class:`Reader` then reads the parsed values: mappings with their allowed
+keys, required keys, strings, lists, booleans and durations, every refusal an
+:class:`Invalid` naming the key path (``spec.spiffe.id``, ``policies[0].name``)
+in one wording (``want a mapping, got list``; ``unknown field 'x' (want one of
+a, b)``). Each file format adds its own rules on top and puts its source in
+front. PyYAML is imported only by the loader half, so a format can use the
+Reader without loading it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+import math
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from sds._util.duration import parse_duration
+from sds._util.text import has_control, show
 
-__all__ = ["check_depth", "describe", "strict_loader"]
+if TYPE_CHECKING:
+    import yaml
+
+__all__ = ["Invalid", "Reader", "check_depth", "describe", "join", "strict_loader", "type_name"]
 
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 # Explicit tags of non-plain data, refused where ``refuse_tags`` is set.
@@ -23,6 +38,8 @@ _REFUSED_TAGS = ("timestamp", "binary", "set", "omap", "pairs")
 
 
 def _error(message: str, mark: Any) -> yaml.constructor.ConstructorError:
+    import yaml  # noqa: PLC0415 - PyYAML only with the loader
+
     return yaml.constructor.ConstructorError(None, None, message, mark)
 
 
@@ -75,6 +92,8 @@ def strict_loader(
     ``!!omap`` and ``!!pairs`` are errors. ``max_int_digits``: longer integers
     are errors. ``max_depth``: enforced by :func:`check_depth`.
     """
+    import yaml  # noqa: PLC0415 - PyYAML only with the loader
+
     base: Any = (
         yaml.CSafeLoader if fast and getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
     )
@@ -104,6 +123,8 @@ def check_depth(text: str, loader: type[Any]) -> None:
     limit = loader.max_depth
     if limit is None:
         return
+    import yaml  # noqa: PLC0415 - PyYAML only with the loader
+
     depth = 0
     starts = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
     ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
@@ -126,3 +147,133 @@ def describe(exc: yaml.YAMLError) -> str:
         or (str(exc).splitlines() or ["cannot parse"])[0]
     )
     return f"{where}invalid YAML: {problem}"
+
+
+# --------------------------------------------------------------------------- reading values
+
+
+class Invalid(ValueError):
+    """A value at ``path`` is refused; ``str()`` is ``path: message`` (the format adds a source)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def join(path: str, key: str | int) -> str:
+    """The path of ``key`` inside ``path``: ``a.b`` for a field, ``a[0]`` for a list item."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def type_name(value: object) -> str:
+    """The YAML name of ``value``'s type, for ``want X, got Y`` messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+class Reader:
+    """Typed reading of parsed YAML values; every refusal raises :class:`Invalid`.
+
+    ``nulls_absent``: a field whose value is null counts as not given (Teleport's
+    files write ``labels:`` for none). ``refuse_control``: strings holding a C0
+    control character or DEL are refused.
+    """
+
+    def __init__(self, *, nulls_absent: bool = False, refuse_control: bool = False) -> None:
+        self.nulls_absent = nulls_absent
+        self.refuse_control = refuse_control
+
+    def mapping(self, value: object, path: str, allowed: Collection[str]) -> dict[str, Any]:
+        """``value`` as a mapping whose keys are strings among ``allowed``."""
+        if not isinstance(value, dict):
+            raise Invalid(path, f"want a mapping, got {type_name(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise Invalid(path, f"field names must be strings, got {key!r}")
+            if key not in allowed:
+                raise Invalid(
+                    path, f"unknown field {key!r} (want one of {', '.join(sorted(allowed))})"
+                )
+        return {k: v for k, v in value.items() if not (self.nulls_absent and v is None)}
+
+    def required(self, mapping: Mapping[str, Any], key: str, path: str) -> Any:
+        """``mapping[key]``; refused as ``path.key: required`` when absent."""
+        if key not in mapping:
+            raise Invalid(join(path, key), "required")
+        return mapping[key]
+
+    def string(self, value: object, path: str, *, nonempty: bool = False) -> str:
+        """``value`` as a string (``nonempty``: not ``""``)."""
+        if not isinstance(value, str):
+            raise Invalid(path, f"want a string, got {type_name(value)}")
+        if nonempty and not value:
+            raise Invalid(path, "must not be empty")
+        if self.refuse_control and has_control(value):
+            raise Invalid(path, f"{show(value)}: must not contain control characters")
+        return value
+
+    def list(self, value: object, path: str) -> list[Any]:
+        """``value`` as a list."""
+        if not isinstance(value, list):
+            raise Invalid(path, f"want a list, got {type_name(value)}")
+        return value
+
+    def boolean(self, value: object, path: str) -> bool:
+        """``value`` as ``true`` or ``false``."""
+        if not isinstance(value, bool):
+            raise Invalid(path, f"want true or false, got {type_name(value)}")
+        return value
+
+    def duration(
+        self,
+        value: object,
+        path: str,
+        *,
+        maximum: dt.timedelta,
+        minimum: dt.timedelta | None = None,
+        numbers: bool = False,
+    ) -> dt.timedelta:
+        """A Go-style duration string (``30s``, ``1h30m``), or with ``numbers`` a number of
+        seconds; positive, at most ``maximum`` and at least ``minimum``."""
+        if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+            if math.isfinite(seconds) and seconds > maximum.total_seconds():
+                seconds = math.inf  # refused below with the string form's message
+            text = show(value)
+            if seconds <= 0:
+                raise Invalid(path, f"duration {text} must be positive")
+            if not math.isfinite(seconds):
+                hours = int(maximum.total_seconds()) // 3600
+                raise Invalid(path, f"duration {text} is longer than {hours}h")
+            duration = dt.timedelta(seconds=seconds)
+        elif isinstance(value, str):
+            try:
+                duration = parse_duration(value, maximum)
+            except ValueError as exc:
+                raise Invalid(path, str(exc)) from None
+        else:
+            want = (
+                "a duration like 30s, 5m or 1h30m, or seconds"
+                if numbers
+                else "a duration string like 30s, 5m or 1h30m"
+            )
+            raise Invalid(path, f"want {want}, got {type_name(value)}")
+        if minimum is not None and duration < minimum:
+            raise Invalid(path, f"must be at least {int(minimum.total_seconds())}s")
+        return duration

@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sds._util.log import event
 
@@ -89,7 +90,7 @@ class _Throttled:
         self._last = -float("inf")
         self._suppressed = 0
 
-    def __call__(self, level: int, **fields: object) -> None:
+    def __call__(self, level: int, **fields: Any) -> None:
         now = time.monotonic()
         if now - self._last < self.interval:
             self._suppressed += 1
@@ -138,7 +139,13 @@ class AdminServer:
         return len(self._handlers)
 
     async def start(self) -> None:
-        """Bind and start serving; ``self.port`` becomes the bound port."""
+        """Bind and serve in a task of its own; ``self.port`` becomes the bound port."""
+        self.bind()
+        self._accepting = asyncio.create_task(self.serve(), name=f"{self.name}-accept")
+
+    def bind(self) -> None:
+        """Bind and listen (``self.port`` becomes the bound port); connections wait in the
+        backlog until :meth:`serve` runs. Raises OSError when the address is taken."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -151,9 +158,14 @@ class AdminServer:
             raise
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self._accepting = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")
         host = f"[{self.host}]" if ":" in self.host else self.host
         event(log, logging.INFO, f"{self.name}.listening", address=f"http://{host}:{self.port}")
+
+    async def serve(self) -> None:
+        """Accept and answer connections until cancelled or :meth:`close`; the caller may own
+        this task (an unexpected exception then reaches it), or :meth:`start` runs it."""
+        self._accepting = asyncio.current_task()
+        await self._accept_loop()
 
     async def close(self) -> None:
         """Stop accepting, end every open connection, and close."""

@@ -15,17 +15,19 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from sds._util.files import os_reason, read_regular_file
+from sds._util.strictyaml import Invalid, Reader
+from sds._util.text import has_control
 from sds.bridge.upstreams import FailoverPolicy
 from sds.errors import ConfigError, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.match import WILDCARD_RULE, IdPattern
+from sds.workloadapi.address import parse_address, unix_socket_path
 
 __all__ = [
     "AdminConfig",
@@ -184,7 +186,7 @@ class BridgeConfig:
         updated = self
         if workload_api:
             for address in workload_api:
-                if _has_control(address):
+                if has_control(address):
                     raise ConfigError(
                         f"--workload-api: {address!r}: must not contain control characters"
                     )
@@ -218,37 +220,18 @@ _TOP_KEYS = {
 }
 
 
-class _Reader:
-    """Walks a YAML mapping, naming the key path in every error."""
+class _Reader(Reader):
+    """The shared strict-YAML Reader with the config's rules: strings are non-empty and
+    free of control characters; plus the config's own value types."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self) -> None:
+        super().__init__(refuse_control=True)
 
-    def fail(self, path: str, message: str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
-        )
+    def fail(self, path: str, message: str) -> Invalid:
+        return Invalid(path, message)
 
-    def mapping(self, value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"must be a mapping, not {type(value).__name__}")
-        for key in value:
-            if key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                raise self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        return value
-
-    def string(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, "must be a non-empty string")
-        if _has_control(value):
-            raise self.fail(path, f"{value!r}: must not contain control characters")
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(path, "must be true or false")
-        return value
+    def string(self, value: object, path: str, *, nonempty: bool = True) -> str:
+        return super().string(value, path, nonempty=nonempty)
 
     def int_list(self, value: Any, path: str) -> frozenset[int]:
         if not isinstance(value, list) or not all(
@@ -289,11 +272,6 @@ class _Reader:
         return SvidSelector(spiffe_id, hint)
 
 
-def _has_control(text: str) -> bool:
-    """Whether ``text`` holds a C0 control character or DEL (refused in every string)."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
 def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """``host`` as an IP address and ``port`` (at most five digits) as a number; else ValueError.
 
@@ -307,15 +285,13 @@ def _ip_port(host: str, port: str) -> tuple[ipaddress.IPv4Address | ipaddress.IP
 
 def parse_listen(text: str, where: str) -> ListenAddress:
     """Parse ``unix:///abs/path`` or ``tcp://127.0.0.1:PORT``; TCP must be loopback."""
-    if _has_control(text):
+    if has_control(text):
         raise ConfigError(f"{where}: {text!r}: must not contain control characters")
     if text.startswith("unix://"):
-        path = text[len("unix://") :]
-        if not path.startswith("/"):
-            raise ConfigError(f"{where}: {text!r}: unix socket path must be absolute")
-        if len(path.encode()) > 107:
-            raise ConfigError(f"{where}: {text!r}: unix socket path is longer than 107 bytes")
-        return ListenAddress(path=path)
+        try:
+            return ListenAddress(path=unix_socket_path(text))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {text!r}: {exc}") from None
     if text.startswith("tcp://"):
         host, _, port = text[len("tcp://") :].rpartition(":")
         host = host.strip("[]")
@@ -384,20 +360,24 @@ def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
     exact: list[str] = []
     prefixes: list[str] = []
     for index, entry in enumerate(reader.string_list(data["allow"], f"{path}.allow")):
-        where = f"{path}.allow[{index}]"
-        if entry.endswith("/*"):
-            base = reader.spiffe_id(entry[:-2], where)
-            prefixes.append(base + "/")
-        elif "*" in entry:
-            raise reader.fail(where, f"{entry!r}: '*' is allowed only as a final '/*'")
-        else:
-            exact.append(reader.spiffe_id(entry, where))
+        try:
+            pattern = IdPattern.parse(entry)
+        except InvalidSpiffeId as exc:
+            problem = f"{entry!r}: {exc}" if str(exc) == WILDCARD_RULE else str(exc)
+            raise reader.fail(f"{path}.allow[{index}]", problem) from exc
+        (prefixes if pattern.prefix else exact).append(pattern.value)
     return Policy(name, tds, tuple(exact), tuple(prefixes))
 
 
 def parse_config(data: Any, source: str) -> BridgeConfig:
     """Validate parsed YAML ``data``; raise ConfigError naming ``source`` and the key."""
-    reader = _Reader(source)
+    try:
+        return _parse_config(_Reader(), data, source)
+    except Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
     if data is None:
         data = {}
     top = reader.mapping(data, "", _TOP_KEYS)
@@ -499,27 +479,15 @@ def parse_config(data: Any, source: str) -> BridgeConfig:
 
 # -- upstream and JWT-SVID limits ---------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
 
 def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
-    """Seconds from ``0.1s``, ``250ms``, ``5m``, ``1h`` or a plain number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        seconds = float(match[1]) * _UNITS[match[2]]
-    else:
-        raise reader.fail(path, f"{value!r}: want a duration such as 0.1s, 250ms, 5m")
-    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
-        raise reader.fail(path, f"{value!r}: must be more than 0 and at most {maximum:g}s")
-    return seconds
+    """Seconds from a Go-style duration (``0.1s``, ``250ms``, ``1h30m``) or a plain number."""
+    limit = dt.timedelta(seconds=maximum)
+    return reader.duration(value, path, maximum=limit, numbers=True).total_seconds()
 
 
 def _parse_upstream(reader: _Reader, top: Mapping[str, Any], config: BridgeConfig) -> BridgeConfig:
     """``workload_api`` addresses checked as addresses; ``upstream_backoff``; ``jwt_svids``."""
-    from sds.workloadapi.client import parse_address  # noqa: PLC0415 - grpclib only when needed
-
     for index, text in enumerate(config.workload_api):
         try:
             parse_address(text)
@@ -577,15 +545,7 @@ def _parse_failover(reader: _Reader, value: Any) -> FailoverPolicy:
     given = reader.mapping(value, "failover", {"grace", "margin"})
     policy = FailoverPolicy()
     if "grace" in given:
-        # the provider's duration reader, imported here: its module loads PyYAML
-        from sds.provider.identities import parse_duration  # noqa: PLC0415
-
-        try:
-            grace = parse_duration(reader.string(given["grace"], "failover.grace"))
-        except ValueError as exc:
-            raise reader.fail("failover.grace", str(exc)) from exc
-        if grace > _MAX_GRACE:
-            raise reader.fail("failover.grace", f"{given['grace']!r}: must be at most 1h")
+        grace = reader.duration(given["grace"], "failover.grace", maximum=_MAX_GRACE)
         policy = replace(policy, grace=grace.total_seconds())
     if "margin" in given:
         margin = given["margin"]

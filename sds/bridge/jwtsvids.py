@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from dataclasses import dataclass
 
 from sds._util.log import event
@@ -75,6 +75,12 @@ class JwtToken:
 
 # Fetch a token for (audience, spiffe_id or None).
 Fetch = Callable[[str, str | None], Awaitable[JwtToken]]
+# Start a named long-running task; the caller's owner runs it (default: a task of its own).
+Spawn = Callable[[str, Coroutine[object, object, None]], "asyncio.Task[None]"]
+
+
+def _own_task(name: str, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(work, name=name)
 
 
 class JwtSvidManager:
@@ -82,7 +88,8 @@ class JwtSvidManager:
 
     ``wanted()`` returns the audiences the open SDS streams name now; it drives
     reaping. ``on_change()`` is called after a token is added, replaced or
-    withdrawn.
+    withdrawn. ``spawn(name, coroutine)`` starts the refresh and reaper tasks, so
+    the program's task owner can hold them; they are cancelled by :meth:`close`.
     """
 
     def __init__(
@@ -96,8 +103,10 @@ class JwtSvidManager:
         retry_max: float = 30.0,
         max_audiences: int = DEFAULT_MAX_AUDIENCES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        spawn: Spawn = _own_task,
     ) -> None:
         self._fetch = fetch
+        self._spawn = spawn
         self._on_change = on_change
         self._spiffe_id = spiffe_id
         self._wanted = wanted
@@ -124,7 +133,6 @@ class JwtSvidManager:
     def want(self, audiences: Iterable[str]) -> None:
         """Start fetching (and keep refreshing) ``audiences`` not tracked yet, within the caps."""
         now = time.monotonic()
-        loop = asyncio.get_running_loop()
         for audience in audiences:
             if audience in self._tasks:
                 self._last_wanted[audience] = now
@@ -143,11 +151,9 @@ class JwtSvidManager:
                 )
                 continue
             self._last_wanted[audience] = now
-            self._tasks[audience] = loop.create_task(
-                self._follow(audience), name=f"jwt-{audience[:64]}"
-            )
+            self._tasks[audience] = self._spawn(f"jwt-{audience[:64]}", self._follow(audience))
         if self._tasks and self._reaper is None:
-            self._reaper = loop.create_task(self._reap_forever(), name="jwt-reaper")
+            self._reaper = self._spawn("jwt-reaper", self._reap_forever())
 
     async def close(self) -> None:
         """Stop every refresh task and timer."""

@@ -6,6 +6,8 @@ matched against ``workload_identity`` documents (the Teleport resource shape).
 
 * :mod:`sds.provider.identities` parses identities files and federation bundles;
 * :mod:`sds.provider.service` is the gRPC service and :class:`WorkloadApiProvider`;
+* :mod:`sds.provider.root` is the composition root (:class:`ProviderApp`: start and
+  shutdown order, task ownership, the crash policy);
 * :mod:`sds.provider.app` is the command line.
 
 This package module imports nothing, so ``sds --help`` stays cheap.

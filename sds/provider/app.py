@@ -8,24 +8,21 @@ the kernel (SO_PEERCRED) and gets only the identities its rules allow.
 Signals: SIGTERM/SIGINT stop gracefully (the socket file is removed, exit 0);
 SIGHUP re-reads the identities and federation files; if they are invalid the
 error is logged as one line and the previous configuration stays in force.
+
+This module is the command line; :class:`sds.provider.root.ProviderApp` is the
+composition root (start and shutdown order, task ownership, and the policy for
+a task that crashes: log it once and exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import datetime as dt
 
-    from sds.provider.ca import LocalCA
-    from sds.provider.identities import FederatedBundle, Identity
-
 __all__ = ["add_arguments", "run"]
-
-logger = logging.getLogger("sds.provider")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         load_identities,
         parse_duration,
     )
+    from sds.provider.root import ProviderApp  # noqa: PLC0415
+    from sds.provider.service import WorkloadApiProvider  # noqa: PLC0415
     from sds.spiffe.id import TrustDomain  # noqa: PLC0415
 
     try:
@@ -118,93 +117,10 @@ def run(args: argparse.Namespace) -> int:
             ca = LocalCA.load_or_create(trust_domain, Path(args.state_dir))
         except OSError as exc:
             raise ConfigError(f"--state-dir {args.state_dir}: {exc.strerror or exc}") from exc
-    return asyncio.run(
-        _serve(
-            args,
-            ca=ca,
-            identities=identities,
-            federation=federation,
-            mode=mode,
-            x509_ttl=ttls["--x509-ttl"],
-            jwt_ttl=ttls["--jwt-ttl"],
-        )
+    provider = WorkloadApiProvider(
+        ca, identities, federation, ttls["--x509-ttl"], ttls["--jwt-ttl"]
     )
-
-
-async def _serve(
-    args: argparse.Namespace,
-    *,
-    ca: LocalCA,
-    identities: Sequence[Identity],
-    federation: Sequence[FederatedBundle],
-    mode: int,
-    x509_ttl: dt.timedelta,
-    jwt_ttl: dt.timedelta,
-) -> int:
-    import asyncio  # noqa: PLC0415
-    import signal  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from sds._util.log import event  # noqa: PLC0415
-    from sds._util.peercred import listen_unix  # noqa: PLC0415
-    from sds.errors import ConfigError  # noqa: PLC0415
-    from sds.provider.identities import load_federation, load_identities  # noqa: PLC0415
-    from sds.provider.service import WorkloadApiProvider  # noqa: PLC0415
-
-    provider = WorkloadApiProvider(ca, identities, federation, x509_ttl, jwt_ttl)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def reload() -> None:
-        try:
-            new_identities = load_identities(Path(args.identities), provider.trust_domain)
-            new_federation = load_federation(args.federate, provider.trust_domain)
-        except ConfigError as exc:
-            event(logger, logging.ERROR, "provider.reload_failed", error=str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - policy: a reload never takes the provider down
-            event(
-                logger,
-                logging.ERROR,
-                "provider.reload_failed",
-                error=f"unexpected {type(exc).__name__}: {exc}",
-            )
-            return
-        provider.reload(new_identities, new_federation)
-        event(
-            logger,
-            logging.INFO,
-            "provider.reloaded",
-            identities=len(new_identities),
-            federated=len(new_federation),
-        )
-
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    try:
-        listener = listen_unix(args.socket, mode)
-    except BaseException:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        raise
-    await provider.start(listener)
-    event(
-        logger,
-        logging.INFO,
-        "provider.ready",
-        socket=args.socket,
-        trust_domain=provider.trust_domain,
-        identities=len(provider.identities),
-        federated=len(provider.federation),
-        socket_mode=f"{mode:o}",
+    app = ProviderApp(
+        provider, socket=args.socket, mode=mode, identities=identities_path, federate=args.federate
     )
-    try:
-        await stop.wait()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        await provider.close()
-    event(logger, logging.INFO, "provider.stopped", socket=args.socket)
-    return 0
+    return asyncio.run(app.run())

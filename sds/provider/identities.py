@@ -41,25 +41,26 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import yaml
 from cryptography import x509
 
+from sds._util.duration import MAX_DURATION, parse_duration
 from sds._util.files import os_reason
 from sds._util.files import read_regular_file as _read_bounded
 from sds._util.log import event
 from sds._util.peercred import PeerCredentials
-from sds._util.strictyaml import describe, strict_loader
+from sds._util.strictyaml import Invalid, Reader, describe, join, strict_loader, type_name
+from sds._util.text import show as _show
 from sds.errors import ConfigError, InvalidBundle, InvalidSpiffeId
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle
-from sds.spiffe.x509 import X509Bundle, utcnow
+from sds.spiffe.x509 import X509Bundle, is_ca, utcnow
 
 __all__ = [
     "ATTRIBUTES",
@@ -85,7 +86,7 @@ logger = logging.getLogger("sds.provider")
 # SVID lifetimes are whole seconds on the wire (X.509 validity, JWT exp).
 MIN_TTL = dt.timedelta(seconds=1)
 # Longer than any CA we issue from lives; also keeps datetime arithmetic in range.
-MAX_TTL = dt.timedelta(days=3650)
+MAX_TTL = MAX_DURATION
 # Identities and federation files are small; a bigger one is a mistake (or an attack).
 MAX_FILE_BYTES = 4 * 1024 * 1024
 # uid, gid and pid are 32-bit in the kernel.
@@ -100,46 +101,10 @@ _IGNORED = {
 }
 _warned: set[tuple[str, str]] = set()
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DNS_RE = re.compile(
     r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?"
 )
 _DIGITS = re.compile(r"[0-9]+")
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """Parse a positive Go-style duration (``30s``, ``5m``, ``1h30m``, ``1.5h``, ``500ms``).
-
-    Raises ValueError with a message suitable after a field name.
-    """
-    want = f"invalid duration {_show(text)} (want e.g. 30s, 5m, 1h30m)"
-    if not isinstance(text, str) or not text:
-        raise ValueError(want)
-    seconds = 0.0
-    position = 0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            raise ValueError(want)
-        seconds += float(match.group(1)) * _UNITS[match.group(2)]
-        position = match.end()
-    if position != len(text):
-        raise ValueError(want)
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be positive")
-    if not math.isfinite(seconds) or seconds > MAX_TTL.total_seconds():
-        raise ValueError(
-            f"duration {_show(text)} is longer than {int(MAX_TTL.total_seconds()) // 3600}h"
-        )
-    return dt.timedelta(seconds=seconds)
-
-
-def _show(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages that quote input."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<integer of {value.bit_length()} bits>"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 
 def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
@@ -230,80 +195,20 @@ def entitled(
 # Identities files
 
 
-class _Bad(Exception):
-    """A problem at ``path`` inside one document; turned into a ConfigError by the loader."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
+# Teleport writes ``labels:`` (null) for none: a null field counts as absent.
+_READER = Reader(nulls_absent=True)
+_mapping = _READER.mapping
+_required = _READER.required
+_string = _READER.string
+_list = _READER.list
 
 
 def _fail(path: str, message: str) -> NoReturn:
-    raise _Bad(path, message)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "mapping"
-    return type(value).__name__
-
-
-def _mapping(value: object, path: str, allowed: Sequence[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        _fail(path, f"want a mapping, got {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            _fail(path, f"field names must be strings, got {key!r}")
-        if key not in allowed:
-            _fail(path, f"unknown field {key!r} (want one of {', '.join(sorted(allowed))})")
-    return {key: item for key, item in value.items() if item is not None}
-
-
-def _required(mapping: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in mapping:
-        _fail(_join(path, key), "required")
-    return mapping[key]
-
-
-def _string(value: object, path: str, *, nonempty: bool = False) -> str:
-    if not isinstance(value, str):
-        _fail(path, f"want a string, got {_type_name(value)}")
-    if nonempty and not value:
-        _fail(path, "must not be empty")
-    return value
-
-
-def _list(value: object, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        _fail(path, f"want a list, got {_type_name(value)}")
-    return value
+    raise Invalid(path, message)
 
 
 def _duration(value: object, path: str) -> dt.timedelta:
-    if not isinstance(value, str):
-        _fail(path, f"want a duration string like 30s, 5m or 1h30m, got {_type_name(value)}")
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        _fail(path, str(exc))
-    if duration < MIN_TTL:
-        _fail(path, f"must be at least {int(MIN_TTL.total_seconds())}s")
-    return duration
+    return _READER.duration(value, path, maximum=MAX_TTL, minimum=MIN_TTL)
 
 
 def _integer(value: object, path: str) -> int:
@@ -329,7 +234,7 @@ def _timestamp(value: object, path: str) -> dt.datetime:
         except ValueError:
             _fail(path, f"want an RFC 3339 timestamp, got {_show(value)}")
     else:
-        _fail(path, f"want an RFC 3339 timestamp, got {_type_name(value)}")
+        _fail(path, f"want an RFC 3339 timestamp, got {type_name(value)}")
     return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
 
 
@@ -354,10 +259,10 @@ def _condition(value: object, path: str) -> Condition:
             if key != "attribute" and key not in OPERATORS:
                 _fail(path, f"unknown operator {key!r} (want one of {', '.join(OPERATORS)})")
     body = _mapping(value, path, ("attribute", *OPERATORS))
-    attribute = _string(_required(body, "attribute", path), _join(path, "attribute"))
+    attribute = _string(_required(body, "attribute", path), join(path, "attribute"))
     if attribute not in ATTRIBUTES:
         _fail(
-            _join(path, "attribute"),
+            join(path, "attribute"),
             f"unknown attribute {attribute!r} (want one of {', '.join(ATTRIBUTES)})",
         )
     operators = [key for key in OPERATORS if key in body]
@@ -365,14 +270,14 @@ def _condition(value: object, path: str) -> Condition:
         got = " and ".join(operators) if operators else "none"
         _fail(path, f"want exactly one operator of {', '.join(OPERATORS)}, got {got}")
     operator = operators[0]
-    op_path = _join(path, operator)
+    op_path = join(path, operator)
     if operator in ("eq", "not_eq"):
         operand = _mapping(body[operator], op_path, ("value",))
         raw = _required(operand, "value", op_path)
-        values = frozenset({_integer(raw, _join(op_path, "value"))})
+        values = frozenset({_integer(raw, join(op_path, "value"))})
     else:
         operand = _mapping(body[operator], op_path, ("values",))
-        items = _list(_required(operand, "values", op_path), _join(op_path, "values"))
+        items = _list(_required(operand, "values", op_path), join(op_path, "values"))
         values = frozenset(
             _integer(item, f"{op_path}.values[{index}]") for index, item in enumerate(items)
         )
@@ -382,16 +287,16 @@ def _condition(value: object, path: str) -> Condition:
 def _rules(value: object, path: str) -> tuple[Rule, ...]:
     body = _mapping(value, path, ("allow",))
     rules: list[Rule] = []
-    allow_path = _join(path, "allow")
+    allow_path = join(path, "allow")
     for index, raw in enumerate(_list(body.get("allow", []), allow_path)):
         rule_path = f"{allow_path}[{index}]"
         rule = _mapping(raw, rule_path, ("conditions", "expression"))
         if "expression" in rule:
             _fail(
-                _join(rule_path, "expression"),
+                join(rule_path, "expression"),
                 "rule expressions are not supported; use conditions",
             )
-        conditions_path = _join(rule_path, "conditions")
+        conditions_path = join(rule_path, "conditions")
         conditions = tuple(
             _condition(item, f"{conditions_path}[{position}]")
             for position, item in enumerate(_list(rule.get("conditions", []), conditions_path))
@@ -421,7 +326,7 @@ def _identity(doc: object, trust_domain: TrustDomain, source: str) -> Identity:
     labels: dict[str, str] = {}
     raw_labels = meta.get("labels", {})
     if not isinstance(raw_labels, dict):
-        _fail("metadata.labels", f"want a mapping, got {_type_name(raw_labels)}")
+        _fail("metadata.labels", f"want a mapping, got {type_name(raw_labels)}")
     for key, label in raw_labels.items():
         key_text = _string(key, "metadata.labels")
         labels[key_text] = _string(label, f"metadata.labels.{key_text}")
@@ -530,7 +435,7 @@ def parse_identities(text: str, trust_domain: TrustDomain, source: str) -> list[
                 continue
             try:
                 identities.append(_identity(doc, trust_domain, f"{source}: document {index}"))
-            except _Bad as exc:
+            except Invalid as exc:
                 raise ConfigError(f"{source}: document {index}: {exc}") from None
             except RecursionError:
                 raise ConfigError(f"{source}: document {index}: nested too deeply") from None
@@ -626,7 +531,11 @@ def parse_federated_bundle(trust_domain: TrustDomain, data: bytes, path: str) ->
         except InvalidBundle as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         for cert in bundle.authorities:
-            if not _is_ca(cert):
+            try:
+                authority = is_ca(cert)
+            except ValueError:  # a malformed basicConstraints: not usable as a CA
+                authority = False
+            if not authority:
                 raise ConfigError(
                     f"{path}: certificate {cert.subject.rfc4514_string()!r} is not a CA"
                 )
@@ -634,15 +543,6 @@ def parse_federated_bundle(trust_domain: TrustDomain, data: bytes, path: str) ->
     if data.lstrip().startswith(b"{"):
         return _from_jwks(trust_domain, path, data)
     raise ConfigError(f"{path}: neither PEM certificates nor a SPIFFE bundle JWKS")
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-    except ValueError:  # cryptography parses extensions lazily: a malformed one surfaces here
-        return False
 
 
 def _from_jwks(trust_domain: TrustDomain, path: str, data: bytes) -> FederatedBundle:

@@ -37,10 +37,11 @@ import socket
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIBase
@@ -58,6 +59,7 @@ from sds.provider.identities import FederatedBundle, Identity, entitled
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle, b64url_decode, validate_jwt_svid
 from sds.spiffe.x509 import X509Svid, utc_text, utcnow
+from sds.workloadapi.address import SECURITY_HEADER, SECURITY_VALUE
 
 __all__ = [
     "DEFAULT_JWT_TTL",
@@ -73,7 +75,9 @@ __all__ = [
 
 logger = logging.getLogger("sds.provider")
 
-SECURITY_HEADER = "workload.spiffe.io"
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
 DEFAULT_X509_TTL = dt.timedelta(hours=1)
 DEFAULT_JWT_TTL = dt.timedelta(minutes=5)
 _CLOSE_TIMEOUT = 5.0
@@ -121,7 +125,7 @@ class _Minted:
     renew_at: dt.datetime
 
 
-class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
+class WorkloadApiService(SpiffeWorkloadAPIBase):
     """The five Workload API methods over one provider's CA and configuration."""
 
     def __init__(
@@ -184,7 +188,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     # -- admission ---------------------------------------------------------
 
-    def _admit(self, stream: Any, method: str) -> PeerCredentials:
+    def _admit(self, stream: Stream[Any, Any], method: str) -> PeerCredentials:
         """Check the security header, then attest the caller from the kernel."""
         task = asyncio.current_task()
         if task is not None:
@@ -195,8 +199,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             self._transports.add(transport)
         self._check_open()
         creds = peer_credentials(stream)
-        metadata = stream.metadata or {}
-        if metadata.get(SECURITY_HEADER) != "true":
+        metadata = stream.metadata
+        if metadata is None or metadata.get(SECURITY_HEADER) != SECURITY_VALUE:
             self._deny(creds, method, "security header missing")
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_HEADER)
         if creds is None:
@@ -207,7 +211,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             )
         return creds
 
-    async def _request(self, stream: Any) -> Any:
+    async def _request(self, stream: Stream[_Req, Any]) -> _Req:
         """The call's one request message, read only now that the caller is admitted."""
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -336,7 +340,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
         )
         return _Minted(key, svid, now + max((svid.not_after - now) / 2, _MIN_RENEW))
 
-    async def FetchX509SVID(self, stream: Any) -> None:
+    async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest, pb.X509SVIDResponse]) -> None:
         """Stream the caller's X.509-SVIDs: at once, at each half-life, and on config change."""
         creds = self._admit(stream, "FetchX509SVID")
         self._selected(creds, "FetchX509SVID", utcnow())
@@ -393,7 +397,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
                 wake.append(expiry)
             await self._wait(changed, min(wake, default=None))
 
-    async def FetchX509Bundles(self, stream: Any) -> None:
+    async def FetchX509Bundles(
+        self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]
+    ) -> None:
         """Stream the own and federated X.509 bundles (DER): at once and on change."""
         await self._stream_bundles(
             stream,
@@ -404,10 +410,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     async def _stream_bundles(
         self,
-        stream: Any,
+        stream: Stream[_Req, _Resp],
         method: str,
         current: Callable[[], dict[str, bytes]],
-        response: Callable[[dict[str, bytes]], Any],
+        response: Callable[[dict[str, bytes]], _Resp],
     ) -> None:
         """Send ``response(current())`` at once, then again whenever the bundles change."""
         creds = self._admit(stream, method)
@@ -426,7 +432,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
 
     # -- JWT profile -------------------------------------------------------
 
-    async def FetchJWTSVID(self, stream: Any) -> None:
+    async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:
         """Issue ES256 JWT-SVIDs for the requested audience (one per identity, or the one asked)."""
         creds = self._admit(stream, "FetchJWTSVID")
         self._selected(creds, "FetchJWTSVID", utcnow())
@@ -480,7 +486,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             )
         await stream.send_message(pb.JWTSVIDResponse(svids=svids))
 
-    async def FetchJWTBundles(self, stream: Any) -> None:
+    async def FetchJWTBundles(
+        self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]
+    ) -> None:
         """Stream JWKS documents per trust domain (own and federated): at once and on change."""
         await self._stream_bundles(
             stream,
@@ -489,7 +497,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):  # type: ignore[misc]
             lambda bundles: pb.JWTBundlesResponse(bundles=bundles),
         )
 
-    async def ValidateJWTSVID(self, stream: Any) -> None:
+    async def ValidateJWTSVID(
+        self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
+    ) -> None:
         """Validate a JWT-SVID against the own and federated JWT bundles (JWT-SVID section 4)."""
         creds = self._admit(stream, "ValidateJWTSVID")
         self._selected(creds, "ValidateJWTSVID", utcnow())

@@ -29,6 +29,7 @@ __all__ = [
     "X509Context",
     "X509Source",
     "X509Svid",
+    "is_ca",
     "split_der_certificates",
     "utc_text",
     "utcnow",
@@ -255,7 +256,7 @@ class X509Svid:
             raise InvalidSvid(f"SVID {sid}: leaf has {len(uris)} URI SANs, want exactly 1")
         if uris[0] != str(sid):
             raise InvalidSvid(f"SVID {sid}: leaf URI SAN is {uris[0]}, not the SVID's SPIFFE ID")
-        if _is_ca(leaf):
+        if is_ca(leaf):
             raise InvalidSvid(f"SVID {sid}: leaf is a CA certificate (basicConstraints CA=true)")
         usage = _key_usage(leaf)
         if usage is not None:
@@ -266,7 +267,7 @@ class X509Svid:
         if not _same_public_key(self.private_key, leaf):
             raise InvalidSvid(f"SVID {sid}: private key does not match the leaf certificate")
         for position, cert in enumerate(self.chain[1:], start=1):
-            if not _is_ca(cert):
+            if not is_ca(cert):
                 raise InvalidSvid(f"SVID {sid}: chain certificate {position} is not a CA")
 
     def verify(self, bundle: X509Bundle | None, now: dt.datetime | None = None) -> None:
@@ -359,7 +360,11 @@ def _leaf_uris(cert: x509.Certificate) -> list[str]:
     return [] if san is None else san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` has basicConstraints CA=true.
+
+    Raises ValueError for a malformed extension (cryptography parses them lazily).
+    """
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:

@@ -16,9 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import datetime as dt
-
-    from sds.workloadapi.client import Address
+    from sds.workloadapi.address import Address
 
 __all__ = ["add_arguments", "run"]
 
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
     from sds.errors import ConfigError, InvalidMaterial, WorkloadApiError  # noqa: PLC0415
-    from sds.workloadapi.client import parse_address  # noqa: PLC0415
+    from sds.workloadapi.address import parse_address  # noqa: PLC0415
 
     if args.sds:
         return _run_sds(args)
@@ -107,12 +105,6 @@ def truncate_token(token: str) -> str:
     return f"{token[:TOKEN_SHOWN]}... ({len(token)} chars; --show-token prints it)"
 
 
-def _iso(when: dt.datetime) -> str:
-    from sds.spiffe.x509 import utc_text  # noqa: PLC0415
-
-    return utc_text(when)
-
-
 async def collect(address: Address, audience: list[str], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
     """Everything the Workload API at ``address`` hands this caller, as JSON-ready data.
 
@@ -122,6 +114,7 @@ async def collect(address: Address, audience: list[str], timeout: float) -> dict
     import asyncio  # noqa: PLC0415
 
     from sds.errors import WorkloadApiUnavailable  # noqa: PLC0415
+    from sds.spiffe.x509 import utc_text  # noqa: PLC0415
     from sds.workloadapi.client import WorkloadApiClient  # noqa: PLC0415
 
     try:
@@ -141,7 +134,7 @@ async def collect(address: Address, audience: list[str], timeout: float) -> dict
                 "spiffe_id": str(svid.spiffe_id),
                 "hint": svid.hint,
                 "serial": format(svid.serial, "x"),
-                "not_after": _iso(svid.not_after),
+                "not_after": utc_text(svid.not_after),
                 "dns_sans": svid.dns_sans(),
                 "ip_sans": svid.ip_sans(),
             }
@@ -158,7 +151,7 @@ async def collect(address: Address, audience: list[str], timeout: float) -> dict
             {
                 "spiffe_id": str(svid.spiffe_id),
                 "hint": svid.hint,
-                "expiry": _iso(svid.expiry),
+                "expiry": utc_text(svid.expiry),
                 "token": svid.token,
             }
             for svid in jwt_svids
@@ -223,14 +216,15 @@ def _run_sds(args: argparse.Namespace) -> int:
 
     from sds.errors import ConfigError, SdsError  # noqa: PLC0415
     from sds.tools.inspect_sds import DEFAULT_NAMES, collect_sds, render_sds  # noqa: PLC0415
+    from sds.workloadapi.address import unix_socket_path  # noqa: PLC0415
 
-    if not args.sds.startswith("unix:///"):
-        raise ConfigError(f"--sds {args.sds!r}: want unix:///path")
+    try:
+        path = unix_socket_path(args.sds)
+    except ValueError as exc:
+        raise ConfigError(f"--sds {args.sds!r}: {exc}") from None
     names = args.name or list(DEFAULT_NAMES)
     try:
-        report = asyncio.run(
-            collect_sds(args.sds[len("unix://") :], names, args.admin, args.timeout)
-        )
+        report = asyncio.run(collect_sds(path, names, args.admin, args.timeout))
     except SdsError as exc:
         print(f"sds inspect: {exc}", file=sys.stderr)
         return 1

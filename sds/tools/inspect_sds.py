@@ -1,8 +1,8 @@
 """``sds inspect --sds ADDR``: connect to an SDS server as Envoy does and show what it serves.
 
-It decodes with envoy-data-plane, independently of the bridge's own wire
-codec (``envoy.py``), so what it prints is what a separate implementation
-of Envoy's API reads.
+It reads responses with Envoy's generated types (xds-protos, through
+:mod:`sds.xds.codec`): what it prints is what those messages say, field by
+field, not the bridge's own view of its state.
 
 Opens a StreamSecrets stream (node id ``sds-inspect``), asks for the given
 names, and summarizes the first response. SPIRE's agent refuses more than one
@@ -24,19 +24,20 @@ import urllib.request
 from typing import Any
 
 from cryptography import x509
-from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    Secret,
-    SpiffeCertValidatorConfig,
-)
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from sds.errors import SdsError
 from sds.spiffe.jwt import b64url_decode
-from sds.xds.codec import SECRET_TYPE_URL
+from sds.xds.codec import (
+    DiscoveryRequest,
+    DiscoveryResponse,
+    WireError,
+    client_request,
+    response_secrets,
+    spiffe_trust_domains,
+)
 
 __all__ = ["collect_sds", "render_sds"]
 
@@ -63,14 +64,15 @@ def _jwt_claims(value: str) -> dict[str, Any]:
 
 
 def _pem_of(source: Any) -> bytes:
-    data = getattr(source, "inline_bytes", None)
-    return data if isinstance(data, bytes) else b""
+    data = source.inline_bytes if source.WhichOneof("specifier") == "inline_bytes" else b""
+    return bytes(data)
 
 
-def summarize(secret: Secret) -> dict[str, Any]:
-    """A JSON-ready description of one secret, without key bytes or tokens."""
-    tls = secret.tls_certificate
-    if tls is not None:
+def summarize(secret: Any) -> dict[str, Any]:
+    """A JSON-ready description of one ``Secret`` message, without key bytes or tokens."""
+    kind = secret.WhichOneof("type")
+    if kind == "tls_certificate":
+        tls = secret.tls_certificate
         chain = x509.load_pem_x509_certificates(_pem_of(tls.certificate_chain))
         leaf = chain[0]
         return {
@@ -82,35 +84,36 @@ def summarize(secret: Secret) -> dict[str, Any]:
             "chain_length": len(chain),
             "private_key": "present (not shown)" if _pem_of(tls.private_key) else "missing",
         }
-    if secret.generic_secret is not None:
-        value = getattr(secret.generic_secret.secret, "inline_string", None) or ""
+    if kind == "generic_secret":
+        source = secret.generic_secret.secret
+        value = source.inline_string if source.WhichOneof("specifier") == "inline_string" else ""
         return {"name": secret.name, "type": "generic_secret", "jwt": _jwt_claims(value)}
-    context = secret.validation_context
     item: dict[str, Any] = {"name": secret.name, "type": "validation_context"}
-    if context is None:
+    if kind != "validation_context":
         return item
-    validator = context.custom_validator_config
-    if validator is not None and validator.typed_config is not None:
-        config = SpiffeCertValidatorConfig.parse(validator.typed_config.value)
+    context = secret.validation_context
+    trust_domains = spiffe_trust_domains(context)
+    if trust_domains is not None:
         item["validator"] = "spiffe"
         item["trust_domains"] = {
-            td.name: len(x509.load_pem_x509_certificates(_pem_of(td.trust_bundle)))
-            for td in config.trust_domains
+            td: len(x509.load_pem_x509_certificates(pem)) for td, pem in trust_domains.items()
         }
-    elif context.trusted_ca is not None:
+    elif context.HasField("trusted_ca"):
         item["validator"] = "trusted_ca"
         item["ca_count"] = len(x509.load_pem_x509_certificates(_pem_of(context.trusted_ca)))
     item["allow"] = [
-        m.matcher.exact if m.matcher.exact is not None else f"{m.matcher.prefix}*"
+        m.matcher.exact
+        if m.matcher.WhichOneof("match_pattern") == "exact"
+        else f"{m.matcher.prefix}*"
         for m in context.match_typed_subject_alt_names
-        if m.matcher is not None
+        if m.HasField("matcher")
     ]
     return item
 
 
 async def _ask(
     channel: Channel, names: list[str], wait_seconds: float, node_id: str = "sds-inspect"
-) -> DiscoveryResponse | None:
+) -> Any:
     """The first response to a StreamSecrets request for ``names``; None if none in time.
 
     As node ``sds-inspect`` the server counts the stream as an inspector, not an Envoy."""
@@ -122,16 +125,10 @@ async def _ask(
         DiscoveryRequest,
         DiscoveryResponse,
     ) as stream:
-        await stream.send_message(
-            DiscoveryRequest(
-                type_url=SECRET_TYPE_URL,
-                resource_names=names,
-                node=Node(id=node_id, cluster=node_id),
-            )
-        )
+        await stream.send_message(client_request(names, node_id))
         try:
             async with asyncio.timeout(wait_seconds):
-                response: DiscoveryResponse | None = await stream.recv_message()
+                response: Any = await stream.recv_message()
         except TimeoutError:
             response = None
         await stream.cancel()
@@ -146,7 +143,7 @@ async def collect_sds(
 
     channel = Channel(path=path)
     refused: dict[str, str] = {}
-    responses: list[DiscoveryResponse] = []
+    responses: list[Any] = []
     try:
         try:
             response = await _ask(channel, names, wait_seconds)
@@ -179,11 +176,14 @@ async def collect_sds(
         channel.close()
     secrets: list[dict[str, Any]] = []
     served: set[str] = set()
-    for each in responses:
-        for item in (summarize(Secret.parse(r.value)) for r in each.resources):
-            if item["name"] not in served:
-                served.add(item["name"])
-                secrets.append(item)
+    try:
+        summaries = [summarize(secret) for each in responses for secret in response_secrets(each)]
+    except WireError as exc:
+        raise SdsError(f"SDS server at unix://{path} sent a malformed response: {exc}") from exc
+    for item in summaries:
+        if item["name"] not in served:
+            served.add(item["name"])
+            secrets.append(item)
     versions = list(dict.fromkeys(r.version_info for r in responses))
     report: dict[str, Any] = {
         "sds": f"unix://{path}",

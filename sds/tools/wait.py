@@ -46,22 +46,25 @@ async def _fetch_probe(path: str) -> str | None:
     from grpclib.const import Cardinality, Status  # noqa: PLC0415
     from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError  # noqa: PLC0415
 
-    from sds.xds.codec import SECRET_TYPE_URL, encode_field, iter_fields  # noqa: PLC0415
-    from sds.xds.service import PassthroughCodec, RawMessage  # noqa: PLC0415
+    from sds.xds.codec import (  # noqa: PLC0415
+        SECRET_TYPE_URL,
+        DiscoveryResponse,
+        LiteRequest,
+    )
 
-    channel = Channel(path=path, codec=PassthroughCodec())
+    channel = Channel(path=path)
     try:
         async with (
             asyncio.timeout(PROBE_SECONDS),
             channel.request(
                 "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets",
                 Cardinality.UNARY_UNARY,
-                RawMessage,
-                RawMessage,
+                LiteRequest,
+                DiscoveryResponse,
             ) as reply,
         ):
-            request: Any = encode_field(4, SECRET_TYPE_URL.encode())  # type_url only: every name
-            await reply.send_message(request, end=True)
+            # type_url only: every name. The lite DiscoveryRequest is Envoy's, minus the Node.
+            await reply.send_message(LiteRequest(type_url=SECRET_TYPE_URL), end=True)
             body: Any = await reply.recv_message()
     except TimeoutError:
         return f"socket does not answer an SDS call within {PROBE_SECONDS:g}s"
@@ -77,7 +80,7 @@ async def _fetch_probe(path: str) -> str | None:
         return f"socket does not speak gRPC: {type(exc).__name__}"
     finally:
         channel.close()
-    if body is None or not any(number == 2 for number, _ in iter_fields(body)):
+    if body is None or not body.resources:
         return "the SDS server serves no secrets yet"
     return None
 

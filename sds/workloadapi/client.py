@@ -2,17 +2,15 @@
 
 This is the only module, besides the embedded provider, that reads
 ``workload_pb2`` messages; everything it returns is a protobuf-free domain
-type from :mod:`sds.spiffe.x509` and :mod:`sds.spiffe.jwt`.
+type from :mod:`sds.spiffe.x509` and :mod:`sds.spiffe.jwt`, and every gRPC or
+socket failure is mapped to :mod:`sds.errors` in one place
+(:meth:`WorkloadApiClient._errors`).
 
 Standards followed:
 
-* SPIFFE Workload Endpoint, section 4: the endpoint address is
-  ``unix:///absolute/path`` or ``tcp://IP:PORT`` (an IP literal, never a host
-  name), taken from ``SPIFFE_ENDPOINT_SOCKET`` when not configured.
-* SPIFFE Workload Endpoint, section 3: every call carries the security header
-  ``workload.spiffe.io: true``; section 6: a server that does not see it
-  answers ``INVALID_ARGUMENT``; ``UNAVAILABLE`` and ``PERMISSION_DENIED`` are
-  retried with backoff.
+* SPIFFE Workload Endpoint, sections 3-4: addresses and the security header,
+  :mod:`sds.workloadapi.address`; section 6: a server that does not see the
+  header answers ``INVALID_ARGUMENT``.
 * SPIFFE Workload API, sections 4.2-4.4: keep the stream open and reconnect
   when it drops; every ``FetchX509SVID`` / ``FetchJWTBundles`` message is the
   complete, current state, so SVIDs or bundles missing from it are withdrawn.
@@ -22,40 +20,31 @@ Standards followed:
   each SVID is verified against the bundle sent with it (its mandatory
   ``bundle`` field, Workload API s.5.1).
 
-:class:`WorkloadApiClient` makes single calls and raw streams; :class:`Watcher`
-is the long-running, self-healing consumer that ``sds run`` serves from.
+:class:`WorkloadApiClient` makes single calls and streams of converted
+messages; :class:`sds.workloadapi.watcher.Watcher` is the long-running,
+self-healing consumer that ``sds run`` serves from.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import ctypes
 import datetime as dt
-import ipaddress
 import json
-import logging
-import os
-import random
-import struct
-import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
+from types import TracebackType
+from typing import Any, TypeVar
 
-from grpclib.client import Channel
+from google.protobuf.message import Message
+from grpclib.client import Channel, ServiceMethod, Stream
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from sds._proto import workload_pb2
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
-from sds._util.log import event
 from sds.errors import (
-    ConfigError,
     InvalidBundle,
     InvalidJwt,
     InvalidSpiffeId,
@@ -66,29 +55,21 @@ from sds.errors import (
     WorkloadApiUnavailable,
 )
 from sds.spiffe.id import SpiffeId, TrustDomain
-from sds.spiffe.jwt import JwtBundle
+from sds.spiffe.jwt import JwtBundle, b64url_decode
 from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid, utcnow
+from sds.workloadapi.address import SECURITY_HEADER, SECURITY_VALUE, Address, as_address
 
 __all__ = [
-    "ENDPOINT_ENV",
-    "SECURITY_HEADER",
-    "Address",
-    "Backoff",
+    "CALL_TIMEOUT",
+    "KEEPALIVE_INTERVAL",
+    "MAX_MESSAGE_BYTES",
     "JwtSvid",
-    "NullEvents",
-    "Watcher",
-    "WatcherEvents",
+    "RejectedSvid",
     "WorkloadApiClient",
-    "parse_address",
+    "X509Update",
 ]
 
-logger = logging.getLogger("sds.workloadapi")
-
-#: Environment variable naming the Workload API endpoint (Workload Endpoint s.4).
-ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
-#: The security header sent on every call (Workload Endpoint s.3).
-SECURITY_HEADER = ("workload.spiffe.io", "true")
-_METADATA = dict([SECURITY_HEADER])
+_METADATA = {SECURITY_HEADER: SECURITY_VALUE}
 
 #: Deadline of every unary call and of the first message of a one-shot stream (seconds).
 CALL_TIMEOUT = 10.0
@@ -105,16 +86,42 @@ KEEPALIVE_TIMEOUT = 20.0
 _NOT_GRPC = ("Missing content-type header", "Invalid content-type", "Received :status")
 
 
+# gRPC status -> (error, message); {where} names the address (Workload Endpoint s.6:
+# UNAVAILABLE and PERMISSION_DENIED are retried by the Watcher, INVALID_ARGUMENT slowly).
+_STATUS_ERRORS: dict[Status, tuple[type[WorkloadApiError], str]] = {
+    Status.UNAVAILABLE: (WorkloadApiUnavailable, "{where} is unavailable: {message}"),
+    Status.PERMISSION_DENIED: (WorkloadApiDenied, "permission denied: {message}"),
+    Status.INVALID_ARGUMENT: (
+        WorkloadApiMisconfigured,
+        "{where} rejected the request as invalid: {message}",
+    ),
+}
+_OTHER_STATUS: tuple[type[WorkloadApiError], str] = (
+    WorkloadApiError,
+    "{where} failed: {status}: {message}",
+)
+# Socket errors with a fixed reason (subclasses first); other OSErrors give their strerror.
+_SOCKET_REASONS: tuple[tuple[type[OSError], str], ...] = (
+    (FileNotFoundError, "socket not found"),
+    (ConnectionRefusedError, "connection refused"),
+    (PermissionError, "no permission to connect to the socket"),
+)
+
+
 class MessageTooLarge(Exception):
     """A peer declared a message longer than the receive limit (internal; mapped in _errors)."""
 
 
-def _method_name(method: Any) -> str:
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+
+def _method_name(method: ServiceMethod[Any, Any]) -> str:
     """``FetchJWTSVID`` for grpclib's method object named ``/SpiffeWorkloadAPI/FetchJWTSVID``."""
-    return str(getattr(method, "name", "")).rpartition("/")[2]
+    return method.name.rpartition("/")[2]
 
 
-async def _recv_capped(stream: Any, limit: int) -> Any:
+async def _recv_capped(stream: Stream[Any, _Resp], limit: int) -> _Resp | None:
     """The next message of a grpclib client stream, or None at its end; refuses a message
     whose declared length exceeds ``limit`` before reading its body.
 
@@ -134,88 +141,8 @@ async def _recv_capped(stream: Any, limit: int) -> Any:
         if length > limit:
             raise MessageTooLarge(f"a {length}-byte message (the limit is {limit} bytes)")
         data = await stream._stream.recv_data(length)
-        return stream._codec.decode(data, stream._recv_type)
-
-
-# --------------------------------------------------------------------------- address
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A Workload API endpoint: a Unix socket path or a TCP ``IP:port`` (Workload Endpoint s.4).
-
-    ``str(address)`` is the canonical URI (``unix:///path`` or ``tcp://ip:port``).
-    """
-
-    scheme: Literal["unix", "tcp"]
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.scheme == "unix":
-            return "unix://" + self.path
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
-
-
-def parse_address(text: str | None, *, option: str = "--workload-api") -> Address:
-    """Parse a Workload API address; ``None`` or ``""`` means ``$SPIFFE_ENDPOINT_SOCKET``.
-
-    Accepts ``unix:///abs/path``, ``unix:/abs/path`` and ``tcp://IP:PORT`` with an
-    IP literal (SPIFFE Workload Endpoint s.4). Raises ConfigError with one line
-    naming the address (and its source) and what is wrong; ``option`` is the
-    command-line flag named when no address is configured at all.
-    """
-    source = ""
-    if not text:
-        text = os.environ.get(ENDPOINT_ENV, "")
-        source = f" (from {ENDPOINT_ENV})"
-        if not text:
-            raise ConfigError(f"no workload API address: set {ENDPOINT_ENV} or pass {option}")
-
-    def bad(reason: str) -> ConfigError:
-        return ConfigError(f"workload API address {text!r}{source} {reason}")
-
-    generic = "must be unix:///path or tcp://ip:port"
-    if "\x00" in text:
-        raise bad("contains a NUL byte")
-    try:
-        parts = urlsplit(text)
-    except ValueError as exc:
-        raise bad(generic) from exc
-    if parts.scheme == "unix":
-        if parts.netloc:
-            raise bad("must not name a host; use unix:///absolute/path")
-        if parts.query or parts.fragment or "?" in text or "#" in text:
-            raise bad("must not have a query or fragment")
-        if not parts.path.startswith("/"):
-            raise bad("must have an absolute socket path (unix:///absolute/path)")
-        return Address("unix", path=parts.path)
-    if parts.scheme == "tcp":
-        if parts.path or parts.query or parts.fragment or "?" in text or "#" in text:
-            raise bad("must not have a path, query or fragment")
-        if parts.username is not None or parts.password is not None:
-            raise bad("must not have user info")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise bad("has an invalid port") from exc
-        host = parts.hostname
-        if not host:
-            raise bad(generic)
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise bad(f"must use an IP address, not the host name {host!r}") from exc
-        if not port:
-            raise bad("must include a port (tcp://ip:port)")
-        return Address("tcp", host=str(ip), port=port)
-    raise bad(generic)
-
-
-def _coerce_address(address: Address | str | None) -> Address:
-    return address if isinstance(address, Address) else parse_address(address)
+        message: _Resp = stream._codec.decode(data, stream._recv_type)
+        return message
 
 
 # --------------------------------------------------------------------------- conversion
@@ -250,7 +177,9 @@ def _x509_bundle_map(entries: Mapping[str, bytes], what: str) -> list[X509Bundle
     ]
 
 
-def _response_bundles(resp: Any) -> tuple[BundleSet, list[X509Bundle | None]]:
+def _response_bundles(
+    resp: workload_pb2.X509SVIDResponse,
+) -> tuple[BundleSet, list[X509Bundle | None]]:
     """The bundles of one X509SVIDResponse, and each SVID's own bundle (None if absent).
 
     Own bundles (each SVID's ``bundle`` field) come first; federated bundles
@@ -278,7 +207,7 @@ def _response_bundles(resp: Any) -> tuple[BundleSet, list[X509Bundle | None]]:
     return BundleSet(merged.values()), own
 
 
-def _convert_svid(msg: Any, own: X509Bundle | None, now: dt.datetime) -> X509Svid:
+def _convert_svid(msg: workload_pb2.X509SVID, own: X509Bundle | None, now: dt.datetime) -> X509Svid:
     """Parse and verify one wire SVID against the bundle sent with it; raise InvalidSvid."""
     try:
         svid = X509Svid.parse(
@@ -290,12 +219,45 @@ def _convert_svid(msg: Any, own: X509Bundle | None, now: dt.datetime) -> X509Svi
     return svid
 
 
-def _x509_context(resp: Any) -> X509Context:
+def _x509_context(resp: workload_pb2.X509SVIDResponse) -> X509Context:
     """Convert one X509SVIDResponse strictly: any bad bundle or SVID raises."""
     now = utcnow()
     bundles, own = _response_bundles(resp)
     svids = tuple(_convert_svid(msg, b, now) for msg, b in zip(resp.svids, own, strict=True))
     return X509Context(svids, bundles)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedSvid:
+    """An SVID of an X.509-SVID message that failed parsing or verification, and why."""
+
+    spiffe_id: str
+    hint: str
+    error: InvalidSvid
+
+
+@dataclass(frozen=True, slots=True)
+class X509Update:
+    """One X.509-SVID message: its bundles, and each SVID in order, valid or rejected."""
+
+    bundles: BundleSet
+    svids: tuple[X509Svid | RejectedSvid, ...]
+
+
+def _x509_update(resp: workload_pb2.X509SVIDResponse) -> X509Update | InvalidBundle:
+    """Convert one X509SVIDResponse with per-SVID isolation (the Watcher's view of it)."""
+    now = utcnow()
+    try:
+        bundles, own = _response_bundles(resp)
+    except InvalidBundle as exc:
+        return exc
+    svids: list[X509Svid | RejectedSvid] = []
+    for msg, own_bundle in zip(resp.svids, own, strict=True):
+        try:
+            svids.append(_convert_svid(msg, own_bundle, now))
+        except InvalidSvid as exc:
+            svids.append(RejectedSvid(msg.spiffe_id, msg.hint, exc))
+    return X509Update(bundles, tuple(svids))
 
 
 def _jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle]:
@@ -306,11 +268,7 @@ def _jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle
     return bundles
 
 
-def _b64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _jwt_svid(msg: Any) -> JwtSvid:
+def _jwt_svid(msg: workload_pb2.JWTSVID) -> JwtSvid:
     """Convert one wire JWT-SVID, reading ``sub`` and ``exp`` from the (unverified) payload."""
     try:
         sid = SpiffeId.parse(msg.spiffe_id)
@@ -320,7 +278,7 @@ def _jwt_svid(msg: Any) -> JwtSvid:
     if len(parts) != 3:
         raise InvalidJwt(f"JWT-SVID {sid}: token is not a compact JWS")
     try:
-        claims = json.loads(_b64url(parts[1]))
+        claims = json.loads(b64url_decode(parts[1]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJwt(f"JWT-SVID {sid}: token payload is not base64url JSON") from exc
     if not isinstance(claims, dict):
@@ -372,7 +330,7 @@ class WorkloadApiClient:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         keepalive: float | None = KEEPALIVE_INTERVAL,
     ) -> None:
-        self.address = _coerce_address(address)
+        self.address = as_address(address)
         self.call_timeout = call_timeout
         self.max_message_bytes = max_message_bytes
         self._keepalive = keepalive
@@ -423,6 +381,11 @@ class WorkloadApiClient:
 
     @contextlib.contextmanager
     def _errors(self, method: str = "") -> Iterator[None]:
+        """The one map from grpclib and socket failures to :mod:`sds.errors` (``raise ... from``).
+
+        gRPC statuses by :data:`_STATUS_ERRORS`, socket errors by :data:`_SOCKET_REASONS`;
+        a peer that is not a Workload API (not gRPC, or without ``method``) is misconfigured.
+        """
         where = f"workload API at {self.address}"
         try:
             yield
@@ -442,35 +405,27 @@ class WorkloadApiClient:
                     f"{self.address}: not a SPIFFE Workload API "
                     f"(the peer does not implement {method})"
                 ) from exc
-            if exc.status is Status.UNAVAILABLE:
-                raise WorkloadApiUnavailable(f"{where} is unavailable: {message}") from exc
-            if exc.status is Status.PERMISSION_DENIED:
-                raise WorkloadApiDenied(f"permission denied: {message}") from exc
-            if exc.status is Status.INVALID_ARGUMENT:
-                raise WorkloadApiMisconfigured(
-                    f"{where} rejected the request as invalid: {message}"
-                ) from exc
-            raise WorkloadApiError(f"{where} failed: {exc.status.name}: {message}") from exc
+            error, template = _STATUS_ERRORS.get(exc.status, _OTHER_STATUS)
+            raise error(
+                template.format(where=where, status=exc.status.name, message=message)
+            ) from exc
         except StreamTerminatedError as exc:
             reason = (str(exc) or "stream terminated").lower()
             raise WorkloadApiUnavailable(f"{where} is unavailable: {reason}") from exc
-        except FileNotFoundError as exc:
-            raise WorkloadApiUnavailable(f"{where} is unavailable: socket not found") from exc
-        except ConnectionRefusedError as exc:
-            raise WorkloadApiUnavailable(f"{where} is unavailable: connection refused") from exc
-        except PermissionError as exc:
-            raise WorkloadApiUnavailable(
-                f"{where} is unavailable: no permission to connect to the socket"
-            ) from exc
         except OSError as exc:
-            reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+            reason = next(
+                (text for kind, text in _SOCKET_REASONS if isinstance(exc, kind)),
+                (exc.strerror or str(exc) or type(exc).__name__).lower(),
+            )
             raise WorkloadApiUnavailable(f"{where} is unavailable: {reason}") from exc
         except ProtocolError as exc:
             raise WorkloadApiError(f"{where}: gRPC protocol error: {exc}") from exc
         except MessageTooLarge as exc:
             raise WorkloadApiError(f"{where} sent {exc}") from exc
 
-    async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
+    async def _stream(
+        self, method: ServiceMethod[_Req, _Resp], request: _Req
+    ) -> AsyncGenerator[_Resp, None]:
         """Raw messages of one server stream, until the server ends it."""
         with self._errors(_method_name(method)):
             async with method.open(metadata=_METADATA) as stream:
@@ -479,7 +434,9 @@ class WorkloadApiClient:
                     yield message
 
     @contextlib.asynccontextmanager
-    async def _call(self, method: Any, request: Any) -> AsyncIterator[Any]:
+    async def _call(
+        self, method: ServiceMethod[_Req, _Resp], request: _Req
+    ) -> AsyncIterator[Stream[_Req, _Resp]]:
         """The stream of one call bounded by ``call_timeout``, its request sent; failures
         inside (the caller's reads included) become Workload API errors."""
         with self._errors(_method_name(method)):
@@ -490,7 +447,7 @@ class WorkloadApiClient:
                 await stream.send_message(request, end=True)
                 yield stream
 
-    async def _first(self, method: Any, request: Any, what: str) -> Any:
+    async def _first(self, method: ServiceMethod[_Req, _Resp], request: _Req, what: str) -> _Resp:
         """The first message of a server stream within ``call_timeout``; then cancelled."""
         async with self._call(method, request) as stream:
             message = await _recv_capped(stream, self.max_message_bytes)
@@ -502,7 +459,7 @@ class WorkloadApiClient:
             )
         return message
 
-    async def _unary(self, method: Any, request: Any) -> Any:
+    async def _unary(self, method: ServiceMethod[_Req, _Resp], request: _Req) -> _Resp:
         """One unary call, answered within ``call_timeout`` and at most ``max_message_bytes``."""
         async with self._call(method, request) as stream:
             message = await _recv_capped(stream, self.max_message_bytes)
@@ -513,10 +470,10 @@ class WorkloadApiClient:
             )
         return message
 
-    def _x509_responses(self) -> AsyncGenerator[Any, None]:
+    def _x509_responses(self) -> AsyncGenerator[workload_pb2.X509SVIDResponse, None]:
         return self._stream(self._api().FetchX509SVID, workload_pb2.X509SVIDRequest())
 
-    def _jwt_bundle_responses(self) -> AsyncGenerator[Any, None]:
+    def _jwt_bundle_responses(self) -> AsyncGenerator[workload_pb2.JWTBundlesResponse, None]:
         return self._stream(self._api().FetchJWTBundles, workload_pb2.JWTBundlesRequest())
 
     # -- X.509 ----------------------------------------------------------------
@@ -533,6 +490,18 @@ class WorkloadApiClient:
         async with contextlib.aclosing(self._x509_responses()) as responses:
             async for resp in responses:
                 yield _x509_context(resp)
+
+    async def x509_updates(self) -> AsyncGenerator[X509Update | InvalidBundle, None]:
+        """Every FetchX509SVID message, converted SVID by SVID, until the server ends it.
+
+        A message whose bundles do not parse is yielded as its InvalidBundle (it
+        cannot be used as a whole); otherwise each SVID is verified against its
+        own bundle and yielded as an X509Svid or, when it fails, a RejectedSvid:
+        the caller decides what to keep (Workload API s.5).
+        """
+        async with contextlib.aclosing(self._x509_responses()) as responses:
+            async for resp in responses:
+                yield _x509_update(resp)
 
     async def fetch_x509_bundles(self) -> BundleSet:
         """Every X.509 bundle the caller trusts: the first FetchX509Bundles message."""
@@ -571,6 +540,20 @@ class WorkloadApiClient:
             async for resp in responses:
                 yield _jwt_bundle_map(resp.bundles)
 
+    async def jwt_bundle_updates(
+        self,
+    ) -> AsyncGenerator[dict[TrustDomain, JwtBundle] | InvalidBundle, None]:
+        """Like :meth:`jwt_bundles`, but a message that does not parse is yielded as its
+        InvalidBundle and the stream goes on (the caller keeps its last good bundles)."""
+        async with contextlib.aclosing(self._jwt_bundle_responses()) as responses:
+            async for resp in responses:
+                try:
+                    bundles = _jwt_bundle_map(resp.bundles)
+                except InvalidBundle as exc:
+                    yield exc
+                else:
+                    yield bundles
+
     async def validate_jwt_svid(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
         """Have the Workload API validate ``token`` for ``audience``; return subject and claims.
 
@@ -583,719 +566,7 @@ class WorkloadApiClient:
             sid = SpiffeId.parse(resp.spiffe_id)
         except InvalidSpiffeId as exc:
             raise InvalidJwt(f"validated token has a bad spiffe_id: {exc}") from exc
-        from google.protobuf import json_format  # type: ignore[import-untyped]  # noqa: PLC0415
+        from google.protobuf import json_format  # noqa: PLC0415
 
         claims: dict[str, Any] = _plain(json_format.MessageToDict(resp.claims))
         return sid, claims
-
-
-# --------------------------------------------------------------------------- socket watch
-
-#: Seconds the first X.509-SVID message may take after connecting.
-FIRST_MESSAGE_TIMEOUT = 10.0
-#: How long an open X.509-SVID stream may stay silent: this fraction of the remaining
-#: lifetime of the earliest-expiring SVID, clamped to [SILENCE_MIN, SILENCE_MAX] seconds.
-SILENCE_FRACTION = 0.75
-SILENCE_MIN = 1.0
-SILENCE_MAX = 300.0
-#: After the socket reappears, connection failures are retried this many times every
-#: FAST_RETRY_DELAY seconds (a server binds before it serves) before the backoff resumes.
-FAST_RETRIES = 20
-FAST_RETRY_DELAY = 0.005
-#: Stat-poll interval when inotify is not available (only while disconnected).
-_POLL_INTERVAL = 0.2
-
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_IN_MOVED_TO = 0x80
-_IN_CREATE = 0x100
-_IN_DELETE_SELF = 0x400
-_IN_MOVE_SELF = 0x800
-_IN_Q_OVERFLOW = 0x4000
-_IN_IGNORED = 0x8000
-_EVENT = struct.Struct("iIII")
-
-
-def _inode(path: str) -> tuple[int, int, int] | None:
-    """Identity of the file at ``path``: device, inode and change time (tmpfs reuses inode
-    numbers at once, so a recreated socket can carry its predecessor's), or None."""
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (info.st_dev, info.st_ino, info.st_ctime_ns)
-
-
-def _inotify_directory(directory: str) -> int:
-    """An inotify fd watching ``directory`` for created and moved-in entries; raise OSError."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-    mask = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
-    if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
-        errno = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(errno, f"inotify_add_watch {directory} failed")
-    return fd
-
-
-class SocketWatch:
-    """Tells when a Unix socket path is created or replaced, so a reconnect need not wait
-    out its backoff.
-
-    Linux: inotify on the socket's directory (no polling); elsewhere, or while the
-    directory itself is missing, a stat poll every 0.2 s. It exists only while the
-    watcher is disconnected. If the path already holds another inode than
-    ``known`` (the socket we were last connected to, if any), that counts as
-    having appeared.
-    """
-
-    def __init__(self, path: str, known: tuple[int, int, int] | None) -> None:
-        self._path = path
-        self._directory, self._name = os.path.split(path)
-        self._appeared = asyncio.Event()
-        self._fd = -1
-        self._poller: asyncio.Task[None] | None = None
-        current = _inode(path)
-        self._seen = current  # what the stat poll compares against
-        self._start()
-        if known is not None and current is not None and current != known:
-            self._appeared.set()  # replaced between the disconnect and this watch
-
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if sys.platform.startswith("linux"):
-            try:
-                self._fd = _inotify_directory(self._directory)
-            except (OSError, AttributeError):
-                self._fd = -1
-            else:
-                loop.add_reader(self._fd, self._readable)
-                return
-        self._poller = loop.create_task(self._poll(), name="socket-poll")
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        offset = 0
-        gone = not data
-        while offset + _EVENT.size <= len(data):
-            _, mask, _, length = _EVENT.unpack_from(data, offset)
-            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
-            offset += _EVENT.size + length
-            if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
-                gone = True
-            elif mask & _IN_Q_OVERFLOW or os.fsdecode(name) == self._name:
-                self._appeared.set()  # an overflow may have hidden ours: try once more
-        if gone:  # the directory went away: fall back to polling until it is back
-            self._close_fd()
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="socket-poll")
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(_POLL_INTERVAL)
-            current = _inode(self._path)
-            if current != self._seen:
-                self._seen = current
-                if current is not None:
-                    self._appeared.set()
-
-    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait up to ``timeout`` s; True if the socket appeared (the flag is then cleared)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._appeared.wait()
-        except TimeoutError:
-            return False
-        self._appeared.clear()
-        return True
-
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-
-    def close(self) -> None:
-        """Stop watching (on connect, or when the watcher stops)."""
-        self._close_fd()
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
-
-
-# --------------------------------------------------------------------------- watcher
-
-
-class WatcherEvents(Protocol):
-    """What a Watcher reports as it runs: the seam for metrics (the core knows no Prometheus).
-
-    Every method is called synchronously on the event loop and must not block.
-    """
-
-    def on_connected(self) -> None:
-        """The X.509-SVID stream delivered its first message on a new connection."""
-        return None
-
-    def on_disconnected(self, error: WorkloadApiError) -> None:
-        """An X.509-SVID stream attempt ended or failed with ``error``; a retry follows."""
-        return None
-
-    def on_x509_update(self, ctx: X509Context) -> None:
-        """The published X.509 state changed to ``ctx``."""
-        return None
-
-    def on_svid_rejected(self, error: InvalidSvid) -> None:
-        """An SVID in a new message failed validation and was not taken."""
-        return None
-
-    def on_svid_expired(self, svid: X509Svid) -> None:
-        """A held SVID reached its expiry without a replacement and was dropped."""
-        return None
-
-    def on_jwt_bundles_update(self, bundles: Mapping[TrustDomain, JwtBundle]) -> None:
-        """The JWT bundles changed."""
-        return None
-
-    def on_misconfigured(self, error: WorkloadApiMisconfigured) -> None:
-        """The server answered ``INVALID_ARGUMENT``: a configuration problem, not an outage."""
-        return None
-
-
-class NullEvents(WatcherEvents):
-    """WatcherEvents that do nothing (the Protocol's bodies are no-ops): the default."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter.
-
-    Attempt ``n`` (counting from 1 after the last :meth:`reset`) waits a uniform
-    random time in ``[0, min(maximum, initial * 2**(n-1))]``.
-    """
-
-    def __init__(
-        self, initial: float, maximum: float, rng: Callable[[], float] = random.random
-    ) -> None:
-        if initial <= 0 or maximum < initial:
-            raise ValueError(f"backoff needs 0 < initial <= maximum, got {initial}, {maximum}")
-        self.initial = initial
-        self.maximum = maximum
-        self.attempt = 0
-        self._rng = rng
-
-    def ceiling(self) -> float:
-        """The upper bound of the current attempt's delay."""
-        exponent = min(max(self.attempt - 1, 0), 64)
-        return float(min(self.maximum, self.initial * 2**exponent))
-
-    def next_delay(self) -> float:
-        """Count one more failed attempt and return how long to wait before the next."""
-        self.attempt += 1
-        return self._rng() * self.ceiling()
-
-    def reset(self) -> None:
-        """Start over from ``initial`` (after a good message)."""
-        self.attempt = 0
-
-
-def _expiry(svid: X509Svid) -> dt.datetime:
-    """When the SVID stops being usable: the earliest not-after in its chain."""
-    return min(cert.not_valid_after_utc for cert in svid.chain)
-
-
-def _fingerprint(svid: X509Svid) -> tuple[str, str, bytes, bytes]:
-    return (str(svid.spiffe_id), svid.hint, svid.chain_der(), svid.key_der())
-
-
-def _same_x509(a: X509Context, b: X509Context) -> bool:
-    return a.bundles == b.bundles and [_fingerprint(s) for s in a.svids] == [
-        _fingerprint(s) for s in b.svids
-    ]
-
-
-def _same_jwt(a: Mapping[TrustDomain, JwtBundle], b: Mapping[TrustDomain, JwtBundle]) -> bool:
-    return {td: x.to_jwks() for td, x in a.items()} == {td: x.to_jwks() for td, x in b.items()}
-
-
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class Watcher:
-    """Keeps the latest valid Workload API state, forever; an ``sds.spiffe.x509.X509Source``.
-
-    :meth:`run` follows the X.509-SVID stream and the JWT bundle stream over
-    one connection, reconnecting with exponential backoff and full jitter
-    (reset after each good message) until cancelled. A stream that sends no
-    first message within ``first_message_timeout``, or stays silent past 3/4 of
-    the remaining lifetime of the earliest-expiring SVID held (1 s to
-    ``silence_max``), is abandoned for a new connection; on a Unix socket the
-    socket's directory is watched while disconnected and a reappearing socket
-    is connected at once, without waiting out the backoff. Each message is the
-    complete state (Workload API s.5): SVIDs missing from it are withdrawn.
-    SVIDs are validated one by one: an invalid one is reported and the last
-    good SVID with the same SPIFFE ID and hint is kept while unexpired; a
-    message whose bundles do not parse is rejected whole. Identical updates
-    are dropped. A timer at the earliest expiry removes expired SVIDs, so
-    :meth:`current` never returns one. ``PERMISSION_DENIED`` withdraws the SVIDs
-    (bundles stay); ``INVALID_ARGUMENT`` is reported as a configuration problem
-    and retried only every ``backoff_max`` seconds (Workload Endpoint s.6 says
-    not to retry it at all; a sidecar must not give up for good, so it retries
-    slowly). Listeners registered with
-    :meth:`subscribe` run synchronously on the loop after every state change.
-    """
-
-    def __init__(
-        self,
-        address: Address | str | None,
-        *,
-        events: WatcherEvents | None = None,
-        backoff_initial: float = 0.1,
-        backoff_max: float = 5.0,
-        first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
-        silence_max: float = SILENCE_MAX,
-        watch_socket: bool = True,
-    ) -> None:
-        self.address = _coerce_address(address)
-        self._events: WatcherEvents = events if events is not None else NullEvents()
-        Backoff(backoff_initial, backoff_max)  # validate the arguments early
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self.first_message_timeout = first_message_timeout
-        self.silence_max = silence_max
-        self._watch_socket = watch_socket and self.address.scheme == "unix"
-        self._socket_watch: SocketWatch | None = None
-        self._connected_inode: tuple[int, int, int] | None = None
-        self._reconnected = asyncio.Event()
-        # Quick retries left since the socket appeared (it may be bound but not serving yet).
-        self._fast_retries = 0
-        self._ctx: X509Context | None = None
-        self._jwt: dict[TrustDomain, JwtBundle] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._ready = asyncio.Event()
-        self._last_error: WorkloadApiError | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._expires_at: dt.datetime | None = None
-        self._connected = False
-        self._notified = 0  # notifications sent so far
-
-    # -- public state ------------------------------------------------------
-
-    def current(self) -> X509Context | None:
-        """The latest validated X.509 state (never holding an expired SVID), or None before any."""
-        ctx = self._ctx
-        if ctx is not None and self._expires_at is not None:
-            now = utcnow()
-            if self._expires_at <= now:  # the expiry timer has not run yet
-                return X509Context(tuple(s for s in ctx.svids if _expiry(s) > now), ctx.bundles)
-        return ctx
-
-    def jwt_bundles(self) -> Mapping[TrustDomain, JwtBundle]:
-        """The latest JWT bundles (read-only view; empty before the first message)."""
-        return MappingProxyType(self._jwt)
-
-    @property
-    def connected(self) -> bool:
-        """Whether the X.509-SVID stream is up now (a message arrived since the last failure)."""
-        return self._connected
-
-    @property
-    def last_error(self) -> WorkloadApiError | None:
-        """The most recent X.509 stream failure, or None."""
-        return self._last_error
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` synchronously on the loop after every state change."""
-        self._listeners.append(callback)
-
-    async def wait_ready(self, timeout: float) -> X509Context:  # noqa: ASYNC109
-        """Wait up to ``timeout`` seconds for the first X.509 state and return it.
-
-        On timeout raises the class of the last stream error (WorkloadApiError
-        subclasses) with its reason, or WorkloadApiUnavailable if none was seen.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError:
-            err = self._last_error
-            if err is None:
-                raise WorkloadApiUnavailable(
-                    f"workload API at {self.address} sent no X.509-SVIDs within {timeout:g}s"
-                ) from None
-            raise type(err)(f"no X.509-SVIDs within {timeout:g}s: {err}") from err
-        ctx = self.current()
-        assert ctx is not None
-        return ctx
-
-    # -- running -----------------------------------------------------------
-
-    async def run(self) -> None:
-        """Follow the Workload API until cancelled (never returns otherwise)."""
-        client = WorkloadApiClient(self.address)
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._x509_loop(client))
-                group.create_task(self._jwt_loop(client))
-        finally:
-            self._cancel_timer()
-            client.close()
-
-    async def _x509_loop(self, client: WorkloadApiClient) -> None:
-        backoff = Backoff(self._backoff_initial, self._backoff_max)
-        try:
-            while True:
-                try:
-                    await self._follow_x509(client, backoff)
-                    continue  # the stream went silent: reconnect at once
-                except WorkloadApiUnavailable as exc:
-                    if self._fast_retries:
-                        self._fast_retries -= 1
-                        self._last_error = exc
-                        event(logger, logging.DEBUG, "workload_api.not_serving_yet", error=exc)
-                        delay = FAST_RETRY_DELAY
-                    else:
-                        delay = self._x509_failed(exc, backoff)
-                except WorkloadApiError as exc:
-                    delay = self._x509_failed(exc, backoff)
-                except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
-                    event(logger, logging.ERROR, "workload_api.unexpected_error", error=repr(exc))
-                    delay = self._x509_failed(
-                        WorkloadApiError(f"workload API at {self.address}: {exc!r}"), backoff
-                    )
-                if await self._retry_wait(delay):
-                    backoff.reset()
-                    self._fast_retries = FAST_RETRIES
-        finally:
-            self._stop_socket_watch()
-
-    async def _follow_x509(self, client: WorkloadApiClient, backoff: Backoff) -> None:
-        """One X.509-SVID stream until it fails (raises) or stays silent too long (returns).
-
-        The first message must come within ``first_message_timeout``; after each
-        message the stream may stay silent for 3/4 of the remaining lifetime of
-        the earliest-expiring SVID held (at least 1 s, at most ``silence_max``),
-        so a server that keeps the connection open but stopped sending is
-        abandoned while a quarter of that lifetime is left to fetch a new SVID. A
-        healthy upstream rotates at half-life (SPIRE, our provider), well inside
-        the bound, so a fresh SVID never causes a reconnect.
-        """
-        connected = False
-        async with contextlib.aclosing(client._x509_responses()) as responses:
-            while True:
-                limit = self._silence_limit() if connected else self.first_message_timeout
-                try:
-                    async with asyncio.timeout(limit):
-                        resp = await anext(responses)
-                except StopAsyncIteration:
-                    raise WorkloadApiUnavailable(
-                        f"workload API at {self.address} ended the X.509-SVID stream"
-                    ) from None
-                except TimeoutError:
-                    client.close()  # a hung server: the next attempt opens a new connection
-                    if not connected:
-                        raise WorkloadApiUnavailable(
-                            f"workload API at {self.address} sent no X.509-SVID message "
-                            f"within {limit:g}s of connecting"
-                        ) from None
-                    event(
-                        logger,
-                        logging.WARNING,
-                        "workload_api.silent",
-                        address=self.address,
-                        silent_for=f"{limit:.3f}",
-                        action="reconnecting (a stalled stream or a replaced server)",
-                    )
-                    return
-                if not connected:
-                    connected = True
-                    was_connected, self._connected = self._connected, True
-                    self._on_stream_up()
-                    notified = self._notified
-                    if self._apply_x509(resp):
-                        backoff.reset()
-                    if not was_connected and self._notified == notified:
-                        self._notify()  # listeners learn of the connection once
-                elif self._apply_x509(resp):
-                    backoff.reset()
-
-    def _on_stream_up(self) -> None:
-        self._last_error = None
-        self._fast_retries = 0
-        self._stop_socket_watch()
-        self._connected_inode = _inode(self.address.path) if self._watch_socket else None
-        self._reconnected.set()
-        self._reconnected.clear()
-        self._events.on_connected()
-        event(logger, logging.INFO, "workload_api.connected", address=self.address)
-
-    def _silence_limit(self) -> float:
-        """How long the X.509 stream may stay silent: 3/4 of the earliest SVID's remaining life."""
-        expires_at = self._expires_at
-        if expires_at is None:
-            return self.silence_max
-        remaining = (expires_at - utcnow()).total_seconds()
-        return min(max(remaining * SILENCE_FRACTION, SILENCE_MIN), self.silence_max)
-
-    async def _retry_wait(self, delay: float) -> bool:
-        """Sleep ``delay`` before reconnecting; on a Unix socket, wake early (True) when the
-        socket file is created or replaced. The directory is watched only while disconnected."""
-        if not self._watch_socket:
-            await asyncio.sleep(delay)
-            return False
-        if self._socket_watch is None:
-            self._socket_watch = SocketWatch(self.address.path, self._connected_inode)
-        appeared = await self._socket_watch.wait(delay)
-        if appeared:
-            event(logger, logging.INFO, "workload_api.socket_appeared", address=self.address)
-        return appeared
-
-    def _stop_socket_watch(self) -> None:
-        if self._socket_watch is not None:
-            self._socket_watch.close()
-            self._socket_watch = None
-
-    def _x509_failed(self, exc: WorkloadApiError, backoff: Backoff) -> float:
-        """Record a failed X.509 stream attempt; return the delay before the next one."""
-        self._last_error = exc
-        if self._connected:
-            self._connected = False
-            self._notify()
-        self._events.on_disconnected(exc)
-        if isinstance(exc, WorkloadApiMisconfigured):
-            self._events.on_misconfigured(exc)
-            backoff.attempt += 1
-            event(
-                logger,
-                logging.ERROR,
-                "workload_api.misconfigured",
-                address=self.address,
-                error=exc,
-                problem="configuration: the server rejected the request as invalid "
-                "(e.g. the workload.spiffe.io security header) or is not a Workload API "
-                "(check the address)",
-                attempt=backoff.attempt,
-                retry_in=f"{self._backoff_max:.3f}",
-            )
-            return self._backoff_max
-        delay = backoff.next_delay()
-        if isinstance(exc, WorkloadApiDenied):
-            withdrawn = self._withdraw_svids()
-            event(
-                logger,
-                logging.ERROR,
-                "workload_api.denied",
-                address=self.address,
-                error=exc,
-                withdrawn=",".join(withdrawn) or "none",
-                attempt=backoff.attempt,
-                retry_in=f"{delay:.3f}",
-            )
-        else:
-            event(
-                logger,
-                logging.WARNING,
-                "workload_api.disconnected",
-                address=self.address,
-                error=exc,
-                attempt=backoff.attempt,
-                retry_in=f"{delay:.3f}",
-            )
-        return delay
-
-    async def _jwt_loop(self, client: WorkloadApiClient) -> None:
-        backoff = Backoff(self._backoff_initial, self._backoff_max)
-        while True:
-            try:
-                async with contextlib.aclosing(client._jwt_bundle_responses()) as responses:
-                    async for resp in responses:
-                        self._apply_jwt(resp)
-                        backoff.reset()
-                raise WorkloadApiUnavailable(
-                    f"workload API at {self.address} ended the JWT bundle stream"
-                )
-            except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
-                if not isinstance(exc, WorkloadApiError):
-                    exc = WorkloadApiError(f"workload API at {self.address}: {exc!r}")
-                if isinstance(exc, WorkloadApiMisconfigured):
-                    backoff.attempt += 1
-                    delay = self._backoff_max
-                else:
-                    delay = backoff.next_delay()
-                # The X.509 loop reports the connection; repeat failures here stay quiet.
-                level = logging.WARNING if backoff.attempt == 1 else logging.DEBUG
-                event(
-                    logger,
-                    level,
-                    "workload_api.jwt_bundles_failed",
-                    address=self.address,
-                    error=exc,
-                    attempt=backoff.attempt,
-                    retry_in=f"{delay:.3f}",
-                )
-            # Wake early when the X.509 stream is back (e.g. the socket reappeared).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._reconnected.wait()
-
-    # -- state changes -----------------------------------------------------
-
-    def _apply_x509(self, resp: Any) -> bool:
-        """Take one X509SVIDResponse with per-SVID isolation; False if rejected whole."""
-        now = utcnow()
-        try:
-            bundles, own = _response_bundles(resp)
-        except InvalidBundle as exc:
-            event(
-                logger,
-                logging.ERROR,
-                "x509.update_rejected",
-                reason=exc,
-                action="kept the last good state",
-            )
-            return False
-        previous: dict[tuple[str, str], X509Svid] = {}
-        for svid in self._ctx.svids if self._ctx else ():
-            previous.setdefault((str(svid.spiffe_id), svid.hint), svid)  # first wins (s.5.2.1)
-        svids: list[X509Svid] = []
-        for msg, own_bundle in zip(resp.svids, own, strict=True):
-            try:
-                svids.append(_convert_svid(msg, own_bundle, now))
-            except InvalidSvid as exc:
-                self._events.on_svid_rejected(exc)
-                kept = self._last_good(previous.get((msg.spiffe_id, msg.hint)), bundles)
-                if kept is not None:
-                    svids.append(kept)
-                    action = (
-                        f"kept the last good SVID (serial {kept.serial:x}, "
-                        f"expires {_iso(_expiry(kept))})"
-                    )
-                else:
-                    action = "dropped: no unexpired last good SVID"
-                event(
-                    logger,
-                    logging.ERROR,
-                    "svid.rejected",
-                    spiffe_id=msg.spiffe_id,
-                    hint=msg.hint,
-                    reason=exc,
-                    action=action,
-                )
-        self._set_x509(X509Context(tuple(svids), bundles))
-        return True
-
-    @staticmethod
-    def _last_good(last: X509Svid | None, bundles: BundleSet) -> X509Svid | None:
-        """``last`` if it is still unexpired and chains to the new message's bundle, else None."""
-        if last is None:
-            return None
-        try:
-            last.verify(bundles.get(last.spiffe_id.trust_domain))
-        except InvalidSvid:
-            return None
-        return last
-
-    def _set_x509(self, ctx: X509Context) -> None:
-        old = self._ctx
-        self._ready.set()
-        if old is not None and _same_x509(old, ctx):
-            return
-        self._ctx = ctx
-        self._reschedule_expiry()
-        self._events.on_x509_update(ctx)
-        event(
-            logger,
-            logging.INFO,
-            "x509.updated",
-            svids=",".join(str(s.spiffe_id) for s in ctx.svids) or "none",
-            bundles=",".join(td.name for td in ctx.bundles) or "none",
-        )
-        self._notify()
-
-    def _withdraw_svids(self) -> list[str]:
-        """Drop every SVID (the caller is no longer entitled); keep the bundles."""
-        ctx = self._ctx
-        if ctx is None or not ctx.svids:
-            return []
-        self._set_x509(X509Context((), ctx.bundles))
-        return [str(s.spiffe_id) for s in ctx.svids]
-
-    def _apply_jwt(self, resp: Any) -> None:
-        try:
-            bundles = _jwt_bundle_map(resp.bundles)
-        except InvalidBundle as exc:
-            event(
-                logger,
-                logging.ERROR,
-                "jwt_bundles.rejected",
-                reason=exc,
-                action="kept the last good JWT bundles",
-            )
-            return
-        if _same_jwt(self._jwt, bundles):
-            return
-        self._jwt = bundles
-        view = MappingProxyType(bundles)
-        self._events.on_jwt_bundles_update(view)
-        event(
-            logger,
-            logging.INFO,
-            "jwt_bundles.updated",
-            bundles=",".join(td.name for td in sorted(bundles)) or "none",
-        )
-        self._notify()
-
-    def _notify(self) -> None:
-        self._notified += 1
-        for callback in list(self._listeners):
-            try:
-                callback()
-            except Exception as exc:  # noqa: BLE001 - one broken listener must not stop the rest
-                event(logger, logging.ERROR, "watcher.listener_failed", error=repr(exc))
-
-    # -- expiry --------------------------------------------------------------
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _reschedule_expiry(self, minimum: float = 0.0) -> None:
-        """Arm one timer (no polling) at the earliest expiry among the held SVIDs."""
-        self._cancel_timer()
-        ctx = self._ctx
-        self._expires_at = min((_expiry(s) for s in ctx.svids), default=None) if ctx else None
-        if self._expires_at is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(minimum, (self._expires_at - utcnow()).total_seconds())
-        self._timer = loop.call_at(loop.time() + delay, self._on_expiry)
-
-    def _on_expiry(self) -> None:
-        self._timer = None
-        ctx = self._ctx
-        if ctx is None:
-            return
-        now = utcnow()
-        expired = [s for s in ctx.svids if _expiry(s) <= now]
-        if not expired:  # woke a little early (monotonic vs wall clock): try again shortly
-            self._reschedule_expiry(minimum=0.01)
-            return
-        for svid in expired:
-            self._events.on_svid_expired(svid)
-            event(
-                logger,
-                logging.ERROR,
-                "svid.expired",
-                spiffe_id=svid.spiffe_id,
-                hint=svid.hint,
-                not_after=_iso(_expiry(svid)),
-                action="dropped: the workload API sent no replacement in time",
-            )
-        self._set_x509(X509Context(tuple(s for s in ctx.svids if _expiry(s) > now), ctx.bundles))

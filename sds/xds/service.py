@@ -43,10 +43,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpclib.const
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from sds._util.grpcedge import (
@@ -62,25 +61,36 @@ from sds._util.ratelimit import RateLimiter
 from sds.xds.cache import SecretCache, Watch
 from sds.xds.codec import (
     SECRET_TYPE_URL,
+    DeltaDiscoveryResponse,
     DeltaRequest,
+    DiscoveryResponse,
+    LiteDeltaRequest,
+    LiteRequest,
     NodeInfo,
     SotwRequest,
     WireError,
-    decode_delta_request,
-    decode_sotw_request,
+    delta_request,
     delta_response,
     node_info,
-    sotw_body,
-    with_nonce,
+    sotw_request,
+    sotw_response,
 )
 from sds.xds.resources import TlsSpec
+
+_Request = TypeVar("_Request", SotwRequest, DeltaRequest)
+_Message = TypeVar("_Message", LiteRequest, LiteDeltaRequest)
+
+if TYPE_CHECKING:
+    from grpclib.server import Stream
+
+    SotwStream = Stream[LiteRequest, DiscoveryResponse]
+    DeltaStream = Stream[LiteDeltaRequest, DeltaDiscoveryResponse]
 
 __all__ = [
     "INSPECTOR_NODE",
     "LISTEN_BACKLOG",
     "Limits",
     "NullServerEvents",
-    "PassthroughCodec",
     "SdsServer",
     "SdsServicer",
     "ServerEvents",
@@ -126,26 +136,6 @@ def _truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text) - limit} more characters)"
-
-
-class RawMessage:
-    """Marker message type: the codec hands over and takes bytes, undecoded (see envoy.py)."""
-
-
-class PassthroughCodec(ProtoCodec):
-    """grpclib codec for :class:`RawMessage`: requests arrive as bytes, responses are sent as
-    pre-serialized bytes (one serialization shared by every stream)."""
-
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if isinstance(message, bytes):
-            return message
-        result: bytes = super().encode(message, message_type)
-        return result
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        if message_type is RawMessage:
-            return data
-        return super().decode(data, message_type)
 
 
 @dataclass(slots=True)
@@ -347,20 +337,20 @@ class SdsServicer:
             f"{_SERVICE}/StreamSecrets": grpclib.const.Handler(
                 self._stream_secrets,
                 cardinality.STREAM_STREAM,
-                RawMessage,
-                RawMessage,
+                LiteRequest,
+                DiscoveryResponse,
             ),
             f"{_SERVICE}/DeltaSecrets": grpclib.const.Handler(
                 self._delta_secrets,
                 cardinality.STREAM_STREAM,
-                RawMessage,
-                RawMessage,
+                LiteDeltaRequest,
+                DeltaDiscoveryResponse,
             ),
             f"{_SERVICE}/FetchSecrets": grpclib.const.Handler(
                 self._fetch_secrets,
                 cardinality.UNARY_UNARY,
-                RawMessage,
-                RawMessage,
+                LiteRequest,
+                DiscoveryResponse,
             ),
         }
 
@@ -395,7 +385,7 @@ class SdsServicer:
 
     # -- shared helpers -------------------------------------------------------------------
 
-    def _admit(self, stream: Any, kind: str) -> StreamInfo:
+    def _admit(self, stream: SotwStream | DeltaStream, kind: str) -> StreamInfo:
         creds = peer_credentials(stream)
         if not self.access.admits(creds):
             self.events.denied(creds)
@@ -466,12 +456,9 @@ class SdsServicer:
                     f"the limit is {limits.max_name_bytes}",
                 )
 
-    def _read(self, info: StreamInfo, raw: bytes, decoder: Any) -> Any:
-        """Decode a request, check its type and limits, keep its node once, drop the node bytes."""
-        try:
-            request = decoder(raw)
-        except WireError as exc:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"malformed request: {exc}") from exc
+    def _read(self, info: StreamInfo, request: _Request) -> _Request:
+        """Check a request (the server's view of it, so the message itself can be dropped):
+        its type and limits; keep its node once, drop the node bytes."""
         self._check_type(request.type_url)
         if isinstance(request, SotwRequest):
             self._check_names(request.resource_names, len(request.resource_names))
@@ -581,7 +568,9 @@ class SdsServicer:
     # -- stream plumbing ----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _session(self, stream: Any, kind: str) -> AsyncIterator[tuple[StreamInfo, Watch]]:
+    async def _session(
+        self, stream: SotwStream | DeltaStream, kind: str
+    ) -> AsyncIterator[tuple[StreamInfo, Watch]]:
         """Admit the caller, register its watch, and always clean up (also on a reset stream)."""
         info = self._admit(stream, kind)
         watch = self.cache.watch(frozenset())
@@ -594,9 +583,11 @@ class SdsServicer:
             self.cache.cancel(watch)
             self._closed(info)
 
-    async def _inputs(self, stream: Any, watch: Watch) -> AsyncGenerator[bytes | None, None]:
-        """Each request from Envoy (raw bytes), or None when the watch fired (a coalesced
-        state change). Ends when Envoy half-closes the stream.
+    async def _inputs(
+        self, stream: Stream[_Message, Any], watch: Watch
+    ) -> AsyncGenerator[_Message | None, None]:
+        """Each request from Envoy (its Node undecoded), or None when the watch fired (a
+        coalesced state change). Ends when Envoy half-closes the stream.
 
         Nothing here keeps a request alive while waiting for the next one: Envoy sends
         its whole Node (tens of kB) on every request, and a thousand idle streams would
@@ -611,12 +602,12 @@ class SdsServicer:
                 got_request, woken = recv in done, wake in done
                 del done
                 if got_request:
-                    raw = recv.result()
+                    message = recv.result()
                     recv = asyncio.ensure_future(recv_request(stream, limit))
-                    if raw is None:
+                    if message is None:
                         return
-                    yield raw
-                    del raw
+                    yield message
+                    del message
                 if woken:
                     watch.event.clear()
                     wake = asyncio.ensure_future(watch.event.wait())
@@ -631,7 +622,7 @@ class SdsServicer:
 
     # -- state of the world -----------------------------------------------------------------
 
-    async def _stream_secrets(self, stream: Any) -> None:
+    async def _stream_secrets(self, stream: SotwStream) -> None:
         cache = self.cache
         last_nonce: str | None = None
         sent: dict[str, str] = {}
@@ -640,10 +631,10 @@ class SdsServicer:
             self._session(stream, "sotw") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for raw in inputs:
-                if raw is not None:
-                    request: SotwRequest = self._read(info, raw, decode_sotw_request)
-                    del raw  # release the bytes before waiting again
+            async for message in inputs:
+                if message is not None:
+                    request = self._read(info, sotw_request(message))
+                    del message  # release it (and its Node bytes) before waiting again
                     self._credit(info, request.response_nonce, request.error, complete=True)
                     if last_nonce is not None and request.response_nonce != last_nonce:
                         continue  # stale: it answers an older response
@@ -659,11 +650,15 @@ class SdsServicer:
                     continue
                 trusted_ca = self._trusted_ca(info)
                 rendered = [cache.render(n, trusted_ca=trusted_ca) for n in current]
-                body = sotw_body(cache.version, [r for r in rendered if r is not None])
                 last_nonce = self._nonce()
+                response = sotw_response(
+                    cache.version, [r for r in rendered if r is not None], last_nonce
+                )
+                del rendered
                 push = self._record(info, last_nonce, current)
                 sent = current
-                await stream.send_message(with_nonce(body, last_nonce))
+                await stream.send_message(response)
+                del response
                 self._pushed(info, push)
 
     def _pushed(self, info: StreamInfo, push: Push) -> None:
@@ -684,7 +679,7 @@ class SdsServicer:
 
     # -- incremental --------------------------------------------------------------------------
 
-    async def _delta_secrets(self, stream: Any) -> None:
+    async def _delta_secrets(self, stream: DeltaStream) -> None:
         cache = self.cache
         subscribed: set[str] = set()
         wildcard = False
@@ -696,10 +691,10 @@ class SdsServicer:
             self._session(stream, "delta") as (info, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
-            async for raw in inputs:
-                if raw is not None:
-                    request: DeltaRequest = self._read(info, raw, decode_delta_request)
-                    del raw  # release the bytes before waiting again
+            async for message in inputs:
+                if message is not None:
+                    request = self._read(info, delta_request(message))
+                    del message  # release it (and its Node bytes) before waiting again
                     if first:
                         # Envoy reconnecting says what it holds; versions from another bridge
                         # instance never match ours, so those secrets are sent again.
@@ -757,16 +752,16 @@ class SdsServicer:
 
     # -- unary ----------------------------------------------------------------------------------
 
-    async def _fetch_secrets(self, stream: Any) -> None:
+    async def _fetch_secrets(self, stream: SotwStream) -> None:
         info = self._admit(stream, "fetch")
-        raw = await recv_request(stream, self.limits.max_message_bytes)
-        if raw is None:
+        message = await recv_request(stream, self.limits.max_message_bytes)
+        if message is None:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
                 "FetchSecrets needs a DiscoveryRequest; the call ended without one",
             )
-        request: SotwRequest = self._read(info, raw, decode_sotw_request)
-        del raw
+        request = self._read(info, sotw_request(message))
+        del message
         cache = self.cache
         wanted = list(request.resource_names) or cache.names()
         found = [n for n in wanted if cache.resource_version(n) is not None]
@@ -780,15 +775,17 @@ class SdsServicer:
             )
         trusted_ca = self._trusted_ca(info)
         rendered = [cache.render(n, trusted_ca=trusted_ca) for n in found]
-        await stream.send_message(sotw_body(cache.version, [r for r in rendered if r is not None]))
+        response = sotw_response(cache.version, [r for r in rendered if r is not None])
+        await stream.send_message(response)
 
 
 class SdsServer(GuardedServer):
     """The :class:`~sds._util.grpcedge.GuardedServer` for one :class:`SdsServicer`.
 
-    Requests are handed over undecoded (:class:`PassthroughCodec`); closed connections
-    are logged as ``sds.connection_closed``. Timeouts: ``handshake_timeout`` (10 s),
-    ``idle_timeout`` (300 s); listen backlog :data:`LISTEN_BACKLOG`.
+    Messages go through grpclib's ProtoCodec (requests as the lite messages of
+    :mod:`sds.xds.codec`); closed connections are logged as ``sds.connection_closed``.
+    Timeouts: ``handshake_timeout`` (10 s), ``idle_timeout`` (300 s); listen backlog
+    :data:`LISTEN_BACKLOG`.
     """
 
     def __init__(
@@ -800,8 +797,7 @@ class SdsServer(GuardedServer):
     ) -> None:
         super().__init__(
             [servicer],
-            codec=PassthroughCodec(),
-            unknown_type=RawMessage,
+            unknown_type=LiteRequest,
             handshake_timeout=handshake_timeout,
             idle_timeout=idle_timeout,
             log=log,

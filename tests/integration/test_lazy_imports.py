@@ -13,14 +13,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# What `sds run` imports at start: the CLI, the command module and every module its
-# _main imports before it reads the configuration's optional features.
+# What `sds run` imports at start: the CLI, the command module, the composition root and
+# every module it imports before it reads the configuration's optional features.
 RUN_IMPORTS = (
     "sds.cli",
     "sds.bridge.app",
+    "sds.bridge.root",
+    "sds.bridge.views",
     "sds._util.log",
     "sds._util.peercred",
     "sds.workloadapi.client",
+    "sds.workloadapi.watcher",
     "sds.errors",
     "sds.bridge.admin",
     "sds.bridge.state",

@@ -20,7 +20,7 @@ def test_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     result = run_sds("run", "--config", str(path))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"sds run: {path}: bogus: unknown key (allowed: admin, allowed_gids, allowed_uids, "
+        f"sds run: {path}: unknown field 'bogus' (want one of admin, allowed_gids, allowed_uids, "
         "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
         "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)"
     ]

@@ -299,7 +299,7 @@ def test_reload_of_an_empty_or_partial_file_keeps_the_old_state(
         (b"listen: \xff\n", f"{path}: not UTF-8 (byte 8)"),
         (b"socket_mode: .inf\n", f"{path}: socket_mode: must be an octal string such as '0600'"),
         (b"allowed_uids: 5\n", f"{path}: allowed_uids: must be a list of non-negative integers"),
-        (b"x: 2024-02-30\n", f"{path}: x: unknown key"),
+        (b"x: 2024-02-30\n", f"{path}: unknown field 'x'"),
         (b"allowed_uids: [" + b"9" * 5000 + b"]\n", f"{path}: line 1: invalid YAML: integer"),
     ]:
         path.write_bytes(text)

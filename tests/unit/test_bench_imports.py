@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from sds.xds.codec import encode_field, iter_fields
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import duration_pb2
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 FLOOR = BENCH / "_floor.py"
@@ -69,19 +72,31 @@ def test_import_check_sees_a_nested_sds_import(tmp_path: Path) -> None:
     assert imported_modules(sample) == {"asyncio", "sds"}
 
 
-def test_floor_wire_helpers_agree_with_the_bridge_codec() -> None:
+def test_floor_reads_requests_and_frames_responses_as_protobuf_does() -> None:
     floor = load_floor()
-    message = (
-        encode_field(1, b"v1")
-        + encode_field(2, encode_field(1, b"node") + bytes([0x18, 0x96, 0x01]))
-        + encode_field(3, b"default")
-        + encode_field(3, b"ROOTCA")
-        + bytes([0x30, 0xAC, 0x02])  # field 6, varint 300
-        + encode_field(4, b"x" * 300)  # a two-byte length
+    request = discovery_pb2.DiscoveryRequest(
+        version_info="v1",
+        resource_names=["default", "ROOTCA"],
+        type_url=floor.SECRET_TYPE_URL,
+        response_nonce="n1",
     )
-    expected: dict[int, list[bytes | int]] = {}
-    for number, value in iter_fields(message):
-        expected.setdefault(number, []).append(value)
-    assert floor.top_fields(message) == expected
-    assert floor.field_bytes(4, b"x" * 300) == encode_field(4, b"x" * 300)
-    assert floor.field_bytes(2, b"") == encode_field(2, b"")
+    request.node.id = "node-" + "x" * 200  # a two-byte length
+    fields = floor.top_fields(request.SerializeToString())
+    assert fields[3] == [b"default", b"ROOTCA"]
+    assert fields[1] == [b"v1"]
+    assert base_pb2.Node.FromString(fields[2][0]).id == request.node.id
+    assert floor.top_fields(duration_pb2.Duration(seconds=300, nanos=7).SerializeToString()) == {
+        1: [300],
+        2: [7],
+    }
+
+    default = secret_pb2.Secret(name="default").SerializeToString()
+    rootca = secret_pb2.Secret(name="ROOTCA" + "y" * 300).SerializeToString()
+    servicer = floor.FloorServicer(
+        [floor.any_secret(default)], {"ROOTCA": floor.any_secret(rootca)}
+    )
+    response = discovery_pb2.DiscoveryResponse.FromString(servicer._body([b"default", b"ROOTCA"]))
+    assert (response.version_info, response.nonce) == ("v0", "n1")
+    assert response.type_url == floor.SECRET_TYPE_URL
+    assert [r.type_url for r in response.resources] == [floor.SECRET_TYPE_URL] * 2
+    assert [r.value for r in response.resources] == [default, rootca]

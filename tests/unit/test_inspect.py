@@ -224,22 +224,21 @@ class SpireLikeSds:
     def __mapping__(self) -> dict[str, Any]:
         from grpclib.const import Cardinality, Handler
 
-        from sds.xds.service import RawMessage
+        from sds.xds.codec import DiscoveryResponse, LiteRequest
 
         return {
             "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets": Handler(
-                self._stream, Cardinality.STREAM_STREAM, RawMessage, RawMessage
+                self._stream, Cardinality.STREAM_STREAM, LiteRequest, DiscoveryResponse
             )
         }
 
     async def _stream(self, stream: Any) -> None:
-        from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
         from grpclib.const import Status
         from grpclib.exceptions import GRPCError
 
-        from sds.xds.codec import render_secret, sotw_body, with_nonce
+        from sds.xds.codec import render_secret, sotw_response
 
-        names = list(DiscoveryRequest.parse(await stream.recv_message()).resource_names)
+        names = list((await stream.recv_message()).resource_names)
         self.requests.append(names)
         bundles = [n for n in names if n in ("ROOTCA", "ALL") or n.count("/") == 2]
         if len(bundles) > 1:
@@ -248,7 +247,7 @@ class SpireLikeSds:
             if name not in self.specs:
                 raise GRPCError(Status.INVALID_ARGUMENT, f"unknown resource {name}")
         rendered = [render_secret(n, self.specs[n], trusted_ca=False) for n in names]
-        await stream.send_message(with_nonce(sotw_body("v1", rendered), "n1"))
+        await stream.send_message(sotw_response("v1", rendered, "n1"))
         await stream.recv_message()
 
 
@@ -262,14 +261,13 @@ async def test_inspect_sds_against_spire_asks_per_name(
     from sds.provider.ca import LocalCA
     from sds.spiffe.id import SpiffeId, TrustDomain
     from sds.xds.resources import TlsSpec, ValidationSpec
-    from sds.xds.service import PassthroughCodec
 
     td = TrustDomain.parse("example.org")
     ca = LocalCA.ephemeral(td)
     svid = ca.issue_x509_svid(SpiffeId.from_path(td, "/web"), dt.timedelta(hours=1))
     bundle = ValidationSpec((ca.bundle,))
     fake = SpireLikeSds({"default": TlsSpec(svid), "ROOTCA": bundle, "ALL": bundle})
-    server = Server([fake], codec=PassthroughCodec())
+    server = Server([fake])
     path = sockdir / "spire-sds.sock"
     await server.start(path=str(path))
     try:

@@ -46,7 +46,7 @@ def test_metrics_is_off_by_default_and_the_flag_wins() -> None:
         ("9102", "sds.yaml: metrics: '9102': want IP:PORT "),
         ("::1:9102", "sds.yaml: metrics: '::1:9102': write an IPv6 address in brackets"),
         ("0.0.0.0:70000", "sds.yaml: metrics: '0.0.0.0:70000': port out of range"),
-        (9102, "sds.yaml: metrics: must be a non-empty string"),
+        (9102, "sds.yaml: metrics: want a string, got integer"),
     ],
 )
 def test_bad_metrics_values_name_the_key(value: object, message: str) -> None:

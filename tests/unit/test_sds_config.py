@@ -16,7 +16,7 @@ from tests.harness.mutate import mutations
     [
         (
             "listen: unix:///tmp/x.sock\nlisten_mode: 1\n",
-            "sds.yaml: listen_mode: unknown key (allowed: admin, allowed_gids, allowed_uids, "
+            "sds.yaml: unknown field 'listen_mode' (want one of admin, allowed_gids, allowed_uids, "
             "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
             "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)",
         ),
@@ -52,7 +52,7 @@ from tests.harness.mutate import mutations
             "sds.yaml: secrets[1].name: 'a' is already used by secrets[0].name",
         ),
         ("default_svid: {}\n", "sds.yaml: default_svid: needs spiffe_id or hint"),
-        ("names: {default_svid: ''}\n", "sds.yaml: names.default_svid: must be a non-empty string"),
+        ("names: {default_svid: ''}\n", "sds.yaml: names.default_svid: must not be empty"),
         (
             "listen: [unclosed\n",
             "sds.yaml: line 2: invalid YAML: did not find expected ',' or ']'",
@@ -128,7 +128,7 @@ def test_good_config_round_trip() -> None:
         (b"", "sds.yaml: is empty: a config file must be a non-empty mapping"),
         (b"# only a comment\n", "sds.yaml: is empty: a config file must be a non-empty mapping"),
         (b"{}\n", "sds.yaml: is empty: a config file must be a non-empty mapping"),
-        (b"- a\n", "sds.yaml: must be a mapping, not list"),
+        (b"- a\n", "sds.yaml: want a mapping, got list"),
     ],
 )
 def test_hostile_config_is_one_line(tmp_path: Path, raw: bytes, message: str) -> None:

@@ -25,12 +25,15 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 from envoy_data_plane.envoy.type.v3 import SemanticVersion
 from envoy_data_plane.google.protobuf import Struct, Value
 from envoy_data_plane.google.rpc import Status as RpcStatus
+from google.protobuf.message import DecodeError
 
 from sds.xds.codec import (
+    LiteDeltaRequest,
+    LiteRequest,
     WireError,
-    decode_delta_request,
-    decode_sotw_request,
+    delta_request,
     node_info,
+    sotw_request,
 )
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import SERVICE, grpc_frame
@@ -161,13 +164,19 @@ def cases(seed: int, count: int) -> list[tuple[str, bytes]]:
 
 
 def test_codec_raises_only_wire_errors() -> None:
-    """The hand-written decoders, alone: any input is a request or a WireError."""
+    """The request messages and the node reader, alone: any input is a request, or a
+    DecodeError (which the server answers with INVALID_ARGUMENT), or a WireError."""
     rng = random.Random(SEED)
     pool = [message for _, message in seeds()]
+    decoders = (
+        lambda data: sotw_request(LiteRequest.FromString(data)),
+        lambda data: delta_request(LiteDeltaRequest.FromString(data)),
+        node_info,
+    )
     for _ in range(CASES):
         data = mutate(rng, rng.choice(pool))
-        for decode in (decode_sotw_request, decode_delta_request, node_info):
-            with contextlib.suppress(WireError):
+        for decode in decoders:
+            with contextlib.suppress(DecodeError, WireError):
                 decode(data)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sds.bridge.app import _prepare_socket_dir
+from sds.bridge.root import _prepare_socket_dir
 from sds.errors import StartupError
 from tests.harness.asuser import run_as
 from tests.integration import test_sds_run as _integration
@@ -133,7 +133,7 @@ async def test_admin_accept_errors_are_throttled_and_the_fd_reserve_holds(
 
 def test_loop_errors_are_one_line_per_kind_per_interval(caplog: pytest.LogCaptureFixture) -> None:
 
-    from sds.bridge.app import _ThrottledLoopErrors
+    from sds.bridge.root import _ThrottledLoopErrors
 
     handler = _ThrottledLoopErrors(interval=3600)
     error = OSError(24, "Too many open files")

@@ -26,7 +26,7 @@ from sds.provider.ca import LocalCA
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.x509 import BundleSet, X509Context
 from sds.xds.cache import SecretCache
-from sds.xds.codec import sotw_body, with_nonce
+from sds.xds.codec import sotw_response
 from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
 from tests.harness.fake_workload_api import eventually
 from tests.harness.sdsfake import delta, fetch, node, sotw
@@ -320,8 +320,9 @@ def test_response_framing_parses_with_envoy_types() -> None:
     bridge = Bridge(BridgeConfig(), [StaticSource(None)], cache=cache)
     svid = ca.issue_x509_svid(SpiffeId.from_path(TD, "/w"), HOUR)
     bridge.sources[0].set(X509Context((svid,), BundleSet([ca.bundle])))  # type: ignore[attr-defined]
-    body = sotw_body(cache.version, [cache.render("default", trusted_ca=False) or b""])
-    parsed = DiscoveryResponse.parse(with_nonce(body, "n-1"))
+    body = sotw_response(cache.version, [cache.render("default", trusted_ca=False) or b""], "n-1")
+    # Read back by envoy-data-plane: a second implementation of Envoy's API.
+    parsed = DiscoveryResponse.parse(body.SerializeToString())
     assert parsed.version_info == cache.version and parsed.nonce == "n-1"
     assert Secret.parse(parsed.resources[0].value).name == "default"
 

@@ -27,7 +27,8 @@ from sds.errors import (
     WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
-from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient, parse_address
+from sds.workloadapi.address import parse_address
+from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient
 from tests.harness.fake_workload_api import FakeWorkloadApi, x509_response
 from tests.harness.material import Authority
 
@@ -248,19 +249,20 @@ def test_upstream_backoff_and_jwt_limits_are_read() -> None:
         ),
         (
             {"upstream_backoff": {"initial": "fast"}},
-            "sds.yaml: upstream_backoff.initial: 'fast': want a duration such as 0.1s, 250ms, 5m",
+            "sds.yaml: upstream_backoff.initial: invalid duration 'fast' "
+            "(want e.g. 30s, 5m, 1h30m)",
         ),
         (
             {"upstream_backoff": {"max": ".inf"}},
-            "sds.yaml: upstream_backoff.max: '.inf': want a duration such as 0.1s, 250ms, 5m",
+            "sds.yaml: upstream_backoff.max: invalid duration '.inf' (want e.g. 30s, 5m, 1h30m)",
         ),
         (
             {"upstream_backoff": {"max": float("inf")}},
-            "sds.yaml: upstream_backoff.max: inf: must be more than 0 and at most 3600s",
+            "sds.yaml: upstream_backoff.max: duration inf is longer than 1h",
         ),
         (
             {"upstream_backoff": {"initial": 0}},
-            "sds.yaml: upstream_backoff.initial: 0: must be more than 0 and at most 3600s",
+            "sds.yaml: upstream_backoff.initial: duration 0 must be positive",
         ),
         (
             {"upstream_backoff": {"initial": "2s", "max": "1s"}},
@@ -268,7 +270,7 @@ def test_upstream_backoff_and_jwt_limits_are_read() -> None:
         ),
         (
             {"upstream_backoff": {"jitter": 1}},
-            "sds.yaml: upstream_backoff.jitter: unknown key (allowed: initial, max)",
+            "sds.yaml: upstream_backoff: unknown field 'jitter' (want one of initial, max)",
         ),
         (
             {"jwt_svids": {"max_audiences": 10**100}},
@@ -276,7 +278,8 @@ def test_upstream_backoff_and_jwt_limits_are_read() -> None:
         ),
         (
             {"jwt_svids": {"idle_timeout": True}},
-            "sds.yaml: jwt_svids.idle_timeout: True: want a duration such as 0.1s, 250ms, 5m",
+            "sds.yaml: jwt_svids.idle_timeout: want a duration like 30s, 5m or 1h30m, or seconds, "
+            "got boolean",
         ),
     ],
 )

@@ -14,9 +14,13 @@ from typing import Any
 import pytest
 
 import sds.workloadapi.client as workloadapi
+import sds.workloadapi.watcher as watcher_module
 from sds.errors import WorkloadApiUnavailable
 from sds.spiffe.x509 import X509Context
-from sds.workloadapi.client import NullEvents, SocketWatch, Watcher, WorkloadApiClient
+from sds.workloadapi import socketwatch
+from sds.workloadapi.client import WorkloadApiClient
+from sds.workloadapi.socketwatch import SocketWatch
+from sds.workloadapi.watcher import NullEvents, Watcher
 from tests.conftest import event_lines
 from tests.harness.chaos import StallProxy
 from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response
@@ -66,7 +70,7 @@ def hints(ctx: X509Context | None) -> list[str]:
 def test_stated_defaults() -> None:
     watcher = Watcher("unix:///nonexistent/api.sock")
     assert (watcher.first_message_timeout, watcher.silence_max) == (10.0, 300.0)
-    assert (workloadapi.SILENCE_MIN, workloadapi.SILENCE_FRACTION) == (1.0, 0.75)
+    assert (watcher_module.SILENCE_MIN, watcher_module.SILENCE_FRACTION) == (1.0, 0.75)
     assert workloadapi.KEEPALIVE_INTERVAL == 310.0
     assert watcher._backoff_initial == 0.1 and watcher._backoff_max == 5.0
 
@@ -124,7 +128,7 @@ async def test_a_reappearing_socket_is_reconnected_without_waiting_out_the_backo
         def no_inotify(directory: str) -> int:
             raise OSError(38, "inotify not available")
 
-        monkeypatch.setattr(workloadapi, "_inotify_directory", no_inotify)
+        monkeypatch.setattr(socketwatch, "_inotify_directory", no_inotify)
     ca = Authority("example.org")
     path = sockdir / "api.sock"
     first, second = FakeWorkloadApi(), FakeWorkloadApi()
@@ -165,11 +169,11 @@ async def test_socket_watch_reports_a_socket_created_in_its_directory(sockdir: P
 async def test_socket_watch_counts_a_replacement_made_before_it_started(sockdir: Path) -> None:
     path = sockdir / "api.sock"
     path.touch()
-    before = workloadapi._inode(str(path))
+    before = socketwatch.inode(str(path))
     path.unlink()
     await asyncio.sleep(0.02)  # past the coarse ctime tick, should the inode number be reused
     path.touch()  # a new file at the same path
-    assert workloadapi._inode(str(path)) != before
+    assert socketwatch.inode(str(path)) != before
     watch = SocketWatch(str(path), before)
     try:
         assert await watch.wait(0.05)

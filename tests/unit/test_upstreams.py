@@ -13,7 +13,7 @@ from sds.bridge.config import BridgeConfig
 from sds.bridge.state import Bridge
 from sds.bridge.upstreams import FailoverPolicy, Selector, UpstreamState
 from sds.spiffe.x509 import BundleSet, X509Bundle, X509Context, X509Svid
-from sds.workloadapi.client import Watcher
+from sds.workloadapi.watcher import Watcher
 from sds.xds.cache import SecretCache
 from sds.xds.resources import TlsSpec
 from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response

@@ -31,14 +31,10 @@ from sds.errors import (
 from sds.spiffe.id import TrustDomain
 from sds.spiffe.jwt import validate_jwt_svid
 from sds.spiffe.x509 import X509Context, X509Svid, utcnow
-from sds.workloadapi.client import (
-    Address,
-    Backoff,
-    NullEvents,
-    Watcher,
-    WorkloadApiClient,
-    parse_address,
-)
+from sds.workloadapi.address import Address, parse_address
+from sds.workloadapi.backoff import Backoff
+from sds.workloadapi.client import WorkloadApiClient
+from sds.workloadapi.watcher import NullEvents, Watcher
 from tests.conftest import event_lines
 from tests.harness.fake_workload_api import FakeWorkloadApi, JwtIssuer, eventually, x509_response
 from tests.harness.material import Authority, rejection
