@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for a fresh clone: ./dev.sh demo | test | lint | shell
+# One entry point for a fresh clone: ./dev.sh demo | test [PYTEST ARGS] | lint | shell
+# (./dev.sh test -m unit: lint and types, then the in-process tests only; see README).
 # Creates .venv with the project and its dev extra on first use (and again
 # whenever pyproject.toml changes); needs only python3 (>= 3.11) and pip.
 set -euo pipefail
@@ -102,7 +103,7 @@ case "$cmd" in
         exec bash --rcfile <(echo "source $VENV/bin/activate")
         ;;
     *)
-        echo "usage: ./dev.sh demo|test|lint|shell [args]" >&2
+        echo "usage: ./dev.sh demo [args] | test [pytest args, e.g. -m unit] | lint | shell" >&2
         exit 2
         ;;
 esac

@@ -2,7 +2,8 @@
 
 Not a test module and not part of the package. Every benchmark script puts
 the repository root on ``sys.path`` by importing this module first, so
-``sds`` and ``tests`` (the Envoy harness, the fake Workload API) import.
+``sds`` and ``tests.harness`` (the Envoy launcher, the fake Workload API) import;
+no benchmark imports a test module.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from google.protobuf import any_pb2  # noqa: E402
 from grpclib.encoding.proto import ProtoCodec  # noqa: E402 - after the sys.path set-up
 
 from sds._proto import discovery_lite_pb2  # noqa: E402
-from sds._util.procs import stop_group  # noqa: E402
+from sds._util.procs import Children, wait_until  # noqa: E402, F401 - wait_until for the scripts
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -64,76 +66,11 @@ def install_signal_handlers() -> None:
 # --------------------------------------------------------------------------- processes
 
 
-class Procs:
-    """Subprocesses of one benchmark run, each in its own session; all stopped by close()."""
+class Procs(Children):
+    """Subprocesses of one benchmark run (sds._util.procs.Children), started in the repository."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(
-        self,
-        argv: Sequence[str],
-        name: str,
-        *,
-        stdin: bool = False,
-        stdout: bool = False,
-        env: dict[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv``; stderr (and stdout unless piped) go to ``<workdir>/<name>.log``."""
-        log_path = self.workdir / f"{name}.log"
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdout else log,
-                stderr=log,
-                start_new_session=True,
-                env=env,
-                cwd=REPO,
-            )
-        self.started.append((name, proc, log_path))
-        return proc
-
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        for _, candidate, path in self.started:
-            if candidate is proc:
-                return path.read_text(errors="replace")
-        raise KeyError(proc)
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``timeout``; return the exit code."""
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        stop_group(proc, timeout=timeout)
-        if proc.stdout is not None:
-            with contextlib.suppress(OSError, ValueError):
-                _BUFFERS.pop(proc.stdout.fileno(), None)
-                proc.stdout.close()
-        return proc.returncode
-
-    def close(self) -> None:
-        for _, proc, _ in reversed(self.started):
-            self.stop(proc)
-
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        """Stop every process; when the run failed, print each one's log tail first."""
-        if kind is not None:
-            print(self.tails(), file=sys.stderr)
-        self.close()
-
-    def tails(self, limit: int = 2500) -> str:
-        out = []
-        for name, _, path in self.started:
-            with contextlib.suppress(OSError):
-                out.append(
-                    f"----- {name} ({path}) -----\n{path.read_text(errors='replace')[-limit:]}"
-                )
-        return "\n".join(out)
+        super().__init__(workdir, cwd=REPO)
 
 
 def sds_argv(*args: str, profile: Path | None = None) -> list[str]:
@@ -159,23 +96,10 @@ def workspace(prefix: str = "sdsb-") -> Any:
             print(f"[bench] run failed; logs kept in {path}", file=sys.stderr)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, proc: Any = None) -> Any:
-    """Poll ``predicate`` until truthy; raise RuntimeError after ``timeout`` or if ``proc`` died."""
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-_BUFFERS: dict[int, bytearray] = {}
+# Bytes read from each process's stdout past the last line returned.
+_BUFFERS: weakref.WeakKeyDictionary[subprocess.Popen[bytes], bytearray] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:
@@ -188,7 +112,7 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[
 
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
-    buffer = _BUFFERS.setdefault(fd, bytearray())
+    buffer = _BUFFERS.setdefault(proc, bytearray())
     deadline = time.monotonic() + timeout
     while True:
         newline = buffer.find(b"\n")
@@ -204,7 +128,6 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[
         if ready:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                _BUFFERS.pop(fd, None)
                 raise RuntimeError(f"{what}: process closed stdout (exit {proc.poll()})")
             buffer.extend(chunk)
         elif proc.poll() is not None:
@@ -380,7 +303,7 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_total = int(line.split()[1]) // 1024
-    from tests.envoy import CURRENT_VERSION
+    from tests.harness.envoy import CURRENT_VERSION
 
     versions = {}
     for dist in ("grpclib", "h2", "cryptography", "xds_protos", "envoy_data_plane", "protobuf"):

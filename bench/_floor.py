@@ -4,15 +4,18 @@
 
 Every ``Secret`` (``default`` for each server SVID of the material file, and
 ``ROOTCA``) comes pre-rendered (serialized, made by the bridge's own renderer
-in the benchmark process), so this process needs only asyncio, grpclib and
-Envoy's generated messages (xds-protos, through ``_common``, which also loads
-parts of ``sds`` and cryptography: ~13 MB of the floor's RSS since ``109eeb3``,
-no CPU per request); it renders nothing and validates nothing. A
+in the benchmark process, ``_common.make_material``; wrapped in ``Any`` once
+at start), so this process
+imports only asyncio, grpclib and the standard library: nothing of ``sds``,
+no cryptography, no protobuf runtime, no envoy-data-plane
+(``tests/unit/test_bench_imports.py`` holds it to that). The two wire helpers
+below are the least a server needs to read resource names and frame a
+response; they are not the bridge's codec and do nothing else. A
 StreamSecrets stream reads the resource names from its first request and is
 answered with the current secrets; later requests (ACKs) are read and
 dropped. A line ``<i>`` on stdin makes SVID ``i`` current and wakes every
-stream that asked for ``default``; each wakes and sends a DiscoveryResponse
-wrapping the pre-built bytes. No validation, no parsing beyond the names, no
+stream that asked for ``default``; each wakes and sends a response made by
+concatenating pre-built bytes. No validation, no parsing beyond the names, no
 logging, no metrics: the time left is grpclib + asyncio + the kernel, the
 cost floor of serving SDS from Python. Prints ``{"event": "ready"}`` once
 listening; exits on stdin EOF or SIGTERM.
@@ -31,12 +34,77 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 import grpclib.const
-from _common import SDS_SERVICE, RawCodec, sotw_response
+from grpclib.encoding.base import CodecBase
 from grpclib.server import Server
 
-from sds._proto.discovery_lite_pb2 import DiscoveryRequest
+SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+SDS_SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
+
+
+class RawCodec(CodecBase):
+    """grpclib codec that sends and returns raw protobuf bytes (no message classes)."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return bytes(data)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def any_secret(secret: bytes) -> bytes:
+    """A serialized ``google.protobuf.Any`` holding the serialized ``Secret``."""
+    return field_bytes(1, SECRET_TYPE_URL.encode()) + field_bytes(2, secret)
+
+
+def top_fields(data: bytes) -> dict[int, list[bytes | int]]:
+    """The top-level fields of a protobuf message: number -> values (bytes or ints)."""
+    out: dict[int, list[bytes | int]] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        value: bytes | int
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            length = varint()
+            value, i = data[i : i + length], i + length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = int.from_bytes(data[i : i + size], "little"), i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire} in field {number}")
+        out.setdefault(number, []).append(value)
+    return out
 
 
 class FloorServicer:
@@ -51,6 +119,7 @@ class FloorServicer:
         self.current = 0
         self.events: set[asyncio.Event] = set()
         self.nonce = 0
+        self._type = field_bytes(4, SECRET_TYPE_URL.encode())
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
@@ -64,29 +133,31 @@ class FloorServicer:
         for event in self.events:
             event.set()
 
-    def _body(self, names: list[str]) -> bytes:
-        secrets = []
+    def _body(self, names: list[bytes]) -> bytes:
+        parts = [field_bytes(1, f"v{self.current}".encode())]
         for name in names:
-            if name == "default":
-                secrets.append(self.defaults[self.current])
-            elif (other := self.others.get(name)) is not None:
-                secrets.append(other)
+            if name == b"default":
+                parts.append(field_bytes(2, self.defaults[self.current]))
+            elif (other := self.others.get(name.decode())) is not None:
+                parts.append(field_bytes(2, other))
+        parts.append(self._type)
         self.nonce += 1
-        return sotw_response(f"v{self.current}", secrets, f"n{self.nonce}")
+        parts.append(field_bytes(5, f"n{self.nonce}".encode()))
+        return b"".join(parts)
 
     async def stream_secrets(self, stream: Any) -> None:
         first = await stream.recv_message()
         if first is None:
             return
-        request = DiscoveryRequest.FromString(first)  # the Node stays bytes
-        names = list(request.resource_names)
-        if self.dump and request.HasField("node"):  # keep one real request for analysis
+        fields = top_fields(first)
+        names = [n for n in fields.get(3, []) if isinstance(n, bytes)]
+        if self.dump and 2 in fields:  # keep one real request (with its node) for analysis
             with open(self.dump, "wb") as handle:  # noqa: ASYNC230 - once, ~60 KB
                 handle.write(first)
             self.dump = None
-        del first, request  # a real Envoy's first request is ~61 KB: hold only the names
+        del first, fields  # a real Envoy's first request is ~61 KB: hold only the names
         event = asyncio.Event()
-        if "default" in names:
+        if b"default" in names:
             self.events.add(event)
 
         async def drain() -> None:
@@ -119,8 +190,8 @@ async def main() -> int:
     args = parser.parse_args()
 
     rendered = json.loads(Path(args.material).read_text())["rendered"]  # noqa: ASYNC240
-    defaults = [base64.b64decode(item) for item in rendered["default"]]
-    rootca = base64.b64decode(rendered["ROOTCA"])
+    defaults = [any_secret(base64.b64decode(item)) for item in rendered["default"]]
+    rootca = any_secret(base64.b64decode(rendered["ROOTCA"]))
     servicer = FloorServicer(defaults, {"ROOTCA": rootca}, args.dump_first)
     server = Server([servicer], codec=RawCodec())
     with contextlib.suppress(FileNotFoundError):

@@ -78,12 +78,13 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
     from sds._util.log import configure_logging
     from sds.bridge.config import BridgeConfig
     from sds.bridge.state import Bridge
+    from sds.workloadapi.client import _x509_update
     from sds.workloadapi.watcher import Watcher
     from sds.xds import codec as envoy
     from sds.xds.cache import SecretCache
     from sds.xds.codec import LiteRequest, render_secret, sotw_request, sotw_response
     from sds.xds.resources import TlsSpec
-    from tests.fake_workload_api import x509_response
+    from tests.harness.fake_workload_api import x509_response
 
     configure_logging("INFO")
     sink = open(os.devnull, "w")  # noqa: ASYNC230, SIM115 - /dev/null, closed below
@@ -101,16 +102,16 @@ async def _stage_costs(material: Path, envoy_request: bytes | None, n: int) -> d
         )
 
         watcher = Watcher("unix:///nonexistent/bench.sock")
-        watcher._apply_x509(messages[0])
+        watcher._apply_x509(_x509_update(messages[0]))
         out["Watcher._apply_x509 (parse+verify)"] = _time(
-            lambda i: watcher._apply_x509(messages[i + 1]), count
+            lambda i: watcher._apply_x509(_x509_update(messages[i + 1])), count
         )
         watcher._cancel_timer()
 
         source = Watcher("unix:///nonexistent/bench.sock")
         contexts = []
         for message in messages:
-            source._apply_x509(message)
+            source._apply_x509(_x509_update(message))
             contexts.append(source.current())
         source._cancel_timer()
         holder: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 ``python bench/_upstream.py --socket PATH --material FILE``
 
-Serves ``tests.fake_workload_api.FakeWorkloadApi`` on a Unix socket with the
+Serves ``tests.harness.fake_workload_api.FakeWorkloadApi`` on a Unix socket with the
 first server SVID of the material file. Every X509SVIDResponse is built
 before serving. Each line ``<i>`` on stdin makes SVID ``i`` the state and
 pushes it to every open FetchX509SVID stream (the only work done between
@@ -22,7 +22,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import load_material
 
-from tests.fake_workload_api import FakeWorkloadApi, x509_response
+from tests.harness.fake_workload_api import FakeWorkloadApi, x509_response
 
 
 async def main() -> int:

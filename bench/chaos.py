@@ -11,7 +11,7 @@ and counts every failed request. Phases:
    seconds from the provider's socket reappearing to Envoy presenting the new SVID.
    Failed requests during the outage are expected (the SVID expired) and not counted.
 3. ``stall``: ``--stalls`` (3) times, the bridge's upstream connection is frozen (kept
-   open, nothing forwarded; :class:`tests.chaos.StallProxy`) while new connections to the
+   open, nothing forwarded; :class:`tests.harness.chaos.StallProxy`) while new connections to the
    same path work; X.509 TTL 6 s. Measured: seconds from the freeze to Envoy presenting a
    fresh SVID, and failed requests (target 0: the stall is abandoned before expiry).
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from _common import machine, machine_line, run_benchmark, summary, table, verdict, workspace
 
-from tests.chaos import (
+from tests.harness.chaos import (
     StallProxy,
     Traffic,
     kill_bridge,
@@ -37,10 +37,10 @@ from tests.chaos import (
     restart_provider,
     start_envoy,
 )
-from tests.conftest import Processes, wait_for
-from tests.envoy import Envoys
-from tests.stack import Stack
-from tests.tlsclient import HttpsClient
+from tests.harness.envoy import Envoys
+from tests.harness.procs import Processes, wait_for
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient
 
 
 class Rig:

@@ -67,7 +67,7 @@ from _common import (
     workspace,
 )
 
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 
 TARGET_LAST_S = 1.0
 TARGET_RATIO = 1.5  # the same bound as rotation.py's ratio to the floor

@@ -69,8 +69,8 @@ from _common import (
     workspace,
 )
 
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.stack import identities_yaml
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.stack import identities_yaml
 
 TARGET_RSS_MB = 36.0  # issue 13: serving one Envoy
 # Issue 13's target is "exec -> first secret <= 150 ms p50" on an idle 2-vCPU machine,
@@ -81,7 +81,7 @@ TARGET_FIRST_S = 0.150
 REFERENCE_PYTHON_START_MS = 25.0
 TARGET_FIRST_RATIO = TARGET_FIRST_S * 1000 / REFERENCE_PYTHON_START_MS
 
-# What `sds run` imports before serving, whatever its config (tests/test_lazy_imports.py
+# What `sds run` imports before serving, whatever its config (tests/integration/test_lazy_imports.py
 # holds it to that): prometheus_client comes only with a /metrics listener, yaml only
 # with --config.
 SDS_RUN_MODULES = (

@@ -19,7 +19,7 @@ reported as medians over the repeats. Then RSS of each side, and a rotation
 phase: the three fronts loaded at once for ``--rotation-seconds`` while the
 server SVID is re-issued, counting failed requests and the leaf serials seen.
 
-Both Go programs and Ghostunnel are built (once, cached) by tests/gobuild.py.
+Both Go programs and Ghostunnel are built (once, cached) by tests/harness/gobuild.py.
 
     .venv/bin/python bench/peers.py [--quick]        # ~3 min (--quick ~1 min)
 
@@ -53,9 +53,9 @@ from _common import (
 )
 
 from sds.tools import bootstrap as _bootstrap
-from tests import gobuild
-from tests.envoy import Envoys
-from tests.stack import identities_yaml
+from tests.harness import gobuild
+from tests.harness.envoy import Envoys
+from tests.harness.stack import identities_yaml
 
 FRONTS = ("ghostunnel", "envoy-http", "envoy-tcp")
 MODES = (("new", False), ("keep-alive", True))
@@ -93,23 +93,6 @@ def listening_port(procs: Procs, proc: subprocess.Popen[bytes], what: str) -> in
 
     found: int = wait_until(port, 30, what, proc)
     return found
-
-
-def start_with_fds(procs: Procs, argv: list[str], name: str, **kwargs: Any) -> Any:
-    """Like Procs.start, with Popen kwargs (``pass_fds``) Procs.start does not take."""
-    log_path = procs.workdir / f"{name}.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            cwd=REPO,
-            **kwargs,
-        )
-    procs.started.append((name, proc, log_path))
-    return proc
 
 
 def generate(*argv: str) -> dict[str, Any]:
@@ -164,7 +147,7 @@ class Scene:
             target_port=app_port,
             allow_uris=[CLIENT],
         )
-        ghostunnel = start_with_fds(procs, argv, "ghostunnel", **kwargs)
+        ghostunnel = procs.start(argv, "ghostunnel", **kwargs)
         self.ports["ghostunnel"] = listener.getsockname()[1]
         listener.close()
         self.pids["ghostunnel"] = ghostunnel.pid

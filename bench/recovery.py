@@ -14,7 +14,7 @@ process, retrying every 1 ms) holds its first X.509-SVID: the floor for any brid
 Target: ``to_envoy`` <= 1 s, every cycle.
 
 ``--upstream spire``: the same measurement against a real SPIRE agent v1.13.3
-(``tests/spire.py``; ``default_x509_svid_ttl`` ``--spire-ttl``, default 20 s, so a leaf
+(``tests/harness/spire.py``; ``default_x509_svid_ttl`` ``--spire-ttl``, default 20 s, so a leaf
 expires at most 20 s after the agent stops). Two identical Envoys terminate mTLS with
 ``default``/``ROOTCA``: *spire* on the agent's own SDS (its Workload API socket), *bridge*
 on ``sds run`` fed by the same agent (same entry). Each cycle stops the agent (SIGTERM and
@@ -55,10 +55,10 @@ from cryptography import x509
 
 from sds.errors import SdsError
 from sds.workloadapi.client import WorkloadApiClient
-from tests.chaos import Traffic, outage_recovery, start_envoy, start_provider_timed
-from tests.conftest import Processes, wait_for
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.spire import (
+from tests.harness.chaos import Traffic, outage_recovery, start_envoy, start_provider_timed
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.procs import Processes, wait_for
+from tests.harness.spire import (
     SPIRE_VERSION,
     TRUST_DOMAIN,
     SpireAgent,
@@ -67,8 +67,8 @@ from tests.spire import (
     own_uid_selector,
     spire_binaries,
 )
-from tests.stack import Stack
-from tests.tlsclient import HttpsClient
+from tests.harness.stack import Stack
+from tests.harness.tlsclient import HttpsClient
 
 TARGET_S = 1.0
 
@@ -188,7 +188,7 @@ def _direct_fresh(socket: Path, back: float, out: dict[str, float]) -> None:
 def _restart_agent(agent: SpireAgent) -> float:
     """Start the stopped agent again (same data dir, no join token); the monotonic time its
     socket was made: from the file's ctime (bind), not when the 1 ms poll saw it (a loaded
-    machine may wake the poll late), as in ``tests/chaos.py``."""
+    machine may wake the poll late), as in ``tests/harness/chaos.py``."""
     with contextlib.suppress(FileNotFoundError):
         agent.socket.unlink()
     argv = [str(agent.binary), "run", "-config", str(agent.config)]

@@ -66,7 +66,7 @@ from _common import (
 )
 from _stages import stage_costs
 
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 
 TARGET_P50_MS = 10.0
 TARGET_P99_MS = 30.0

@@ -86,7 +86,7 @@ from _common import (
     workspace,
 )
 
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 
 SUMMARY = _common.REPO / "docs" / "bench" / "scale.json"
 PLOT = _common.REPO / "docs" / "bench" / "scale.png"

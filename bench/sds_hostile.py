@@ -32,7 +32,7 @@ import _common
 from _common import PYTHON, SDS_SERVICE, SECRET_TYPE_URL, rss_kb
 
 from sds._proto.discovery_lite_pb2 import DiscoveryRequest
-from tests.h2async import RawClient, grpc_frame
+from tests.harness.h2async import RawClient, grpc_frame
 
 STREAM = f"{SDS_SERVICE}/StreamSecrets"
 
@@ -48,7 +48,7 @@ def _serve(path: str) -> None:
     from sds.spiffe.x509 import BundleSet, X509Context
     from sds.xds.cache import SecretCache
     from sds.xds.service import SdsServer, SdsServicer
-    from tests.test_sds_server import StaticSource
+    from tests.harness.static_upstream import StaticSource
 
     async def main() -> None:
         td = TrustDomain("example.org")

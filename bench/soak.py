@@ -52,8 +52,8 @@ from cryptography import x509
 
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.client import WorkloadApiClient
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.stack import identities_yaml
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.stack import identities_yaml
 
 TARGET_RSS_GROWTH = 0.05
 FD_SLACK = 2

