@@ -37,7 +37,7 @@ from sds.xds.codec import (
 )
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import SERVICE, grpc_frame
-from tests.unit.test_sds_hostile import (
+from tests.integration.test_sds_hostile import (
     SECRET_TYPE,
     Served,
     _good_client_still_served,
