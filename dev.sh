@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: ./dev.sh demo | test [PYTEST ARGS] | lint | shell
-# (./dev.sh test -m unit: lint and types, then the in-process tests only; see README).
+# (./dev.sh test -m unit: lint and types, then the in-process tests only, on four
+# pytest-xdist workers; see README).
 # Creates .venv with the project and its dev extra on first use (and again
 # whenever pyproject.toml changes); needs only python3 (>= 3.11) and pip.
 set -euo pipefail
@@ -92,6 +93,12 @@ case "$cmd" in
         ensure_venv
         ensure_test_tools
         lint
+        # The unit tier is in-process and spends most of its time waiting on short
+        # real timers (idle and handshake timeouts): four pytest-xdist workers overlap
+        # them. The other tiers start real processes and Envoys and run in order.
+        if [ "$*" = "-m unit" ]; then
+            set -- -m unit -n 4
+        fi
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     lint)
