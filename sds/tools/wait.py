@@ -103,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
     from sds.errors import ConfigError  # noqa: PLC0415
+    from sds.workloadapi.address import unix_socket_path  # noqa: PLC0415
 
     if args.socket is not None:
-        if not args.socket.startswith("unix://"):
-            raise ConfigError(f"--socket {args.socket!r}: want unix:///path")
-        path = args.socket[len("unix://") :]
+        try:
+            path = unix_socket_path(args.socket)
+        except ValueError as exc:
+            raise ConfigError(f"--socket {args.socket!r}: {exc}") from None
 
         def probe() -> str | None:
             return _probe_socket(path)

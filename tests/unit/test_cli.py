@@ -148,3 +148,19 @@ def test_json_plain_messages_and_tracebacks(
     assert crashed["event"] == "task.crashed"
     assert crashed["exc"].startswith("Traceback (most recent call last):")
     assert crashed["exc"].endswith("RuntimeError: boom")
+
+
+@pytest.mark.parametrize(
+    ("socket", "reason"),
+    [
+        ("/run/sds.sock", "want unix:///path"),
+        ("unix://run/sds.sock", "must be an absolute path"),
+        ("unix:///" + "s" * 120, "longer than 107 bytes"),
+    ],
+)
+def test_wait_refuses_a_bad_socket_address_in_one_line(
+    socket: str, reason: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """``sds wait --socket`` reads addresses with the one parser the config and inspect use."""
+    assert main(["wait", "--socket", socket, "--timeout", "0.1"]) == 2
+    assert capsys.readouterr().err == f"sds wait: --socket {socket!r}: {reason}\n"
