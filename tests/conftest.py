@@ -18,17 +18,25 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.harness.envoy import echo_app, envoy_version, envoys
+from tests.harness.logs import captured_log
 from tests.harness.procs import PYTHON, Processes, wait_for
 
 # Fixtures (the Envoy ones) and the helpers test modules import from here.
-__all__ = ["PYTHON", "Processes", "echo_app", "envoy_version", "envoys", "wait_for"]
+__all__ = [
+    "PYTHON",
+    "Processes",
+    "captured_log",
+    "echo_app",
+    "envoy_version",
+    "envoys",
+    "wait_for",
+]
 
-T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,30 +53,6 @@ def run_sds(
         timeout=timeout,
         check=False,
     )
-
-
-@contextlib.contextmanager
-def captured_log(logger_name: str, keep: Callable[[logging.LogRecord], T]) -> Iterator[list[T]]:
-    """``keep(record)`` for every record logged on ``logger_name`` (DEBUG and up) in the block.
-
-    A handler on the logger itself, so it sees records whatever the propagation settings.
-    """
-    records: list[T] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(keep(record))
-
-    log = logging.getLogger(logger_name)
-    handler = Collect(logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
 
 
 @pytest.fixture
@@ -112,6 +96,13 @@ def short_tmp(prefix: str, mode: int) -> Iterator[Path]:
 def sockdir() -> Iterator[Path]:
     """A short private directory for Unix sockets (sun_path is limited to 107 bytes)."""
     with short_tmp("sds-", 0o755) as path:
+        yield path
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A sticky, world-writable directory like /tmp, where another uid can plant things."""
+    with short_tmp("sds-pub-", 0o1777) as path:
         yield path
 
 

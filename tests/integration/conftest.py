@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.harness.sds_server import Served, serve_sds
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +25,12 @@ def _no_envoy(monkeypatch: pytest.MonkeyPatch) -> None:
         start(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", checked)
+
+
+@pytest.fixture
+async def served(sockdir: Path) -> AsyncIterator[Served]:
+    """An in-process SDS server (:func:`serve_sds`), closed after the test."""
+    s = await serve_sds(sockdir)
+    yield s
+    s.server.close()
+    await s.server.wait_closed()

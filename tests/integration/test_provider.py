@@ -24,7 +24,7 @@ from sds.provider.ca import LocalCA
 from tests.conftest import Processes, wait_for
 from tests.harness.asuser import run_as
 from tests.harness.provider import WEB, provider_args, start_provider, write_identities
-from tests.unit.test_provider import (
+from tests.harness.workload_client import (
     HEADER,
     OTHER,
     THIRD,

@@ -26,10 +26,10 @@ from sds.provider.identities import Identity
 from sds.provider.service import SECURITY_HEADER, WorkloadApiProvider
 from sds.spiffe.id import SpiffeId, TrustDomain
 from tests.harness.fake_workload_api import eventually
+from tests.harness.grpc_fuzz import frame, mutate
 from tests.harness.h2async import RawClient
-from tests.integration.test_sds_fuzz import frame, mutate
-from tests.integration.test_sds_hostile import fd_count, rss_kb
-from tests.unit.test_provider_fuzz import watched_logs
+from tests.harness.logs import watched_logs
+from tests.harness.resources import fd_count, rss_kb
 
 pytestmark = pytest.mark.hostile
 

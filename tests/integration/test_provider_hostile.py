@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,17 @@ from grpclib.exceptions import GRPCError
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
 from sds.provider.service import MAX_REQUEST_BYTES
-from tests.conftest import Processes, short_tmp, wait_for
+from tests.conftest import Processes, wait_for
 from tests.harness.asuser import run_as
 from tests.harness.h2raw import RawH2, grpc_frame
 from tests.harness.provider import WEB, provider_args, start_provider, write_identities
+from tests.harness.workload_client import HEADER, JWT
 
 pytestmark = pytest.mark.hostile
-
-HEADER = {"workload.spiffe.io": "true"}
 
 ATTACKER = 1000
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
-
-
-@pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A sticky, world-writable directory like /tmp, where another uid can plant things."""
-    with short_tmp("sds-pub-", 0o1777) as path:
-        yield path
 
 
 def fails_with(procs: Processes, args: list[str], message: str) -> None:
@@ -166,8 +157,6 @@ ONLY_1000 = (
 FLOOD = 160 * 1024 * 1024
 
 CHUNK = b"\0" * (1024 * 1024)
-
-JWT = "/SpiffeWorkloadAPI/FetchJWTSVID"
 
 
 async def _served_once(sock: Path) -> None:

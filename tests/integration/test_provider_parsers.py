@@ -17,9 +17,9 @@ from grpclib.client import Channel
 from sds._proto import workload_pb2 as pb
 from sds._proto.workload_grpc import SpiffeWorkloadAPIStub
 from tests.conftest import Processes, wait_for
+from tests.harness.identity_cases import IDENTITY_CASES
 from tests.harness.provider import provider_args, start_provider, write_identities
-from tests.unit.test_provider import first
-from tests.unit.test_provider_parsers import IDENTITY_CASES
+from tests.harness.workload_client import first
 
 pytestmark = pytest.mark.hostile
 

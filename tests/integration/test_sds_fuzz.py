@@ -36,15 +36,14 @@ from sds.xds.codec import (
     sotw_request,
 )
 from tests.harness.fake_workload_api import eventually
-from tests.harness.h2async import SERVICE, grpc_frame
-from tests.integration.test_sds_hostile import (
+from tests.harness.grpc_fuzz import frame, mutate
+from tests.harness.h2async import SERVICE
+from tests.harness.resources import fd_count, rss_kb
+from tests.harness.sds_server import (
     SECRET_TYPE,
     Served,
-    _good_client_still_served,
-    _no_tracebacks,
-    fd_count,
-    rss_kb,
-    served_fixture,  # noqa: F401 - registers the ``served`` fixture here
+    good_client_still_served,
+    no_tracebacks,
 )
 
 pytestmark = pytest.mark.hostile
@@ -112,45 +111,6 @@ def seeds() -> list[tuple[str, bytes]]:
     ]
 
 
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """One to three random edits of ``data``."""
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        op = rng.randrange(7)
-        pos = rng.randrange(len(out) + 1)
-        if op == 0 and out:  # flip a bit
-            i = rng.randrange(len(out))
-            out[i] ^= 1 << rng.randrange(8)
-        elif op == 1:  # truncate
-            del out[pos:]
-        elif op == 2:  # insert random bytes
-            out[pos:pos] = rng.randbytes(rng.randint(1, 8))
-        elif op == 3:  # delete a run
-            del out[pos : pos + rng.randint(1, 16)]
-        elif op == 4:  # an endless or huge varint
-            out[pos:pos] = b"\xff" * rng.randint(1, 12)
-        elif op == 5 and out:  # a random byte, often a tag with a rare wire type
-            out[rng.randrange(len(out))] = rng.randrange(256)
-        else:  # duplicate a slice (repeated fields, nested lengths that no longer match)
-            j = rng.randrange(len(out) + 1)
-            out[pos:pos] = out[min(pos, j) : max(pos, j)][:64]
-    return bytes(out)
-
-
-def frame(rng: random.Random, message: bytes) -> bytes:
-    """The gRPC framing around ``message``, usually right, sometimes wrong."""
-    roll = rng.random()
-    if roll < 0.80:
-        return grpc_frame(message)
-    if roll < 0.85:
-        return grpc_frame(message, flag=rng.choice([1, 2, 0x80, 0xFF]))
-    if roll < 0.92:
-        return grpc_frame(message, length=max(0, len(message) + rng.randint(-8, 64)))
-    if roll < 0.96:
-        return grpc_frame(message)[: rng.randrange(5)]  # a cut prefix
-    return grpc_frame(message) + grpc_frame(mutate(rng, message))  # two messages
-
-
 def cases(seed: int, count: int) -> list[tuple[str, bytes]]:
     rng = random.Random(seed)
     pool = seeds()
@@ -186,7 +146,7 @@ async def test_fuzzed_requests_through_the_real_server(
 ) -> None:
     batch = 50  # streams in flight on the connection (h2's concurrency limit is 100)
     todo = cases(SEED, CASES)
-    await _good_client_still_served(served)
+    await good_client_still_served(served)
     fds, rss = fd_count(), rss_kb()
     statuses: collections.Counter[str | None] = collections.Counter()
     client = await served.raw()
@@ -210,8 +170,8 @@ async def test_fuzzed_requests_through_the_real_server(
         await client.close()
     print(f"seed {SEED}: {CASES} cases, statuses {dict(statuses)}")
     assert statuses["3"] > CASES // 10  # the mutations really were malformed, mostly
-    _no_tracebacks(caplog)
-    await _good_client_still_served(served)
+    no_tracebacks(caplog)
+    await good_client_still_served(served)
     await eventually(lambda: fd_count() <= fds + 2, what="fds back to baseline")
     grown = rss_kb() - rss
     print(f"RSS grew {grown / 1024:.1f} MB over {CASES} cases")

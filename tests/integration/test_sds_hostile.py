@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,99 +25,34 @@ from grpclib.client import Channel
 from h2.exceptions import StreamClosedError
 
 import sds
-from sds._util.peercred import bind_unix_socket
-from sds.bridge.config import BridgeConfig
 from sds.bridge.metrics import Metrics
-from sds.bridge.state import Bridge
 from sds.provider.ca import LocalCA
-from sds.spiffe.id import SpiffeId, TrustDomain
+from sds.spiffe.id import SpiffeId
 from sds.spiffe.x509 import BundleSet, X509Context
-from sds.xds.cache import SecretCache
-from sds.xds.service import INSPECTOR_NODE, SdsServer, SdsServicer
+from sds.xds.service import INSPECTOR_NODE
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import SERVICE, RawClient, grpc_frame, stall_in_preface
+from tests.harness.resources import fd_count, rss_kb
+from tests.harness.sds_server import (
+    SECRET_TYPE,
+    TD,
+    Served,
+    good_client_still_served,
+    no_tracebacks,
+    serve_sds,
+)
 from tests.harness.sdsfake import node, sotw
-from tests.harness.static_upstream import StaticSource
 
 pytestmark = pytest.mark.hostile
 
-TD = TrustDomain("example.org")
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 STREAM = f"{SERVICE}/StreamSecrets"
 DELTA = f"{SERVICE}/DeltaSecrets"
 FETCH = f"{SERVICE}/FetchSecrets"
 
 
-def rss_kb() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@dataclass
-class Served:
-    path: str
-    servicer: SdsServicer
-    server: SdsServer
-    metrics: Metrics
-    source: StaticSource
-    ca: LocalCA
-
-    async def raw(self) -> RawClient:
-        return await RawClient.connect(self.path)
-
-    def context(self) -> X509Context:
-        svid = self.ca.issue_x509_svid(SpiffeId.from_path(TD, "/web"), dt.timedelta(hours=1))
-        return X509Context((svid,), BundleSet([self.ca.bundle]))
-
-
-async def _serve(sockdir: Path, **server_options: float) -> Served:
-    ca = LocalCA.ephemeral(TD)
-    source = StaticSource(None)
-    metrics = Metrics()
-    bridge = Bridge(BridgeConfig(), [source], cache=SecretCache("inst1"), metrics=metrics)
-    servicer = SdsServicer(bridge.cache, events=metrics)
-    server = SdsServer(servicer, **server_options)
-    path = str(sockdir / "sds.sock")
-    await server.start(sock=bind_unix_socket(path))
-    served = Served(path, servicer, server, metrics, source, ca)
-    source.set(served.context())
-    return served
-
-
-@pytest.fixture(name="served")
-async def served_fixture(sockdir: Path) -> AsyncIterator[Served]:
-    """The server of :func:`_serve`, closed after the test (test_sds_fuzz.py imports it)."""
-    s = await _serve(sockdir)
-    yield s
-    s.server.close()
-    await s.server.wait_closed()
-
-
-def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    bad = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
-    assert not bad, [r.getMessage() for r in bad][:3]
-
-
 def sotw_request(names: list[str], **kw: object) -> bytes:
     kw.setdefault("type_url", SECRET_TYPE)
     return bytes(DiscoveryRequest(resource_names=names, **kw))  # type: ignore[arg-type]
-
-
-async def _good_client_still_served(served: Served) -> None:
-    channel = Channel(path=served.path)
-    try:
-        async with sotw(channel, "inst1") as s:
-            await s.send(["default"])
-            assert "default" in (await s.recv()).secrets
-    finally:
-        channel.close()
 
 
 # -- message size (issue 7 hole 6) -----------------------------------------------------------
@@ -138,8 +70,8 @@ async def test_declared_4gb_message_is_refused_before_its_body_is_read(
         assert reply.headers["content-type"].startswith("application/grpc")
     finally:
         await client.close()
-    await _good_client_still_served(served)
-    _no_tracebacks(caplog)
+    await good_client_still_served(served)
+    no_tracebacks(caplog)
 
 
 async def test_big_messages_from_an_admitted_client_do_not_stay_in_memory(
@@ -238,7 +170,7 @@ async def test_request_caps_refuse_with_invalid_argument(
         assert (reply.status, reply.message) == ("3", message)
     finally:
         await client.close()
-    _no_tracebacks(caplog)
+    no_tracebacks(caplog)
 
 
 async def test_delta_subscription_cap_spans_requests(served: Served) -> None:
@@ -517,27 +449,27 @@ async def test_malformed_input_gets_a_precise_status_and_no_traceback(
     # A proper gRPC response: HTTP 200 and a gRPC content-type (grpc-go needs both).
     assert reply.headers[":status"] == "200"
     assert reply.headers["content-type"] == "application/grpc+proto"
-    _no_tracebacks(caplog)
-    await _good_client_still_served(served)
+    no_tracebacks(caplog)
+    await good_client_still_served(served)
 
 
 # -- connections (issue 7 hole 8) ---------------------------------------------------------------
 
 
 async def test_connections_stuck_in_the_preface_are_closed(sockdir: Path) -> None:
-    served = await _serve(sockdir, handshake_timeout=0.5)
+    served = await serve_sds(sockdir, handshake_timeout=0.5)
     try:
         baseline = fd_count()
         await stall_in_preface(served.path)
         await eventually(lambda: fd_count() <= baseline, what="fds back to baseline")
-        await _good_client_still_served(served)
+        await good_client_still_served(served)
     finally:
         served.server.close()
         await served.server.wait_closed()
 
 
 async def test_idle_connection_without_streams_is_closed(sockdir: Path) -> None:
-    served = await _serve(sockdir, handshake_timeout=0.5, idle_timeout=0.4)
+    served = await serve_sds(sockdir, handshake_timeout=0.5, idle_timeout=0.4)
     try:
         client = await served.raw()
         reply = await client.call(FETCH, grpc_frame(sotw_request(["default"])))
@@ -598,4 +530,4 @@ async def test_rapid_stream_resets_leave_no_state(served: Served) -> None:
         await client.close()
     assert served.servicer.cache.watch_count == 0
     assert len(served.servicer._stream_log) == 0
-    await _good_client_still_served(served)
+    await good_client_still_served(served)

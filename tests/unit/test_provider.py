@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -15,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -34,22 +30,24 @@ from sds.provider.identities import (
 from sds.provider.service import WorkloadApiProvider
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import validate_jwt_svid
-from sds.spiffe.x509 import X509Bundle, X509Svid, utcnow
+from sds.spiffe.x509 import X509Bundle, utcnow
 from tests.conftest import captured_log
+from tests.harness.workload_client import (
+    HEADER,
+    OTHER,
+    THIRD,
+    TIMEOUT,
+    first,
+    opened,
+    other_ca_jwks,
+    svids_of,
+)
 
 TD = TrustDomain("example.org")
-
-OTHER = TrustDomain("other.org")
-
-THIRD = TrustDomain("third.org")
-
-HEADER = {"workload.spiffe.io": "true"}
 
 ME = f"pid={os.getpid()} uid={os.getuid()} gid={os.getgid()}"
 
 DENIED = f"no identity issued: caller {ME} matches no workload_identity rule"
-
-TIMEOUT = 10.0
 
 
 def ident(name: str, path: str, *rules: Rule, **kwargs: Any) -> Identity:
@@ -101,45 +99,11 @@ async def serve(sockdir: Path) -> AsyncIterator[Serve]:
         await provider.close()
 
 
-@contextlib.asynccontextmanager
-async def opened(method: Any, request: Any, metadata: Any = HEADER) -> AsyncIterator[Any]:
-    """An open server stream; it is cancelled (RST_STREAM) on the way out."""
-    async with method.open(metadata=metadata) as stream:
-        await stream.send_message(request, end=True)
-        try:
-            yield stream
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.cancel()
-
-
-async def first(method: Any, request: Any, metadata: Any = HEADER) -> Any:
-    """Open a server stream, return its first message, and hang up."""
-    async with opened(method, request, metadata) as stream, asyncio.timeout(TIMEOUT):
-        return await stream.recv_message()
-
-
 async def status_of(call: Awaitable[Any]) -> tuple[Status, str | None]:
     with pytest.raises(GRPCError) as info:
         async with asyncio.timeout(TIMEOUT):
             await call
     return info.value.status, info.value.message
-
-
-def svids_of(response: Any) -> list[X509Svid]:
-    return [
-        X509Svid.parse(s.spiffe_id, s.x509_svid, s.x509_svid_key, s.hint) for s in response.svids
-    ]
-
-
-def other_ca_jwks(ca: LocalCA) -> bytes:
-    """A SPIFFE bundle JWKS for ``ca``: its CA certificate (x509-svid) and JWT key."""
-    doc = json.loads(ca.jwt_bundle.to_jwks())
-    der = ca.bundle.authorities[0].public_bytes(serialization.Encoding.DER)
-    doc["keys"].append(
-        {"use": "x509-svid", "kty": "EC", "kid": "ca", "x5c": [base64.b64encode(der).decode()]}
-    )
-    return json.dumps(doc).encode()
 
 
 CALLS: dict[str, Callable[[SpiffeWorkloadAPIStub, Any], Awaitable[Any]]] = {

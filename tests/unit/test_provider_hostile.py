@@ -30,13 +30,8 @@ from tests.conftest import captured_log
 from tests.harness.fake_workload_api import eventually
 from tests.harness.h2async import RawClient, stall_in_preface
 from tests.harness.h2raw import RawH2, grpc_frame
-from tests.integration import test_provider_hostile as _integration
-from tests.integration.test_provider_hostile import HEADER, JWT
-from tests.integration.test_sds_hostile import fd_count
-
-# Fixtures of ``tests/integration/test_provider_hostile.py``, the same ones here.
-public_tmp = _integration.public_tmp
-
+from tests.harness.resources import fd_count
+from tests.harness.workload_client import HEADER, JWT
 
 pytestmark = pytest.mark.hostile
 
