@@ -72,6 +72,15 @@ def event_lines(caplog: pytest.LogCaptureFixture, logger: str, name: str) -> lis
 
 
 @pytest.fixture
+def restore_sds_logging() -> Iterator[None]:
+    """The ``sds`` logger's handlers, level and propagation as they were, after the test."""
+    root = logging.getLogger("sds")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved
+
+
+@pytest.fixture
 def sds_logs_reach_caplog() -> Iterator[None]:
     """cli.main() elsewhere in the session stops ``sds`` logs propagating; undo that here."""
     root = logging.getLogger("sds")

@@ -9,11 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-DATA = REPO / "docs" / "bench"
-
-FIGURES = ("rotation-cdf.png", "fanout-arrivals.png", "spire-vs-bridge.png")
+from tests.harness.figures import DATA, FIGURES, REPO
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -10,12 +10,14 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.conftest import PYTHON, REPO, Processes, run_sds, wait_for
-from tests.unit import test_inspect as _unit
+import pytest
 
-# Fixtures of ``tests/unit/test_inspect.py``, the same ones here
-# (autouse ones apply to these tests too).
-_restore_sds_logging = _unit._restore_sds_logging
+from tests.conftest import PYTHON, REPO, Processes, run_sds, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _restore_sds_logging(restore_sds_logging: None) -> None:
+    """cli.main() configures the ``sds`` logger for the process; undo it after each test."""
 
 
 def test_inspect_missing_socket_as_a_process(sockdir: Path) -> None:

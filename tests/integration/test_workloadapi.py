@@ -13,18 +13,20 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sds.errors import WorkloadApiUnavailable
 from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.jwt import JwtBundle, validate_jwt_svid
 from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import Processes
 from tests.harness.fake_workload_api import eventually
-from tests.unit import test_workloadapi as _unit
-from tests.unit.test_workloadapi import serials, watching
+from tests.harness.watcher import serials, watching
 
-# Fixtures of ``tests/unit/test_workloadapi.py``, the same ones here
-# (autouse ones apply to these tests too).
-_capture_sds_logs = _unit._capture_sds_logs
+
+@pytest.fixture(autouse=True)
+def _capture_sds_logs(sds_debug_logs: None) -> None:
+    """Make sds.* records reach caplog even if a CLI test configured logging in this process."""
 
 
 IDENTITIES = textwrap.dedent(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from tests.integration.test_bench_plot import DATA, FIGURES, REPO
+from tests.harness.figures import DATA, FIGURES, REPO
 
 
 def test_docs_cite_only_committed_results() -> None:

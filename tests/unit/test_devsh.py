@@ -6,7 +6,7 @@ The tests here run in process, with no child process and no Envoy; the others ar
 
 from __future__ import annotations
 
-from tests.integration.test_devsh import REPO
+from tests.conftest import REPO
 
 
 def test_ci_runs_dev_sh_test() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +16,8 @@ from tests.harness.material import Authority
 
 
 @pytest.fixture(autouse=True)
-def _restore_sds_logging() -> Iterator[None]:
+def _restore_sds_logging(restore_sds_logging: None) -> None:
     """cli.main() configures the ``sds`` logger for the process; undo it after each test."""
-    root = logging.getLogger("sds")
-    saved = (root.handlers[:], root.level, root.propagate)
-    yield
-    root.handlers[:], root.level, root.propagate = saved
 
 
 @pytest.fixture

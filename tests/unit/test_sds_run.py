@@ -17,11 +17,11 @@ import pytest
 from sds.bridge.root import _prepare_socket_dir
 from sds.errors import StartupError
 from tests.harness.asuser import run_as
-from tests.integration import test_sds_run as _integration
 
-# Fixtures of ``tests/integration/test_sds_run.py``, the same ones here
-# (autouse ones apply to these tests too).
-_sds_logs_reach_caplog = _integration._sds_logs_reach_caplog
+
+@pytest.fixture(autouse=True)
+def _sds_logs_reach_caplog(sds_logs_reach_caplog: None) -> None:
+    """Every test here reads ``sds`` logs through caplog."""
 
 
 async def _admin_get(port: int, request: bytes) -> bytes:

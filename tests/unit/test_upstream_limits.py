@@ -16,7 +16,7 @@ import h2.events
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 
 from sds._proto.workload_grpc import SpiffeWorkloadAPIBase
 from sds.bridge.config import JwtLimits, UpstreamBackoff, parse_config
@@ -31,16 +31,7 @@ from sds.workloadapi.address import parse_address
 from sds.workloadapi.client import MAX_MESSAGE_BYTES, WorkloadApiClient
 from tests.harness.fake_workload_api import FakeWorkloadApi, x509_response
 from tests.harness.material import Authority
-
-
-class Hanging(SpiffeWorkloadAPIBase):
-    """A Workload API that accepts every call and never answers."""
-
-    async def _hang(self, stream: Stream[Any, Any]) -> None:
-        await stream.recv_message()
-        await asyncio.sleep(3600)
-
-    FetchX509SVID = FetchX509Bundles = FetchJWTBundles = FetchJWTSVID = ValidateJWTSVID = _hang
+from tests.harness.upstream_server import Hanging, serving
 
 
 class Huge(SpiffeWorkloadAPIBase):
@@ -57,17 +48,6 @@ class Huge(SpiffeWorkloadAPIBase):
         await asyncio.sleep(3600)
 
     FetchX509SVID = FetchX509Bundles = FetchJWTBundles = FetchJWTSVID = ValidateJWTSVID = _huge
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Any, path: Path) -> AsyncIterator[str]:
-    server = Server([handler])
-    await server.start(path=str(path))
-    try:
-        yield f"unix://{path}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @contextlib.asynccontextmanager

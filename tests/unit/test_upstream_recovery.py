@@ -25,7 +25,7 @@ from tests.conftest import event_lines
 from tests.harness.chaos import StallProxy
 from tests.harness.fake_workload_api import FakeWorkloadApi, eventually, x509_response
 from tests.harness.material import Authority
-from tests.unit.test_upstream_limits import Hanging, serving
+from tests.harness.upstream_server import Hanging, serving
 
 WORKLOAD_LOGGER = "sds.workloadapi"
 
