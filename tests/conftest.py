@@ -25,6 +25,7 @@ import pytest
 from tests.harness.envoy import echo_app, envoy_version, envoys
 from tests.harness.logs import captured_log
 from tests.harness.procs import PYTHON, Processes, wait_for
+from tests.harness.stack import Stack
 
 # Fixtures (the Envoy ones) and the helpers test modules import from here.
 __all__ = [
@@ -106,6 +107,13 @@ def sockdir() -> Iterator[Path]:
     """A short private directory for Unix sockets (sun_path is limited to 107 bytes)."""
     with short_tmp("sds-", 0o755) as path:
         yield path
+
+
+@pytest.fixture
+def stack(procs: Processes, tmp_path: Path, sockdir: Path) -> Stack:
+    """Provider and bridge in ``sockdir``, not started (a module may define its own ``stack``)."""
+    del tmp_path
+    return Stack(procs, sockdir)
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ import os
 import signal
 import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Processes, wait_for
-from tests.harness.chaos import Traffic
+from tests.harness.clientloop import ClientLoop
 from tests.harness.envoy import (
     CURRENT_VERSION,
     EnvoyProcess,
@@ -35,47 +34,6 @@ def _start_envoy(
 ) -> EnvoyProcess:
     config = bootstrap("front-envoy", "e2e", listeners, [sds_cluster("sds", stack.sds_socket)])
     return envoys.start(config, version=version)
-
-
-class ClientLoop:
-    """:class:`tests.harness.chaos.Traffic` every 0.05 s, read without the times: ``failures`` (the
-    errors) and ``serials`` (each new serial presented)."""
-
-    def __init__(self, client: HttpsClient, port: int) -> None:
-        self.traffic = Traffic(client, port, interval=0.05)
-
-    @property
-    def interval(self) -> float:
-        return self.traffic.interval
-
-    @interval.setter
-    def interval(self, seconds: float) -> None:
-        self.traffic.interval = seconds
-
-    @property
-    def ok(self) -> int:
-        return self.traffic.ok
-
-    @property
-    def failures(self) -> list[str]:
-        return [error for _, error in self.traffic.failures]
-
-    @property
-    def serials(self) -> list[int]:
-        return [serial for _, serial in self.traffic.served]
-
-    def start(self) -> ClientLoop:
-        self.traffic.start()
-        return self
-
-    def stop(self) -> None:
-        self.traffic.stop()
-
-
-@pytest.fixture
-def stack(procs: Processes, tmp_path: Path, sockdir: Path) -> Stack:
-    del tmp_path
-    return Stack(procs, sockdir)
 
 
 def test_mtls_with_default_and_rootca(stack: Stack, envoys: Envoys, envoy_version: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, wait_for
-from tests.e2e.test_e2e_envoy import ClientLoop
+from tests.harness.clientloop import ClientLoop
 from tests.harness.envoy import (
     EnvoyProcess,
     Envoys,

@@ -17,12 +17,8 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
-from tests.e2e import test_e2e_envoy as _e2e
 from tests.harness.asuser import run_as
 from tests.harness.stack import Stack
-
-# Fixtures of ``tests/e2e/test_e2e_envoy.py``, the same ones here.
-stack = _e2e.stack
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")

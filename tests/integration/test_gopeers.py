@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Processes, wait_for
-from tests.e2e.test_e2e_envoy import ClientLoop
 from tests.harness import gobuild
+from tests.harness.clientloop import ClientLoop
 from tests.harness.envoy import EchoApp
 from tests.harness.provider import start_federated_provider
 from tests.harness.stack import Stack, identities_yaml, svc_identities
