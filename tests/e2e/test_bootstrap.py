@@ -21,9 +21,7 @@ import yaml
 
 from sds.tools import bootstrap as _bootstrap
 from tests.conftest import Processes, wait_for
-from tests.harness.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
-from tests.harness.stack import Stack
-from tests.unit.test_bootstrap import (
+from tests.harness.bootstrap_flags import (
     BASE,
     CLIENT_A,
     CLIENT_B,
@@ -31,11 +29,13 @@ from tests.unit.test_bootstrap import (
     OUTBOUND,
     TD,
     WEB,
-    _example_files,
-    _is_snippet,
+    example_files,
     generate,
+    is_snippet,
     parse,
 )
+from tests.harness.envoy import EchoApp, EnvoyError, EnvoyProcess, Envoys, validate_bootstrap
+from tests.harness.stack import Stack
 
 VARIANTS = [
     pytest.param((protocol, shape, api), id=f"{protocol}-{shape}-{api}")
@@ -76,7 +76,7 @@ def test_jwt_variant_passes_envoy_validate_and_wires_both_sides(envoy_version: s
 
 
 def test_every_example_passes_envoy_validate(envoy_version: str) -> None:
-    bootstraps = [p for p in _example_files() if not _is_snippet(p)]
+    bootstraps = [p for p in example_files() if not is_snippet(p)]
     assert bootstraps
     for path in bootstraps:
         ok, output = validate_bootstrap(yaml.safe_load(path.read_text()), envoy_version)

@@ -9,7 +9,6 @@ server not expected) happen in the TLS handshake.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 from pathlib import Path
@@ -21,33 +20,18 @@ import yaml
 from sds import cli
 from sds.bridge.config import parse_config
 from sds.tools import bootstrap as _bootstrap
-from sds.tools.bootstrap import BootstrapOptions
-
-REPO = Path(__file__).resolve().parents[2]
-
-EXAMPLES = REPO / "envoy"
-
-TD = "spiffe://example.org"
-
-WEB, CLIENT_A, CLIENT_B = f"{TD}/web", f"{TD}/client-a", f"{TD}/client-b"
-
-BASE = ["--node-id", "node-1", "--sds-socket", "/run/sds/sds.sock"]
-
-INBOUND = ["--inbound", "8443:127.0.0.1:8080", "--allow", CLIENT_A, "--allow", f"{TD}/ns/prod/*"]
-
-OUTBOUND = ["--outbound", "127.0.0.1:9001=server.example:8443", "--expect", WEB]
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _bootstrap.add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
-def generate(*argv: str) -> tuple[BootstrapOptions, dict[str, Any]]:
-    """Options and the bootstrap as Envoy reads it: rendered to YAML text and parsed back."""
-    options = _bootstrap.options_from_args(parse(*argv))
-    return options, yaml.safe_load(_bootstrap.render_bootstrap(options))
+from tests.harness.bootstrap_flags import (
+    BASE,
+    CLIENT_A,
+    INBOUND,
+    OUTBOUND,
+    TD,
+    WEB,
+    example_files,
+    generate,
+    is_snippet,
+    parse,
+)
 
 
 def listener(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -471,13 +455,9 @@ def test_bad_jwt_flags(extra: list[str], message: str) -> None:
     assert str(info.value) == message
 
 
-def _example_files() -> list[Path]:
-    return sorted(EXAMPLES.glob("*.yaml"))
-
-
 def test_examples_exist_and_are_current() -> None:
     """Every example bootstrap is exactly what its header command generates today."""
-    bootstraps = [p for p in _example_files() if not _is_snippet(p)]
+    bootstraps = [p for p in example_files() if not is_snippet(p)]
     assert len(bootstraps) >= 4
     for path in bootstraps:
         text = path.read_text()
@@ -486,11 +466,7 @@ def test_examples_exist_and_are_current() -> None:
         assert argv[:2] == ["sds", "envoy-bootstrap"], path
         options = _bootstrap.options_from_args(parse(*argv[2:]))
         assert _bootstrap.render_bootstrap(options) == text, f"{path.name} is stale"
-    snippets = [p for p in _example_files() if _is_snippet(p)]
+    snippets = [p for p in example_files() if is_snippet(p)]
     assert snippets
     for path in snippets:
         assert parse_config(yaml.safe_load(path.read_text()), path.name).policies
-
-
-def _is_snippet(path: Path) -> bool:
-    return path.read_text().startswith(_bootstrap.SNIPPET_MARKER)
