@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness import gobuild
+from tests.harness import gopeers as _gopeers
 from tests.harness.envoy import echo_app, envoy_version, envoys
 from tests.harness.logs import captured_log
 from tests.harness.procs import PYTHON, Processes, wait_for
@@ -117,6 +119,21 @@ def stack(procs: Processes, tmp_path: Path, sockdir: Path) -> Stack:
 
 
 @pytest.fixture
+def gopeers_stack(procs: Processes, sockdir: Path) -> Iterator[Stack]:
+    """A :class:`Stack` whose provider issues the Go-peer identities (``default`` = web)."""
+    stack = Stack(procs, sockdir)
+    stack.identities.write_text(_gopeers.IDENTITIES)
+    yield stack
+
+
+@pytest.fixture(scope="session")
+def gopeers() -> Path:
+    """The go-spiffe peer binary (built once per source hash, then cached)."""
+    gobuild.require_go()
+    return gobuild.gopeers_binary()
+
+
+@pytest.fixture
 def public_tmp() -> Iterator[Path]:
     """A sticky, world-writable directory like /tmp, where another uid can plant things."""
     with short_tmp("sds-pub-", 0o1777) as path:
@@ -173,8 +190,6 @@ PREBUILDS: dict[str, Callable[[], object]] = {}
 
 
 def _register_prebuilds() -> None:
-    from tests.harness import gobuild
-
     if shutil.which("go") is not None:
         from tests.harness import spire
         from tests.harness.gotools import HELM, PROMTOOL, go_tool

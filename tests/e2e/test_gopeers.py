@@ -12,18 +12,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from sds.tools import bootstrap as _bootstrap
 from tests.conftest import Processes, wait_for
 from tests.harness.envoy import CURRENT_VERSION, EchoApp, EnvoyProcess, Envoys, http_request
+from tests.harness.gopeers import BACKEND, CLIENT_A, CLIENT_B, WEB, go_client, json_lines
 from tests.harness.stack import Stack
-from tests.integration import test_gopeers as _integration
-from tests.integration.test_gopeers import BACKEND, CLIENT_A, CLIENT_B, WEB, go_client, json_lines
 
-# Fixtures of ``tests/integration/test_gopeers.py``, the same ones here.
-stack = _integration.stack
-gopeers = _integration.gopeers
+
+@pytest.fixture
+def stack(gopeers_stack: Stack) -> Stack:
+    """Provider (web, client-a, client-b, backend) and the bridge (``default`` = web)."""
+    return gopeers_stack
 
 
 def generate(*argv: str) -> dict[str, Any]:

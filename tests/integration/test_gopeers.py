@@ -17,13 +17,11 @@ cache described in :mod:`tests.harness.gobuild`; each test skips with the reason
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import ssl
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +31,22 @@ from tests.conftest import Processes, wait_for
 from tests.harness import gobuild
 from tests.harness.clientloop import ClientLoop
 from tests.harness.envoy import EchoApp
+from tests.harness.gopeers import (
+    CLIENT_A,
+    TD,
+    WEB,
+    go_client,
+    run_go,
+)
 from tests.harness.provider import start_federated_provider
-from tests.harness.stack import Stack, identities_yaml, svc_identities
+from tests.harness.stack import Stack, svc_identities
 from tests.harness.tlsclient import HttpsClient
 
-TD = "spiffe://example.org"
 
-WEB, CLIENT_A, CLIENT_B, BACKEND = (f"{TD}/{n}" for n in ("web", "client-a", "client-b", "backend"))
-
-
-@pytest.fixture(scope="session")
-def gopeers() -> Path:
-    """The go-spiffe peer binary (built once per source hash, then cached)."""
-    gobuild.require_go()
-    return gobuild.gopeers_binary()
+@pytest.fixture
+def stack(gopeers_stack: Stack) -> Stack:
+    """Provider (web, client-a, client-b, backend) and the bridge (``default`` = web)."""
+    return gopeers_stack
 
 
 @pytest.fixture(scope="session")
@@ -54,19 +54,6 @@ def ghostunnel() -> Path:
     """The Ghostunnel binary (built once per version, then cached)."""
     gobuild.require_go()
     return gobuild.ghostunnel_binary()
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def run_go(
-    procs: Processes, argv: list[str], name: str, timeout: float = 120
-) -> list[dict[str, Any]]:
-    """Run a Go peer to completion; its JSON lines (exit 0 required)."""
-    proc = procs.start(argv, name)
-    assert proc.wait(timeout) == 0, procs.log(proc)[-3000:]
-    return json_lines(procs.log(proc))
 
 
 def by_check(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -175,23 +162,6 @@ def test_go_spiffe_as_a_uid_matching_no_rule_is_permission_denied(
             "matches no workload_identity rule"
         )
     assert "spiffe_ids" not in out
-
-
-@pytest.fixture
-def stack(procs: Processes, sockdir: Path) -> Iterator[Stack]:
-    """Provider (web, client-a, client-b, backend) and the bridge (``default`` = web)."""
-    stack = Stack(procs, sockdir)
-    stack.identities.write_text(identities_yaml(("web", "client-a", "client-b", "backend")))
-    yield stack
-
-
-def go_client(
-    procs: Processes, gopeers: Path, stack: Stack, port: int, *, hint: str, server_id: str
-) -> dict[str, Any]:
-    argv = [str(gopeers), "client", "-addr", f"unix://{stack.workload_socket}", "-hint", hint]
-    argv += ["-server-id", server_id, "-url", f"https://127.0.0.1:{port}/hello"]
-    (line,) = run_go(procs, argv, f"gopeers-client-{hint}", timeout=60)
-    return line
 
 
 def start_ghostunnel(
