@@ -27,6 +27,7 @@ from tests.harness import gopeers as _gopeers
 from tests.harness.envoy import echo_app, envoy_version, envoys
 from tests.harness.logs import captured_log
 from tests.harness.procs import PYTHON, Processes, wait_for
+from tests.harness.spire import Spire
 from tests.harness.stack import Stack
 
 # Fixtures (the Envoy ones) and the helpers test modules import from here.
@@ -131,6 +132,37 @@ def gopeers() -> Path:
     """The go-spiffe peer binary (built once per source hash, then cached)."""
     gobuild.require_go()
     return gobuild.gopeers_binary()
+
+
+@pytest.fixture(scope="session")
+def spire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
+    """One SPIRE (server and agent) for every test that asks, in either tier; stopped at the end."""
+    procs = Processes(tmp_path_factory.mktemp("spire-logs"))
+    env = Spire(procs)
+    yield env
+    env.close()
+    procs.close()
+
+
+@pytest.fixture
+def spire_logs_on_failure(spire: Spire, request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a failed test, the tails of the SPIRE server's and agent's logs on stderr."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for proc in (spire.server.proc, spire.agent.proc):
+            if proc is not None:
+                sys.stderr.write(f"\n----- spire -----\n{spire.procs.log(proc)[-4000:]}")
+
+
+@pytest.fixture
+def spire_stack(procs: Processes, spire: Spire, sockdir: Path) -> Iterator[Stack]:
+    """A bridge (``sds run``) whose only upstream is the session's SPIRE agent."""
+    stack = Stack(procs, sockdir)
+    stack.workload_socket = spire.agent.socket
+    yield stack
+    if stack.bridge is not None:
+        procs.stop(stack.bridge)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The bridge fed by a real SPIRE 1.13.3 agent, each test against a real Envoy.
 
-One spire-server and one spire-agent run per module (see :mod:`tests.harness.spire`);
+One spire-server and one spire-agent run per session (the ``spire`` fixture, shared with
+``tests/integration/test_spire.py``; see :mod:`tests.harness.spire`);
 the agent issues ``spiffe://example.org/web`` to this test process's uid (so
 to the bridge it starts), with a 30 s TTL so it rotates every 10-15 s. TLS
 clients get their certificates minted by the server (``x509 mint``), so the
@@ -11,13 +12,11 @@ from __future__ import annotations
 
 import signal
 import ssl
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Processes, wait_for
+from tests.conftest import wait_for
 from tests.harness.clientloop import ClientLoop
 from tests.harness.envoy import (
     EnvoyProcess,
@@ -27,69 +26,25 @@ from tests.harness.envoy import (
     sds_cluster,
 )
 from tests.harness.spire import (
-    TRUST_DOMAIN,
-    SpireAgent,
-    SpireServer,
-    own_uid_selector,
-    spire_binaries,
+    CLIENT_A,
+    WEB,
+    Spire,
 )
 from tests.harness.stack import Material, Stack
 from tests.harness.tlsclient import HttpsClient, openssl_handshake
 
 pytestmark = pytest.mark.spire
 
-WEB = f"spiffe://{TRUST_DOMAIN}/web"
-
-CLIENT_A = f"spiffe://{TRUST_DOMAIN}/client-a"
-
-CLIENT_B = f"spiffe://{TRUST_DOMAIN}/client-b"
-
-
-class Spire:
-    """The module's SPIRE: server, one agent, and minted client material."""
-
-    def __init__(self, procs: Processes) -> None:
-        server_bin, agent_bin = spire_binaries()
-        self.procs = procs
-        self.server = SpireServer(procs, server_bin).start()
-        self.agent = SpireAgent(self.server, agent_bin).start()
-        self.server.entry_create(self.agent.spiffe_id, WEB, own_uid_selector(), hint="web")
-        self.agent.wait_svid(WEB)
-        self.client_a = self.server.mint(CLIENT_A)
-        self.client_b = self.server.mint(CLIENT_B)
-
-    def close(self) -> None:
-        self.agent.close()
-        self.server.close()
-
-
-@pytest.fixture(scope="module")
-def spire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
-    procs = Processes(tmp_path_factory.mktemp("spire-logs"))
-    env = Spire(procs)
-    yield env
-    env.close()
-    procs.close()
-
 
 @pytest.fixture(autouse=True)
-def _spire_logs_on_failure(spire: Spire, request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for proc in (spire.server.proc, spire.agent.proc):
-            if proc is not None:
-                sys.stderr.write(f"\n----- spire -----\n{spire.procs.log(proc)[-4000:]}")
+def _spire_logs_on_failure(spire_logs_on_failure: None) -> None:
+    """A failed test here prints the tails of the SPIRE server's and agent's logs."""
 
 
 @pytest.fixture
-def stack(procs: Processes, spire: Spire, sockdir: Path) -> Iterator[Stack]:
-    """A bridge (``sds run``) whose only upstream is the module's SPIRE agent."""
-    stack = Stack(procs, sockdir)
-    stack.workload_socket = spire.agent.socket
-    yield stack
-    if stack.bridge is not None:
-        procs.stop(stack.bridge)
+def stack(spire_stack: Stack) -> Stack:
+    """A bridge (``sds run``) whose only upstream is the session's SPIRE agent."""
+    return spire_stack
 
 
 def _envoy(envoys: Envoys, socket: Path, listener: dict[str, object]) -> EnvoyProcess:

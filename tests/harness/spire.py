@@ -307,3 +307,33 @@ plugins {{
 def own_uid_selector() -> str:
     """The unix attestor selector matching this test process (and the bridge it starts)."""
     return f"unix:uid:{os.getuid()}"
+
+
+# --------------------------------------------------------------------------- the tests' SPIRE
+
+WEB = f"spiffe://{TRUST_DOMAIN}/web"
+
+
+CLIENT_A = f"spiffe://{TRUST_DOMAIN}/client-a"
+
+
+CLIENT_B = f"spiffe://{TRUST_DOMAIN}/client-b"
+
+
+class Spire:
+    """A SPIRE for the tests: a server, one agent issuing :data:`WEB` to this process's uid
+    (so to the bridges it starts), and client material minted by the server."""
+
+    def __init__(self, procs: Processes) -> None:
+        server_bin, agent_bin = spire_binaries()
+        self.procs = procs
+        self.server = SpireServer(procs, server_bin).start()
+        self.agent = SpireAgent(self.server, agent_bin).start()
+        self.server.entry_create(self.agent.spiffe_id, WEB, own_uid_selector(), hint="web")
+        self.agent.wait_svid(WEB)
+        self.client_a = self.server.mint(CLIENT_A)
+        self.client_b = self.server.mint(CLIENT_B)
+
+    def close(self) -> None:
+        self.agent.close()
+        self.server.close()

@@ -19,19 +19,21 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from sds.tools import inspect_sds as sds_inspect
 from tests.conftest import wait_for
-from tests.e2e import test_spire as _e2e
-from tests.e2e.test_spire import CLIENT_A, WEB, Spire
-from tests.harness.spire import TRUST_DOMAIN
+from tests.harness.spire import CLIENT_A, TRUST_DOMAIN, WEB, Spire
 from tests.harness.stack import Stack
 
-# Fixtures of ``tests/e2e/test_spire.py``, the same ones here
-# (autouse ones apply to these tests too).
-spire = _e2e.spire
-stack = _e2e.stack
-_spire_logs_on_failure = _e2e._spire_logs_on_failure
-
-
 pytestmark = pytest.mark.spire
+
+
+@pytest.fixture(autouse=True)
+def _spire_logs_on_failure(spire_logs_on_failure: None) -> None:
+    """A failed test here prints the tails of the SPIRE server's and agent's logs."""
+
+
+@pytest.fixture
+def stack(spire_stack: Stack) -> Stack:
+    """A bridge (``sds run``) whose only upstream is the session's SPIRE agent."""
+    return spire_stack
 
 
 def _inspect(*args: str) -> dict[str, object]:
