@@ -16,12 +16,14 @@ written); what can be checked without one is checked for real:
   policy admits (:func:`compose_problems`).
 * Envoy configs (compose and Kubernetes): ``envoy --mode validate`` with the
   Envoy version the manifests' image tag names, and with the current one.
-* ``k8s/``: each kustomize overlay rendered here (:func:`render_kustomization`,
-  compared with ``kubectl kustomize`` where kubectl exists), every object
-  validated with kubernetes-validate in strict mode for each of
-  :data:`K8S_VERSIONS`, and the same wiring checks per pod
-  (:func:`wiring_problems`), including an Istio pod with the ``sds-bridge``
-  injection template applied the way istiod merges templates.
+* ``k8s/``: each kustomize overlay rendered here
+  (:func:`tests.harness.manifests.render_kustomization`, compared with
+  ``kubectl kustomize`` where kubectl exists), every object validated with
+  kubernetes-validate in strict mode for each of
+  :data:`~tests.harness.manifests.K8S_VERSIONS`, and the same wiring checks
+  per pod (:func:`~tests.harness.manifests.wiring_problems`), including an
+  Istio pod with the ``sds-bridge`` injection template applied the way
+  istiod merges templates.
 """
 
 from __future__ import annotations
@@ -43,35 +45,44 @@ import kubernetes_validate
 import pytest
 import yaml
 
-import sds
 from sds._util.peercred import PeerCredentials
-from sds.bridge.config import BridgeConfig, Policy, load_config, parse_config
-from sds.errors import ConfigError
+from sds.bridge.config import BridgeConfig, Policy, load_config
 from sds.provider.identities import entitled, load_identities
 from sds.spiffe.id import TrustDomain
 from tests.harness.envoy import CURRENT_VERSION, DEFAULT_VERSIONS, envoy_binary
+from tests.harness.manifests import (
+    BUILTIN_NAMES,
+    ENVOY_IMAGE,
+    ISTIO_SOCKET,
+    K8S_VERSIONS,
+    OUR_IMAGE,
+    REPO,
+    VERSION,
+    EnvoyView,
+    Proxy,
+    bridge_container,
+    config_maps_of,
+    envoy_view,
+    k8s_proxy,
+    load_yaml,
+    named_container,
+    names_problems,
+    object_key,
+    path_under,
+    pod_containers,
+    pod_specs,
+    render,
+    wiring_problems,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION: str = sds.__version__
-OUR_IMAGE = f"spiffe-envoy-sds:{VERSION}"
-ENVOY_IMAGE = "envoyproxy/envoy"
 # Oldest release with native sidecar containers on by default, and the newest
 # kubernetes-validate ships schemas for.
-K8S_VERSIONS = ("1.29", "1.37")
 OVERLAYS = ("sidecar", "daemonset", "istio")
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ISTIO_VALUES = REPO / "k8s" / "istio" / "istiod-values.yaml"
 # Where istio-agent looks for a workload SDS server (Istio's
 # security.WorkloadIdentitySocketPath), and the uid/gid istio-proxy runs as.
-ISTIO_SOCKET = "/var/run/secrets/workload-spiffe-uds/socket"
 ISTIO_PROXY_ID = 1337
-BUILTIN_NAMES = {"default", "ROOTCA", "ALL"}
-
-
-def _yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
-
-
 # =========================================================================== Dockerfile
 
 
@@ -401,18 +412,11 @@ def _mounts(service: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _relative(path: str, mount: str) -> str | None:
-    try:
-        return str(PurePosixPath(path).relative_to(mount))
-    except ValueError:
-        return None
-
-
 def compose_volume_at(service: Mapping[str, Any], path: str) -> tuple[str, str] | None:
     """(named volume, path inside it) holding ``path`` in ``service``, or None."""
     best: tuple[str, str, str] | None = None
     for source, target, _ in _mounts(service):
-        rel = _relative(path, target)
+        rel = path_under(path, target)
         if rel is not None and (best is None or len(target) > len(best[2])):
             best = (source, rel, target)
     return (best[0], best[1]) if best else None
@@ -437,60 +441,6 @@ def _options(argv: Sequence[str]) -> dict[str, str]:
 
 def _policy_allows(policy: Policy, spiffe_id: str) -> bool:
     return spiffe_id in policy.exact or any(spiffe_id.startswith(p) for p in policy.prefixes)
-
-
-def _walk(node: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield key, value
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk(item)
-
-
-@dataclass
-class EnvoyView:
-    """What an Envoy bootstrap asks of the bridge: the socket it dials and the names."""
-
-    sds_socket: str
-    certificates: set[str]
-    validations: set[str]
-
-
-def envoy_view(config: Mapping[str, Any]) -> EnvoyView:
-    """The ``sds`` cluster's pipe path and every SDS secret name the config requests."""
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    pipes = [value["path"] for key, value in _walk(clusters["sds"]) if key == "pipe"]
-    assert len(pipes) == 1, "the sds cluster must have exactly one pipe endpoint"
-    certificates = {
-        item["name"]
-        for key, value in _walk(config)
-        if key == "tls_certificate_sds_secret_configs"
-        for item in value
-    }
-    validations = {
-        value["name"]
-        for key, value in _walk(config)
-        if key == "validation_context_sds_secret_config"
-    }
-    return EnvoyView(pipes[0], certificates, validations)
-
-
-def names_problems(where: str, config: BridgeConfig, view: EnvoyView) -> list[str]:
-    """Secret names Envoy requests that the bridge config cannot serve."""
-    policies = {policy.name for policy in config.policies}
-    secrets = {secret.name for secret in config.secrets}
-    problems = [
-        f"{where}: Envoy asks for certificate {name!r}, which the bridge does not serve"
-        for name in sorted(view.certificates - {"default"} - secrets)
-    ]
-    problems += [
-        f"{where}: Envoy asks for validation context {name!r}, which the bridge does not serve"
-        for name in sorted(view.validations - BUILTIN_NAMES - policies)
-        if not name.startswith("spiffe://")
-    ]
-    return problems
 
 
 def compose_problems(compose: Mapping[str, Any]) -> list[str]:
@@ -556,7 +506,7 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
         else:
             issued[side] = str(granted[0].spiffe_id)
         # The bridge's socket is the one its Envoy dials, and only Envoy is let in.
-        view = envoy_view(_yaml(compose_bind_source(envoy, "/etc/envoy/envoy.yaml")))
+        view = envoy_view(load_yaml(compose_bind_source(envoy, "/etc/envoy/envoy.yaml")))
         envoy_views[side] = view
         listen = config.listen.path if config.listen is not None else None
         served = compose_volume_at(bridge, listen) if listen is not None else None
@@ -617,7 +567,7 @@ def test_compose_healthchecks_and_start_order() -> None:
 
 def test_shipped_envoy_is_a_version_the_end_to_end_suite_runs() -> None:
     images = [s["image"] for s in load_compose()["services"].values()]
-    images += [c["image"] for _, pod in _all_pods() for c in _containers(pod)]
+    images += [c["image"] for _, pod in _all_pods() for c in pod_containers(pod)]
     versions = _envoy_versions(images)
     versions.remove(CURRENT_VERSION)
     # One Envoy release everywhere, and one tests/e2e/test_e2e_envoy.py exercises.
@@ -636,7 +586,7 @@ def _envoy_versions(images: Sequence[str]) -> list[str]:
 def envoy_configs() -> list[tuple[Path, str]]:
     """(config, Envoy version) pairs: each config with its image's version and the current one."""
     compose_images = [s.get("image", "") for s in load_compose()["services"].values()]
-    k8s_images = [c["image"] for _, pod in _all_pods() for c in _containers(pod)]
+    k8s_images = [c["image"] for _, pod in _all_pods() for c in pod_containers(pod)]
     pairs = []
     for path, images in (
         (REPO / "deploy" / "compose" / "envoy-server.yaml", compose_images),
@@ -667,7 +617,7 @@ def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
     paths = sorted({path for path, _ in envoy_configs()} | set((REPO / "envoy").glob("*.yaml")))
     admins = {}
     for path in paths:
-        config = _yaml(path)
+        config = load_yaml(path)
         if "admin" in config:
             admins[path.relative_to(REPO).as_posix()] = config["admin"]["address"]
     assert len(admins) == 7
@@ -678,7 +628,7 @@ def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
     for name in ("envoy-server", "envoy-client"):
         assert compose[name]["tmpfs"] == ["/run/envoy"]
     for _, pod in _all_pods():
-        for container in _containers(pod):
+        for container in pod_containers(pod):
             if container["image"].startswith(ENVOY_IMAGE + ":"):
                 mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
                 assert mounts.get("/run/envoy") == "envoy-admin", container["name"]
@@ -686,97 +636,9 @@ def test_every_shipped_envoy_admin_is_a_0600_unix_socket() -> None:
 
 # =========================================================================== Kubernetes
 
-_KUSTOMIZE_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "namespace",
-    "configMapGenerator",
-    "generatorOptions",
-}
-_CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass"}
-
-
-def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """The objects ``kubectl kustomize directory`` prints, for the features we use.
-
-    Supported: ``resources`` (files and directories), ``namespace``, and
-    ``configMapGenerator`` from files (``behavior`` create, replace or merge)
-    with ``generatorOptions.disableNameSuffixHash: true``. Anything else fails,
-    which keeps the manifests simple enough to read without kustomize.
-    """
-    spec = _yaml(directory / "kustomization.yaml")
-    unknown = set(spec) - _KUSTOMIZE_KEYS
-    assert not unknown, f"{directory}: renderer does not implement {sorted(unknown)}"
-    objects: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        target = directory / entry
-        if target.is_dir():
-            objects += render_kustomization(target)
-        else:
-            objects += [doc for doc in yaml.safe_load_all(target.read_text()) if doc]
-    generators = spec.get("configMapGenerator", [])
-    if generators:
-        options = spec.get("generatorOptions", {})
-        assert options == {"disableNameSuffixHash": True}, f"{directory}: stable names only"
-    for generator in generators:
-        assert set(generator) <= {"name", "files", "behavior"}, generator
-        data = {}
-        for item in generator["files"]:
-            key, _, path = item.rpartition("=")
-            data[key or PurePosixPath(path).name] = (directory / path).read_text()
-        behavior = generator.get("behavior", "create")
-        existing = [
-            obj
-            for obj in objects
-            if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == generator["name"]
-        ]
-        if behavior == "create":
-            assert not existing, f"{directory}: ConfigMap {generator['name']} exists"
-            metadata = {"name": generator["name"]}
-            objects.append(
-                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
-            )
-        else:
-            assert behavior in ("replace", "merge") and len(existing) == 1, generator
-            if behavior == "replace":
-                existing[0]["data"] = data
-            else:
-                existing[0]["data"].update(data)
-    namespace = spec.get("namespace")
-    if namespace:
-        for obj in objects:
-            if obj["kind"] == "Namespace":
-                assert obj["metadata"]["name"] == namespace, "kustomize would rename it"
-            elif obj["kind"] not in _CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = namespace
-    return objects
-
-
-def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
-    meta = obj["metadata"]
-    return obj["kind"], meta.get("namespace", ""), meta["name"]
-
-
-def render(overlay: str) -> list[dict[str, Any]]:
-    """The rendered objects of ``k8s/<overlay>``, sorted by kind, namespace and name."""
-    return sorted(render_kustomization(REPO / "k8s" / overlay), key=_key)
-
-
-def _containers(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [*pod.get("initContainers", []), *pod.get("containers", [])]
-
-
-def _pods(objects: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"])
-        for obj in objects
-        if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet")
-    ]
-
 
 def _istio_template() -> dict[str, Any]:
-    values = _yaml(ISTIO_VALUES)
+    values = load_yaml(ISTIO_VALUES)
     text = values["sidecarInjectorWebhook"]["templates"]["sds-bridge"]
     # istiod renders templates with Go's text/template: a static one passes unchanged.
     assert "{{" not in text
@@ -854,7 +716,7 @@ def istio_inject(pod: Mapping[str, Any]) -> dict[str, Any]:
 def _all_pods() -> list[tuple[str, dict[str, Any]]]:
     pods = []
     for overlay in OVERLAYS:
-        for name, pod in _pods(render(overlay)):
+        for name, pod in pod_specs(render(overlay)):
             pods.append((f"{overlay}/{name}", pod))
             if overlay == "istio":
                 pods.append((f"{overlay}/{name}+injected", istio_inject(pod)))
@@ -867,7 +729,7 @@ def test_k8s_overlay_objects_pass_strict_schema_validation(overlay: str) -> None
     kinds = {obj["kind"] for obj in objects}
     assert {"Namespace", "ConfigMap", "Deployment", "Service", "ServiceAccount"} <= kinds
     if overlay == "istio":
-        pod = istio_inject(_pods(objects)[0][1])
+        pod = istio_inject(pod_specs(objects)[0][1])
         objects.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod})
     failures = []
     for version in K8S_VERSIONS:
@@ -875,7 +737,7 @@ def test_k8s_overlay_objects_pass_strict_schema_validation(overlay: str) -> None
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                failures.append(f"{version} {_key(obj)}: {exc.message} at {list(exc.path)}")
+                failures.append(f"{version} {object_key(obj)}: {exc.message} at {list(exc.path)}")
     assert failures == []
 
 
@@ -899,7 +761,7 @@ def test_k8s_render_matches_kubectl_kustomize(overlay: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    printed = sorted((doc for doc in yaml.safe_load_all(result.stdout) if doc), key=_key)
+    printed = sorted((doc for doc in yaml.safe_load_all(result.stdout) if doc), key=object_key)
     assert printed == render(overlay)
 
 
@@ -908,7 +770,7 @@ def test_k8s_references_resolve() -> None:
     for overlay in OVERLAYS:
         objects = render(overlay)
         names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
-        pods = _pods(objects)
+        pods = pod_specs(objects)
         if overlay == "istio":
             pods = [(name, istio_inject(pod)) for name, pod in pods]
         for name, pod in pods:
@@ -921,7 +783,7 @@ def test_k8s_references_resolve() -> None:
                 config_map = volume.get("configMap", {}).get("name")
                 if config_map and ("ConfigMap", config_map) not in names:
                     problems.append(f"{where}: no ConfigMap {config_map}")
-            for container in _containers(pod):
+            for container in pod_containers(pod):
                 for mount in container.get("volumeMounts", []):
                     if mount["name"] not in volumes:
                         problems.append(f"{where}/{container['name']}: no volume {mount['name']}")
@@ -948,7 +810,7 @@ def test_k8s_references_resolve() -> None:
 def test_k8s_images_are_pinned() -> None:
     problems = []
     for where, pod in _all_pods():
-        for container in _containers(pod):
+        for container in pod_containers(pod):
             image = container["image"]
             if _image_tag(image) in (None, "latest"):
                 problems.append(f"{where}/{container['name']}: {image} is not pinned")
@@ -966,7 +828,7 @@ def test_k8s_containers_run_unprivileged() -> None:
                 problems.append(f"{where}: pod must set runAsNonRoot")
             if security.get("seccompProfile") != {"type": "RuntimeDefault"}:
                 problems.append(f"{where}: pod must use the RuntimeDefault seccomp profile")
-        for container in _containers(pod):
+        for container in pod_containers(pod):
             name = f"{where}/{container['name']}"
             security = container.get("securityContext", {})
             if security.get("allowPrivilegeEscalation") is not False:
@@ -987,225 +849,25 @@ def test_k8s_containers_run_unprivileged() -> None:
 # --------------------------------------------------------------------------- wiring
 
 
-def k8s_volume_at(
-    where: str, pod: Mapping[str, Any], container: Mapping[str, Any], path: str
-) -> tuple[str, str] | None:
-    """(volume identity, path inside it) holding ``path`` in ``container``.
-
-    A hostPath is identified by the node path (so two pods on a node share
-    it); any other volume by the pod and its name.
-    """
-    best = None
-    for mount in container.get("volumeMounts", []):
-        rel = _relative(path, mount["mountPath"])
-        if rel is not None and (
-            best is None or len(mount["mountPath"]) > len(best[0]["mountPath"])
-        ):
-            best = (mount, rel)
-    if best is None:
-        return None
-    mount, rel = best
-    if mount.get("subPath"):
-        rel = str(PurePosixPath(mount["subPath"]) / rel)
-    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    if "hostPath" in volume:
-        return f"hostPath:{volume['hostPath']['path']}", rel
-    return f"{where}:{volume['name']}", rel
-
-
-def k8s_mounted_file(
-    pod: Mapping[str, Any],
-    container: Mapping[str, Any],
-    path: str,
-    config_maps: Mapping[str, Mapping[str, Any]],
-) -> str:
-    """The content of the ConfigMap key mounted at ``path`` in ``container``."""
-    parent, name = str(PurePosixPath(path).parent), PurePosixPath(path).name
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == parent)
-    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    text: str = config_maps[volume["configMap"]["name"]]["data"][name]
-    return text
-
-
-def _security(container: Mapping[str, Any]) -> tuple[int, int]:
-    security = container["securityContext"]
-    return int(security["runAsUser"]), int(security["runAsGroup"])
-
-
-def _named(pod: Mapping[str, Any], name: str) -> dict[str, Any] | None:
-    return next((c for c in _containers(pod) if c["name"] == name), None)
-
-
-def _bridge(pod: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ``sds run`` container: our image (from any registry) running ``run``."""
-    return next(
-        (
-            c
-            for c in _containers(pod)
-            if c["image"].rsplit("/", 1)[-1] == OUR_IMAGE and c.get("args", [])[:1] == ["run"]
-        ),
-        None,
-    )
-
-
-def _probe(container: Mapping[str, Any], kind: str) -> list[str]:
-    command: list[str] = container.get(kind, {}).get("exec", {}).get("command", [])
-    return command
-
-
-def _http_probe(container: Mapping[str, Any], kind: str) -> tuple[str, int] | None:
-    """(path, container port) of an httpGet probe, a named port resolved; None if not httpGet."""
-    get = container.get(kind, {}).get("httpGet")
-    if get is None:
-        return None
-    port = get["port"]
-    if isinstance(port, str):
-        port = next(p["containerPort"] for p in container.get("ports", []) if p["name"] == port)
-    return str(get["path"]), int(port)
-
-
-@dataclass
-class Proxy:
-    """The Envoy a bridge serves: its pod, container, the socket it dials and the names."""
-
-    where: str
-    pod: dict[str, Any]
-    container: dict[str, Any]
-    socket: str
-    certificates: set[str]
-    validations: set[str]
-
-
-def k8s_proxy(where: str, pod: dict[str, Any], config_maps: Mapping[str, Any]) -> Proxy | None:
-    """The Envoy (or istio-proxy) in ``pod``, with what it asks of the bridge."""
-    istio = _named(pod, "istio-proxy")
-    if istio is not None:
-        return Proxy(where, pod, istio, ISTIO_SOCKET, {"default"}, {"ROOTCA"})
-    envoy = next((c for c in pod["containers"] if c["image"].startswith(ENVOY_IMAGE + ":")), None)
-    if envoy is None:
-        return None
-    args = envoy["args"]
-    config = yaml.safe_load(k8s_mounted_file(pod, envoy, args[args.index("-c") + 1], config_maps))
-    view = envoy_view(config)
-    return Proxy(where, pod, envoy, view.sds_socket, view.certificates, view.validations)
-
-
-def wiring_problems(
-    where: str,
-    pod: dict[str, Any],
-    proxy: Proxy,
-    config_maps: Mapping[str, Mapping[str, Any]],
-) -> list[str]:
-    """Everything that would keep the bridge in ``pod`` from serving ``proxy`` (empty: none)."""
-    bridge = _bridge(pod)
-    if bridge is None:
-        return [f"{where}: no bridge container (image {OUR_IMAGE}, args run ...)"]
-    args = bridge["args"]
-    text = k8s_mounted_file(pod, bridge, args[args.index("--config") + 1], config_maps)
-    try:
-        config = parse_config(yaml.safe_load(text), f"{where} sds.yaml")
-    except ConfigError as exc:
-        return [str(exc)]
-    listen = config.listen.path if config.listen is not None else None
-    if listen is None:
-        return [f"{where}: the bridge config must listen on a Unix socket"]
-    problems: list[str] = []
-    served = k8s_volume_at(where, pod, bridge, listen)
-    dialled = k8s_volume_at(proxy.where, proxy.pod, proxy.container, proxy.socket)
-    if served is None or served != dialled:
-        problems.append(f"{proxy.where}: dials {proxy.socket} ({dialled}), bridge serves {served}")
-    proxy_uid, proxy_gid = _security(proxy.container)
-    bridge_gid = _security(bridge)[1]
-    if proxy_uid not in config.allowed_uids:
-        problems.append(f"{where}: allowed_uids does not name the proxy's uid {proxy_uid}")
-    if config.socket_mode != 0o660 or bridge_gid != proxy_gid:
-        problems.append(f"{where}: want socket 0660 in the proxy's group {proxy_gid}")
-    problems += names_problems(
-        proxy.where, config, EnvoyView(proxy.socket, proxy.certificates, proxy.validations)
-    )
-    # The socket's directory: made by an init container, 0750, the proxy's group.
-    maker = _named(pod, "sds-socket-dir")
-    if maker is None or served is None:
-        problems.append(f"{where}: no sds-socket-dir init container")
-    else:
-        command = maker["command"]
-        made = k8s_volume_at(where, pod, maker, command[-1])
-        if made != (served[0], str(PurePosixPath(served[1]).parent)):
-            problems.append(f"{where}: sds-socket-dir makes {command[-1]}, not the socket's dir")
-        group = int(command[command.index("-g") + 1]) if "-g" in command else _security(maker)[1]
-        if command[command.index("-m") + 1] != "0750" or group != proxy_gid:
-            problems.append(f"{where}: the socket's directory must be 0750 in group {proxy_gid}")
-    # Probes: the admin endpoint is loopback-only, so they run inside the
-    # container, or go over HTTP to the metrics listener when there is one.
-    admin = f"{config.admin.host}:{config.admin.port}"
-    metrics = config.metrics.port if config.metrics is not None else None
-    if _probe(bridge, "startupProbe")[:4] != ["sds", "wait", "--socket", f"unix://{listen}"]:
-        problems.append(f"{where}: startupProbe must be `sds wait --socket unix://{listen}`")
-    ready = _http_probe(bridge, "readinessProbe")
-    if ready is not None:
-        if metrics is None or ready != ("/readyz", metrics):
-            problems.append(f"{where}: readinessProbe httpGet must be /readyz on the metrics port")
-    elif _probe(bridge, "readinessProbe")[:4] != ["sds", "wait", "--admin", admin]:
-        problems.append(f"{where}: readinessProbe must be `sds wait --admin {admin}`")
-    live = _http_probe(bridge, "livenessProbe")
-    if live is not None:
-        if metrics is None or live != ("/healthz", metrics):
-            problems.append(f"{where}: livenessProbe httpGet must be /healthz on the metrics port")
-    elif f"http://{admin}/healthz" not in " ".join(_probe(bridge, "livenessProbe")):
-        problems.append(f"{where}: livenessProbe must check http://{admin}/healthz")
-    # The proxy starts only once the socket is served.
-    init = [c["name"] for c in pod.get("initContainers", [])]
-    if proxy.pod is pod:
-        if bridge.get("restartPolicy") != "Always" or bridge["name"] not in init:
-            problems.append(f"{where}: the bridge must be a native sidecar (init, Always)")
-        elif maker is not None and init.index(maker["name"]) > init.index(bridge["name"]):
-            problems.append(f"{where}: sds-socket-dir must run before the bridge")
-        if proxy.container["name"] in init:
-            problems.append(f"{where}: the proxy must not start before the bridge")
-    elif not any(
-        c.get("args", [])[:3] == ["wait", "--socket", f"unix://{proxy.socket}"]
-        for c in proxy.pod.get("initContainers", [])
-    ):
-        problems.append(f"{proxy.where}: an init container must `sds wait` for the socket")
-    # The Workload API: the SPIFFE CSI driver's socket, read-only.
-    env = {item["name"]: item["value"] for item in bridge.get("env", [])}
-    socket = env.get("SPIFFE_ENDPOINT_SOCKET", "")
-    mount = k8s_volume_at(where, pod, bridge, socket.removeprefix("unix://"))
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    csi = volumes.get(mount[0].split(":")[-1], {}).get("csi", {}) if mount else {}
-    readonly = [
-        m.get("readOnly") for m in bridge["volumeMounts"] if socket[7:].startswith(m["mountPath"])
-    ]
-    if csi.get("driver") != "csi.spiffe.io" or not csi.get("readOnly") or readonly != [True]:
-        problems.append(
-            f"{where}: SPIFFE_ENDPOINT_SOCKET must be in a read-only csi.spiffe.io volume"
-        )
-    return problems
-
-
-def _config_maps(objects: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    return {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "ConfigMap"}
-
-
 def k8s_wiring() -> Iterator[tuple[str, dict[str, Any], Proxy, dict[str, Mapping[str, Any]]]]:
     """(where, bridge pod, the proxy it serves, ConfigMaps) for each layout."""
     objects = render("sidecar")
-    maps = _config_maps(objects)
-    ((name, pod),) = _pods(objects)
+    maps = config_maps_of(objects)
+    ((name, pod),) = pod_specs(objects)
     proxy = k8s_proxy(f"sidecar/{name}", pod, maps)
     assert proxy is not None
     yield f"sidecar/{name}", pod, proxy, maps
 
     objects = render("daemonset")
-    maps = _config_maps(objects)
-    pods = dict(_pods(objects))
+    maps = config_maps_of(objects)
+    pods = dict(pod_specs(objects))
     proxy = k8s_proxy("daemonset/Deployment/sds-demo", pods["Deployment/sds-demo"], maps)
     assert proxy is not None
     yield "daemonset/DaemonSet/sds-bridge", pods["DaemonSet/sds-bridge"], proxy, maps
 
     objects = render("istio")
-    maps = _config_maps(objects)
-    ((name, pod),) = _pods(objects)
+    maps = config_maps_of(objects)
+    ((name, pod),) = pod_specs(objects)
     injected = istio_inject(pod)
     proxy = k8s_proxy(f"istio/{name}", injected, maps)
     assert proxy is not None
@@ -1235,12 +897,12 @@ def test_k8s_each_bridge_serves_its_proxy() -> None:
 def test_k8s_wiring_check_catches_mistakes() -> None:
     (where, pod, proxy, maps), *_ = k8s_wiring()
     pod = copy.deepcopy(pod)
-    envoy = _named(pod, "envoy")
+    envoy = named_container(pod, "envoy")
     assert envoy is not None
     proxy = Proxy(where, pod, envoy, proxy.socket, proxy.certificates, proxy.validations)
     proxy.container["securityContext"]["runAsUser"] = 102
     proxy.container["volumeMounts"][0]["mountPath"] = "/run/other"
-    bridge = _bridge(pod)
+    bridge = bridge_container(pod)
     assert bridge is not None
     bridge["startupProbe"]["exec"]["command"] = ["true"]
     pod["initContainers"].reverse()

@@ -25,16 +25,16 @@ import pytest
 import yaml
 
 from sds.bridge.config import parse_config
-from tests.deploy.test_deploy import (
-    K8S_VERSIONS,
-    VERSION,
-    _config_maps,
-    _pods,
-    k8s_proxy,
-    wiring_problems,
-)
 from tests.harness.envoy import CURRENT_VERSION, envoy_binary
 from tests.harness.gotools import HELM, go_tool
+from tests.harness.manifests import (
+    K8S_VERSIONS,
+    VERSION,
+    config_maps_of,
+    k8s_proxy,
+    pod_specs,
+    wiring_problems,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "k8s" / "helm" / "spiffe-envoy-sds"
@@ -156,7 +156,7 @@ def test_every_values_file_renders_valid_objects_for_each_kubernetes(
         expected.add("PrometheusRule")
     assert set(kinds) == expected
 
-    maps = _config_maps(objects)
+    maps = config_maps_of(objects)
     config = parse_config(
         yaml.safe_load(maps["shop-spiffe-envoy-sds-bridge"]["data"]["sds.yaml"]), "chart"
     )
@@ -167,7 +167,7 @@ def test_every_values_file_renders_valid_objects_for_each_kubernetes(
         assert json.loads(dashboard) == json.loads(
             (MONITORING / "grafana-dashboard.json").read_text()
         )
-    ((where, pod),) = _pods(objects)
+    ((where, pod),) = pod_specs(objects)
     if given["mode"] == "sidecar":
         envoy_config = tmp_path / "envoy.yaml"
         envoy_config.write_text(maps["shop-spiffe-envoy-sds-envoy"]["data"]["envoy.yaml"])

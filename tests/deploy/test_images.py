@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.test_deploy import VERSION
 from tests.harness import containers
 from tests.harness.containers import Podman
+from tests.harness.manifests import VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_VERSION = containers.ENVOY_VERSION

@@ -40,9 +40,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.test_deploy import render
 from tests.harness import containers
 from tests.harness.containers import Podman
+from tests.harness.manifests import render
 
 REPO = Path(__file__).resolve().parents[2]
 TRUST_DOMAIN = "example.org"

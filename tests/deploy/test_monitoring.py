@@ -28,8 +28,8 @@ import yaml
 from tests.conftest import Processes, wait_for
 from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
 from tests.harness.gotools import PROMTOOL, go_tool
+from tests.harness.metrics_listener import metrics_port, scrape_get
 from tests.harness.stack import Stack
-from tests.integration.test_metrics_listener import _get, _metrics_port
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "k8s" / "monitoring"
@@ -176,13 +176,13 @@ def test_every_dashboard_and_alert_query_uses_metrics_a_live_bridge_exports(
     stack.write_config(metrics="127.0.0.1:0")
     stack.start_provider()
     stack.start_bridge()
-    port = _metrics_port(procs, stack)
+    port = metrics_port(procs, stack)
     # A real Envoy holding a stream, so the per-Envoy series exist.
     listener = downstream_mtls_listener("in")
     envoys.start(bootstrap("dash", "dash", [listener], [sds_cluster("sds", stack.sds_socket)]))
 
     def scraped() -> str | None:
-        status, body = _get(port, "/metrics")
+        status, body = scrape_get(port, "/metrics")
         text = body.decode()
         return text if status == 200 and "sds_envoy_acked_info{" in text else None
 
@@ -220,7 +220,7 @@ def test_podmonitor_scrapes_the_named_metrics_port_only() -> None:
 
 def test_shipped_bridges_expose_the_metrics_listener_on_the_scraped_port() -> None:
     from sds.bridge.config import MetricsConfig, parse_config
-    from tests.deploy.test_deploy import _containers, _pods, render
+    from tests.harness.manifests import pod_containers, pod_specs, render
 
     for overlay in ("sidecar", "daemonset"):
         objects = render(overlay)
@@ -231,8 +231,8 @@ def test_shipped_bridges_expose_the_metrics_listener_on_the_scraped_port() -> No
         assert config.admin.host == "127.0.0.1"
         bridges = [
             c
-            for _, pod in _pods(objects)
-            for c in _containers(pod)
+            for _, pod in pod_specs(objects)
+            for c in pod_containers(pod)
             if c.get("args", [])[:1] == ["run"]
         ]
         assert bridges, overlay

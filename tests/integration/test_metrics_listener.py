@@ -13,22 +13,8 @@ import yaml
 
 from sds.bridge.config import MetricsConfig, load_config
 from tests.conftest import Processes, wait_for
-from tests.harness.envoy import http_request
+from tests.harness.metrics_listener import metrics_port, scrape_get
 from tests.harness.stack import TRUST_DOMAIN, Stack
-
-
-def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
-    return http_request(port, path, method=method)
-
-
-def _metrics_port(procs: Processes, stack: Stack) -> int:
-    def from_log() -> str | None:
-        for line in procs.log(stack.bridge).splitlines():
-            if "metrics.listening" in line:
-                return line.rsplit(":", 1)[1]
-        return None
-
-    return int(wait_for(from_log, 15, "metrics port in the log"))
 
 
 @pytest.mark.hostile
@@ -40,22 +26,24 @@ def test_metrics_listener_serves_probes_and_metrics_never_secrets(
     assert load_config(stack.config_path).metrics == MetricsConfig("127.0.0.1", 0)
     stack.start_provider()
     stack.start_bridge()
-    port = _metrics_port(procs, stack)
+    port = metrics_port(procs, stack)
     assert port != stack.admin_port
 
-    assert wait_for(lambda: _get(port, "/readyz") == (200, b"ready\n"), 15, "/readyz 200")
-    assert _get(port, "/healthz") == (200, b"ok\n")
-    status, body = _get(port, "/metrics")
+    assert wait_for(lambda: scrape_get(port, "/readyz") == (200, b"ready\n"), 15, "/readyz 200")
+    assert scrape_get(port, "/healthz") == (200, b"ok\n")
+    status, body = scrape_get(port, "/metrics")
     assert status == 200
     assert b"\nsds_ready 1.0\n" in body
     assert b"sds_svid_not_after_timestamp_seconds{" in body
     # What only the loopback admin endpoint may say: secrets, Envoys, JWT bundles.
     for path in ("/secrets", "/envoys", f"/jwks/{TRUST_DOMAIN}", "/jwks/", "/secrets/"):
-        assert _get(port, path) == (404, b"not found; try /healthz, /readyz, /metrics\n"), path
-    assert _get(port, "/metrics", method="POST")[0] == 405
+        assert scrape_get(port, path) == (404, b"not found; try /healthz, /readyz, /metrics\n"), (
+            path
+        )
+    assert scrape_get(port, "/metrics", method="POST")[0] == 405
     # The admin endpoint still has them.
-    assert _get(stack.admin_port, "/secrets")[0] == 200
-    assert _get(stack.admin_port, f"/jwks/{TRUST_DOMAIN}")[0] == 200
+    assert scrape_get(stack.admin_port, "/secrets")[0] == 200
+    assert scrape_get(stack.admin_port, f"/jwks/{TRUST_DOMAIN}")[0] == 200
 
 
 def test_metrics_listener_answers_before_upstream_with_the_reason(
@@ -75,10 +63,10 @@ def test_metrics_listener_answers_before_upstream_with_the_reason(
     stack.bridge = procs.sds(
         "run", "--config", str(stack.config_path), "--metrics", "127.0.0.1:0", name="bridge"
     )
-    port = _metrics_port(procs, stack)
-    assert _get(port, "/readyz") == (
+    port = metrics_port(procs, stack)
+    assert scrape_get(port, "/readyz") == (
         503,
         b"not ready: no X.509 context from the Workload API yet\n",
     )
-    assert _get(port, "/healthz") == (200, b"ok\n")
-    assert b"\nsds_ready 0.0\n" in _get(port, "/metrics")[1]
+    assert scrape_get(port, "/healthz") == (200, b"ok\n")
+    assert b"\nsds_ready 0.0\n" in scrape_get(port, "/metrics")[1]
