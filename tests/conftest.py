@@ -2,8 +2,10 @@
 
 Every test lives in a tier directory (``unit``, ``integration``, ``e2e``,
 ``deploy``) and gets that tier's marker here; ``tests/harness`` holds what the
-tests share with ``bench/``. Slow tools the selected tests need are built
-after collection (``PREBUILDS``).
+tests share with each other and with ``bench/``. Fixtures that tests of more
+than one tier use live here (the stacks, the session's SPIRE, the Go peers);
+a test module never imports another (``tests/unit/test_test_layout.py``).
+Slow tools the selected tests need are built after collection (``PREBUILDS``).
 """
 
 from __future__ import annotations
