@@ -33,8 +33,19 @@ from tests.harness.locks import locked
 __all__ = ["BASE_IMAGE", "FIRST_RUN_SECONDS", "Podman", "base_image", "ensure_tools", "podman"]
 
 BASE_IMAGE = "localhost/sds-test-base:bookworm"
-# catatonit: the pause process of every pod's infra container (podman kube play).
-PACKAGES = ("podman", "runc", "debootstrap", "catatonit")
+#: Debian package -> the program or file that shows it is installed. catatonit is the
+#: pause process of every pod's infra container (podman kube play). The dnsname CNI
+#: plugin gives containers on one podman network each other's names: podman 4.3 on
+#: Debian 12 uses CNI, and without it compose's envoy-client cannot resolve
+#: envoy-server ("no healthy upstream"); neither it nor aardvark-dns is a dependency
+#: or recommendation of Debian's podman.
+PACKAGES = {
+    "podman": "podman",
+    "runc": "runc",
+    "debootstrap": "debootstrap",
+    "catatonit": "catatonit",
+    "golang-github-containernetworking-plugin-dnsname": "/usr/lib/cni/dnsname",
+}
 # Beyond the issue's python3, python3-venv, ca-certificates: passwd, for the
 # Dockerfile's groupadd/useradd (minbase has only Essential packages).
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
@@ -54,19 +65,25 @@ runtime = "runc"
 
 
 def _missing(program: str) -> bool:
+    if program.startswith("/"):
+        return not Path(program).exists()
     # catatonit lives in /usr/libexec/podman on some distributions, not on PATH.
     return shutil.which(program) is None and not Path(f"/usr/libexec/podman/{program}").exists()
 
 
+def _missing_packages() -> list[str]:
+    return [package for package, program in PACKAGES.items() if _missing(program)]
+
+
 def ensure_tools() -> None:
-    """podman, runc and debootstrap on PATH: installed with apt as root, else the test skips."""
-    missing = [name for name in PACKAGES if _missing(name)]
+    """podman, runc, debootstrap and the rest of PACKAGES: installed with apt as root, else skip."""
+    missing = _missing_packages()
     if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip(f"needs {', '.join(missing)} (install them; apt-get needs root)")
     with locked(cache_dir() / "apt.lock"):
-        missing = [name for name in PACKAGES if _missing(name)]
+        missing = _missing_packages()
         if not missing:
             return
         started = time.monotonic()
@@ -74,14 +91,14 @@ def ensure_tools() -> None:
         lock = ["-o", "DPkg::Lock::Timeout=600"]
         for argv in (
             ["apt-get", *lock, "update", "-qq"],
-            ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+            ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *missing],
         ):
             result = subprocess.run(
                 argv, env=env, capture_output=True, text=True, timeout=1200, check=False
             )
             if result.returncode != 0:
                 pytest.fail(f"{' '.join(argv)}: {(result.stdout + result.stderr)[-2000:]}")
-        FIRST_RUN_SECONDS["apt-get install " + " ".join(PACKAGES)] = time.monotonic() - started
+        FIRST_RUN_SECONDS["apt-get install " + " ".join(missing)] = time.monotonic() - started
 
 
 @dataclass
