@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
 from sds._util.log import event
 
-__all__ = ["EXIT_CRASHED", "TaskOwner"]
+__all__ = ["EXIT_CRASHED", "TaskOwner", "each_time"]
 
 EXIT_CRASHED = 1
 
@@ -52,6 +52,26 @@ class TaskOwner:
     ) -> None:
         self._stopping = True
         await self._group.__aexit__(exc_type, exc, tb)
+
+    async def run(
+        self, serve: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+    ) -> int:
+        """Inside the group, await ``serve()`` and then, always, ``stop()``; the exit code.
+
+        An exception from ``serve`` (a start-up failure) is raised again once the
+        group has ended, as itself: raised inside, the TaskGroup would wrap it.
+        """
+        failed: Exception | None = None
+        async with self:
+            try:
+                await serve()
+            except Exception as exc:  # noqa: BLE001 - raised again outside the group, unwrapped
+                failed = exc
+            finally:
+                await stop()
+        if failed is not None:
+            raise failed
+        return self.exit_code
 
     def spawn(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` as task ``name`` in the group, under the crash policy."""
@@ -92,6 +112,15 @@ class TaskOwner:
         )
         self.exit_code = EXIT_CRASHED
         self._on_crash()
+
+
+async def each_time(flag: asyncio.Event, action: Callable[[], Awaitable[None]]) -> None:
+    """Run ``action`` every time ``flag`` is set, until cancelled; sets that arrive while
+    it runs coalesce into one more run (a burst of SIGHUPs is one more reload)."""
+    while True:
+        await flag.wait()
+        flag.clear()
+        await action()
 
 
 def _describe(exc: BaseException) -> str:

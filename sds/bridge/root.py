@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from sds._util.log import event
 from sds._util.peercred import UnixListener, check_socket_dir, listen_unix
-from sds._util.tasks import TaskOwner
+from sds._util.tasks import TaskOwner, each_time
 from sds.bridge.admin import AdminServer
 from sds.bridge.config import (
     RESTART_KEYS,
@@ -180,19 +180,12 @@ class BridgeApp:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop)
         loop.add_signal_handler(signal.SIGINT, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        failed: Exception | None = None
-        async with self.tasks:
-            try:
-                await self.start()
-                await self.serve()
-                event(log, logging.INFO, "bridge.stopping", exit_code=self.tasks.exit_code)
-            except Exception as exc:  # noqa: BLE001 - raised again outside the group, unwrapped
-                failed = exc
-            finally:
-                await self.stop()
-        if failed is not None:
-            raise failed
-        return self.tasks.exit_code
+        return await self.tasks.run(self._live, self.stop)
+
+    async def _live(self) -> None:
+        await self.start()
+        await self.serve()
+        event(log, logging.INFO, "bridge.stopping", exit_code=self.tasks.exit_code)
 
     async def start(self) -> None:
         """Bind the admin and metrics listeners, start the watchers and the reloader."""
@@ -213,7 +206,10 @@ class BridgeApp:
             self.tasks.spawn(f"watch-{i}", watcher.run()) for i, watcher in enumerate(self.watchers)
         ]
         if self.config_path is not None:
-            self._reloader = self.tasks.spawn("reload", self._reload_on_hup(self.config_path))
+            path = self.config_path
+            self._reloader = self.tasks.spawn(
+                "reload", each_time(self._hup, lambda: self.reload(path))
+            )
         upstreams = ",".join(str(w.address) for w in self.watchers)
         event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
 
@@ -328,12 +324,6 @@ class BridgeApp:
             event(log, logging.WARNING, "config.reload_skipped", reason="no --config file")
             return
         self._hup.set()  # SIGHUPs during a reload coalesce into one more
-
-    async def _reload_on_hup(self, path: str) -> None:
-        while True:
-            await self._hup.wait()
-            self._hup.clear()
-            await self.reload(path)
 
     async def reload(self, path: str) -> None:
         """Re-read the config file and apply what may change live; log what needs a restart."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sds._util.log import event
 from sds._util.peercred import listen_unix
-from sds._util.tasks import TaskOwner
+from sds._util.tasks import TaskOwner, each_time
 from sds.errors import ConfigError
 from sds.provider.identities import load_federation, load_identities
 from sds.provider.service import WorkloadApiProvider
@@ -90,22 +90,16 @@ class ProviderApp:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._hup.set)  # SIGHUPs coalesce
         try:
-            failed: Exception | None = None
-            async with self.tasks:
-                try:
-                    await self.start()
-                    await self._stop.wait()
-                except Exception as exc:  # noqa: BLE001 - raised again outside the group, unwrapped
-                    failed = exc
-                finally:
-                    await self.stop()
-            if failed is not None:
-                raise failed
+            code = await self.tasks.run(self._live, self.stop)
         finally:
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
         event(logger, logging.INFO, "provider.stopped", socket=self.socket)
-        return self.tasks.exit_code
+        return code
+
+    async def _live(self) -> None:
+        await self.start()
+        await self._stop.wait()
 
     async def start(self) -> None:
         """Bind the socket, serve the Workload API on it, start the reloader."""
@@ -116,7 +110,7 @@ class ProviderApp:
             listener.remove()
             listener.sock.close()
             raise
-        self._reloader = self.tasks.spawn("reload", self._reload_on_hup())
+        self._reloader = self.tasks.spawn("reload", each_time(self._hup, self._reload))
         event(
             logger,
             logging.INFO,
@@ -137,11 +131,8 @@ class ProviderApp:
 
     # -- SIGHUP -------------------------------------------------------------------------------
 
-    async def _reload_on_hup(self) -> None:
-        while True:
-            await self._hup.wait()
-            self._hup.clear()
-            self.reload()
+    async def _reload(self) -> None:
+        self.reload()
 
     def reload(self) -> None:
         """Load the identities and federation files again and swap them in; a file that does

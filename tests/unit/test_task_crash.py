@@ -1,4 +1,4 @@
-"""One owner for every task (sds._util.tasks, sds.bridge.root, sds.provider.root): an.
+"""One owner for every task (sds._util.tasks, sds.bridge.root, sds.provider.root), one crash policy.
 
 The tests here run in process, with no child process and no Envoy; the others are in
 ``tests/integration/test_task_crash.py``.
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from sds._util.log import configure_logging, event
-from sds._util.tasks import TaskOwner
+from sds._util.tasks import TaskOwner, each_time
 
 
 @pytest.fixture
@@ -90,3 +90,47 @@ def test_event_with_exc_info_below_error_carries_no_traceback(
         event(logging.getLogger("sds.test"), logging.WARNING, "x.y", exc_info=exc)
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith(" WARNING sds.test x.y")
+
+
+async def test_run_always_stops_and_raises_a_start_up_failure_unwrapped() -> None:
+    owner = TaskOwner(logging.getLogger("sds.test"), lambda: None, "stopping")
+    stopped: list[str] = []
+
+    async def serve() -> None:
+        owner.spawn("idle", _forever())
+        raise OSError("cannot bind")
+
+    async def stop() -> None:
+        stopped.append("stop")
+        await owner.cancel()
+
+    with pytest.raises(OSError, match=r"^cannot bind$"):
+        await owner.run(serve, stop)
+    assert stopped == ["stop"]
+    assert owner.exit_code == 0
+
+
+async def test_each_time_coalesces_sets_that_arrive_while_it_runs() -> None:
+    flag = asyncio.Event()
+    running = asyncio.Event()
+    release = asyncio.Event()
+    runs: list[int] = []
+
+    async def action() -> None:
+        runs.append(len(runs))
+        running.set()
+        await release.wait()
+
+    task = asyncio.create_task(each_time(flag, action))
+    flag.set()
+    await asyncio.wait_for(running.wait(), 5)
+    for _ in range(3):  # a burst while the first run is still going
+        flag.set()
+    running.clear()
+    release.set()
+    await asyncio.wait_for(running.wait(), 5)
+    await asyncio.sleep(0)
+    assert runs == [0, 1]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
