@@ -82,14 +82,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
+    from sds._util.duration import parse_duration  # noqa: PLC0415
     from sds.errors import ConfigError, InvalidSpiffeId  # noqa: PLC0415
     from sds.provider.ca import LocalCA  # noqa: PLC0415
-    from sds.provider.identities import (  # noqa: PLC0415
-        MIN_TTL,
-        load_federation,
-        load_identities,
-        parse_duration,
-    )
+    from sds.provider.identities import MIN_TTL, load_federation, load_identities  # noqa: PLC0415
     from sds.provider.root import ProviderApp  # noqa: PLC0415
     from sds.provider.service import WorkloadApiProvider  # noqa: PLC0415
     from sds.spiffe.id import TrustDomain  # noqa: PLC0415

@@ -50,7 +50,7 @@ from typing import NoReturn
 import yaml
 from cryptography import x509
 
-from sds._util.duration import MAX_DURATION, parse_duration
+from sds._util.duration import MAX_DURATION
 from sds._util.files import os_reason
 from sds._util.files import read_regular_file as _read_bounded
 from sds._util.log import event
@@ -76,7 +76,6 @@ __all__ = [
     "load_federated_bundle",
     "load_federation",
     "load_identities",
-    "parse_duration",
     "parse_federated_bundle",
     "parse_identities",
 ]

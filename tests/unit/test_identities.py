@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from sds._util.duration import parse_duration
 from sds._util.peercred import PeerCredentials
 from sds.errors import ConfigError
 from sds.provider import identities as identities_module
@@ -24,7 +25,6 @@ from sds.provider.identities import (
     load_federated_bundle,
     load_federation,
     load_identities,
-    parse_duration,
     parse_identities,
 )
 from sds.spiffe.id import SpiffeId, TrustDomain

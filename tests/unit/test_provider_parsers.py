@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from sds._util.duration import parse_duration
 from sds.errors import ConfigError
 from sds.provider.app import _socket_mode
 from sds.provider.ca import LocalCA
 from sds.provider.identities import (
     load_federated_bundle,
     load_identities,
-    parse_duration,
     parse_federated_bundle,
     parse_identities,
 )
