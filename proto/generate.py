@@ -2,15 +2,16 @@
 
 Usage (from the repository root, with the dev extra installed)::
 
-    python proto/generate.py          # rewrite sds/_proto/workload_*.py, discovery_lite_*
+    python proto/generate.py          # rewrite the modules in GENERATED
     python proto/generate.py --check  # exit 1 if the committed code differs
 
 Code is produced by grpcio-tools' bundled ``protoc`` (``--python_out`` and
-``--pyi_out``) and grpclib's plugin (``--grpclib_python_out``, the Workload API
-only: the SDS service is served by ``sds.xds.service`` with request messages
-from ``discovery_lite.proto``). The Workload API proto has no package, so the
-grpclib stub's absolute ``import workload_pb2`` is rewritten to a relative
-import; nothing else is edited.
+``--pyi_out``) and grpclib's plugin (``--grpclib_python_out``: the Workload
+API and SPIRE's Delegated Identity API only; the SDS service is served by
+``sds.xds.service`` with request messages from ``discovery_lite.proto``).
+The grpclib stubs' absolute ``import workload_pb2`` and ``import
+delegatedidentity_pb2`` are rewritten to relative imports; nothing else is
+edited.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ GENERATED = (
     "workload_grpc.py",
     "discovery_lite_pb2.py",
     "discovery_lite_pb2.pyi",
+    "delegatedidentity_pb2.py",
+    "delegatedidentity_pb2.pyi",
+    "delegatedidentity_grpc.py",
 )
 
 
@@ -56,6 +60,7 @@ def generate(dest: Path) -> None:
             f"--pyi_out={dest}",
             f"--grpclib_python_out={dest}",
             "workload.proto",
+            "delegatedidentity.proto",
         ],
         check=True,
         env=env,
@@ -73,10 +78,11 @@ def generate(dest: Path) -> None:
         check=True,
         env=env,
     )
-    stub = dest / "workload_grpc.py"
-    text = stub.read_text()
-    text = text.replace("\nimport workload_pb2\n", "\nfrom . import workload_pb2\n")
-    stub.write_text(text)
+    for name in ("workload", "delegatedidentity"):
+        stub = dest / f"{name}_grpc.py"
+        text = stub.read_text()
+        text = text.replace(f"\nimport {name}_pb2\n", f"\nfrom . import {name}_pb2\n")
+        stub.write_text(text)
 
 
 def main() -> int:
