@@ -18,6 +18,7 @@ module knows nothing of gRPC.
     │   ├── InvalidBundle             a trust bundle (X.509 or JWKS) that cannot be used
     │   └── InvalidJwt                a JWT-SVID that fails parsing, signature, aud or exp
     ├── NotEntitled                   an attested caller matches no identity
+    │   └── ProcessExited             the process a pid named is gone (its pid may be reused)
     ├── WorkloadApiError              talking to a Workload API failed
     │   ├── WorkloadApiUnavailable    socket missing, refused or the server went away (retry)
     │   ├── WorkloadApiDenied         the server refused this caller (retry: it may change)
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidSpiffeId",
     "InvalidSvid",
     "NotEntitled",
+    "ProcessExited",
     "SdsError",
     "SdsServerError",
     "SocketInUse",
@@ -89,6 +91,10 @@ class InvalidJwt(InvalidMaterial):
 
 class NotEntitled(SdsError):
     """The attested caller matches no identity rule."""
+
+
+class ProcessExited(NotEntitled):
+    """The process a pid named has exited, so nothing may be served on its behalf."""
 
 
 class WorkloadApiError(SdsError):
