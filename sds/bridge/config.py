@@ -84,13 +84,46 @@ class Policy:
 
     ``allow`` entries are exact SPIFFE IDs or prefixes written ``spiffe://td/path/*``
     (any ID strictly below ``/path``). Empty ``trust_domains`` means the own
-    trust domain.
+    trust domain. ``workloads`` (same syntax) limits the policy to workloads
+    whose default SVID has a matching SPIFFE ID; empty: every workload. One
+    name may be given several times with different ``workloads``: a workload
+    gets the first entry that applies to it (:meth:`BridgeConfig.policies_for`).
     """
 
     name: str
     trust_domains: tuple[TrustDomain, ...]
     exact: tuple[str, ...]
     prefixes: tuple[str, ...]
+    workloads: tuple[IdPattern, ...] = ()
+
+    def applies_to(self, spiffe_id: str | None) -> bool:
+        """Whether a workload whose default SVID is ``spiffe_id`` (None: none yet) gets it."""
+        if not self.workloads:
+            return True
+        return spiffe_id is not None and any(p.matches(spiffe_id) for p in self.workloads)
+
+    @property
+    def allow_text(self) -> str:
+        """The allow list as written (prefixes with their ``*``), comma-separated."""
+        return ",".join(self.exact + tuple(p + "*" for p in self.prefixes))
+
+    @property
+    def scope(self) -> str:
+        """Which workloads it applies to, for messages: ``every workload`` or the patterns."""
+        return ",".join(str(p) for p in self.workloads) or "every workload"
+
+
+@dataclass(frozen=True, slots=True)
+class PerCaller:
+    """Per-caller attestation: each SDS caller gets only its own workload's SVIDs.
+
+    The bridge attests every SDS stream by the caller's kernel pid (held by a
+    pidfd) and subscribes on its behalf to a Delegated Identity API (SPIRE
+    agent's admin socket, or ``sds workload-api --admin-socket``), one
+    address or several redundant ones. The bridge serves no identity of its own.
+    """
+
+    delegated_identity_api: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +205,17 @@ class BridgeConfig:
     upstream_backoff: UpstreamBackoff = field(default_factory=UpstreamBackoff)
     jwt_svids: JwtLimits = field(default_factory=JwtLimits)
     metrics: MetricsConfig | None = None
+    per_caller: PerCaller | None = None
     source: str = "<defaults>"
+
+    def policies_for(self, spiffe_id: str | None) -> tuple[Policy, ...]:
+        """The policies a workload whose default SVID is ``spiffe_id`` gets: per name, the
+        first entry that applies to it (see :attr:`Policy.workloads`)."""
+        chosen: dict[str, Policy] = {}
+        for policy in self.policies:
+            if policy.name not in chosen and policy.applies_to(spiffe_id):
+                chosen[policy.name] = policy
+        return tuple(chosen.values())
 
     def with_overrides(
         self,
@@ -190,6 +233,11 @@ class BridgeConfig:
                     raise ConfigError(
                         f"--workload-api: {address!r}: must not contain control characters"
                     )
+            if self.per_caller is not None:
+                raise ConfigError(
+                    "--workload-api cannot be combined with per_caller: in per-caller mode "
+                    "every caller is served its own identity, never the bridge's"
+                )
             updated = replace(updated, workload_api=tuple(workload_api))
         if listen is not None:
             updated = replace(updated, listen=parse_listen(listen, "--listen"))
@@ -217,6 +265,7 @@ _TOP_KEYS = {
     "upstream_backoff",
     "jwt_svids",
     "metrics",
+    "per_caller",
 }
 
 
@@ -347,7 +396,7 @@ def _parse_metrics(text: str, where: str) -> MetricsConfig | None:
 
 
 def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
-    data = reader.mapping(value, path, {"name", "trust_domains", "allow"})
+    data = reader.mapping(value, path, {"name", "trust_domains", "allow", "workloads"})
     if "name" not in data:
         raise reader.fail(path, "needs a name")
     name = reader.string(data["name"], f"{path}.name")
@@ -359,14 +408,59 @@ def _parse_policy(reader: _Reader, value: Any, path: str) -> Policy:
         raise reader.fail(path, "needs an allow list (SPIFFE IDs, or prefixes ending in /*)")
     exact: list[str] = []
     prefixes: list[str] = []
-    for index, entry in enumerate(reader.string_list(data["allow"], f"{path}.allow")):
+    for pattern in _patterns(reader, data["allow"], f"{path}.allow"):
+        (prefixes if pattern.prefix else exact).append(pattern.value)
+    workloads: tuple[IdPattern, ...] = ()
+    if "workloads" in data:
+        workloads = tuple(_patterns(reader, data["workloads"], f"{path}.workloads"))
+        if not workloads:
+            raise reader.fail(f"{path}.workloads", "is empty; leave it out to mean every workload")
+    return Policy(name, tds, tuple(exact), tuple(prefixes), workloads)
+
+
+def _check_names(reader: _Reader, config: BridgeConfig, builtin: set[str]) -> None:
+    """Configured names are not built-in names and are unique, except that a policy name
+    may repeat with different ``workloads`` as long as each entry can apply to someone."""
+    seen: dict[str, str] = {}
+    catch_all: dict[str, str] = {}  # policy name -> the entry that applies to every workload
+    scopes: dict[tuple[str, tuple[IdPattern, ...]], str] = {}
+    named: list[tuple[str, str, Policy | None]] = [
+        (f"secrets[{i}]", s.name, None) for i, s in enumerate(config.secrets)
+    ] + [(f"policies[{i}]", p.name, p) for i, p in enumerate(config.policies)]
+    for entry, name, policy in named:
+        where = f"{entry}.name"
+        if name in builtin or name.startswith("spiffe://"):
+            raise reader.fail(where, f"{name!r} is a built-in resource name")
+        before = seen.setdefault(name, where)
+        if before != where and (policy is None or before.startswith("secrets")):
+            raise reader.fail(where, f"{name!r} is already used by {before}")
+        if policy is None:
+            continue
+        if name in catch_all:
+            raise reader.fail(
+                where,
+                f"{name!r} can never apply: {catch_all[name]} (no workloads) "
+                "already applies to every workload",
+            )
+        same = scopes.setdefault((name, policy.workloads), entry)
+        if same != entry:
+            raise reader.fail(
+                where, f"{name!r} can never apply: {same} has the same workloads ({policy.scope})"
+            )
+        if not policy.workloads:
+            catch_all[name] = entry
+
+
+def _patterns(reader: _Reader, value: Any, path: str) -> list[IdPattern]:
+    """A list of SPIFFE IDs or ``spiffe://td/path/*`` prefixes (:class:`IdPattern`)."""
+    out = []
+    for index, entry in enumerate(reader.string_list(value, path)):
         try:
-            pattern = IdPattern.parse(entry)
+            out.append(IdPattern.parse(entry))
         except InvalidSpiffeId as exc:
             problem = f"{entry!r}: {exc}" if str(exc) == WILDCARD_RULE else str(exc)
-            raise reader.fail(f"{path}.allow[{index}]", problem) from exc
-        (prefixes if pattern.prefix else exact).append(pattern.value)
-    return Policy(name, tds, tuple(exact), tuple(prefixes))
+            raise reader.fail(f"{path}[{index}]", problem) from exc
+    return out
 
 
 def parse_config(data: Any, source: str) -> BridgeConfig:
@@ -422,7 +516,6 @@ def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
                 top["disable_spiffe_cert_validation"], "disable_spiffe_cert_validation"
             ),
         )
-    seen: dict[str, str] = {}
     builtin = {config.names.default_svid, config.names.own_bundle, config.names.all_bundles}
     if "secrets" in top:
         if not isinstance(top["secrets"], list):
@@ -446,15 +539,7 @@ def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
                 _parse_policy(reader, v, f"policies[{i}]") for i, v in enumerate(top["policies"])
             ),
         )
-    named: list[tuple[str, str]] = [
-        (f"secrets[{i}].name", s.name) for i, s in enumerate(config.secrets)
-    ] + [(f"policies[{i}].name", p.name) for i, p in enumerate(config.policies)]
-    for where, name in named:
-        if name in builtin or name.startswith("spiffe://"):
-            raise reader.fail(where, f"{name!r} is a built-in resource name")
-        if name in seen:
-            raise reader.fail(where, f"{name!r} is already used by {seen[name]}")
-        seen[name] = where
+    _check_names(reader, config, builtin)
     if "failover" in top:
         config = replace(config, failover=_parse_failover(reader, top["failover"]))
     if "admin" in top:
@@ -465,6 +550,8 @@ def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
             config = replace(
                 config, admin=_parse_admin(reader.string(admin, "admin"), f"{source}: admin")
             )
+    if "per_caller" in top:
+        config = replace(config, per_caller=_parse_per_caller(reader, top["per_caller"], config))
     if "metrics" in top:
         metrics = top["metrics"]
         if metrics in (None, False, "off"):
@@ -478,6 +565,35 @@ def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
 
 
 # -- upstream and JWT-SVID limits ---------------------------------------------------------
+
+
+def _parse_per_caller(reader: _Reader, value: Any, config: BridgeConfig) -> PerCaller:
+    """``per_caller.delegated_identity_api``: one address or a list, each a valid address;
+    exclusive with ``workload_api`` (in this mode the bridge has no identity to serve)."""
+    data = reader.mapping(value, "per_caller", {"delegated_identity_api"})
+    if "delegated_identity_api" not in data:
+        raise reader.fail("per_caller", "needs delegated_identity_api (the agent's admin socket)")
+    raw = data["delegated_identity_api"]
+    path = "per_caller.delegated_identity_api"
+    if isinstance(raw, str):
+        addresses = [reader.string(raw, path)]
+    else:
+        addresses = reader.string_list(raw, path)
+    if not addresses:
+        raise reader.fail(path, "is empty: give the Delegated Identity API's address")
+    for index, text in enumerate(addresses):
+        try:
+            parse_address(text)
+        except ConfigError as exc:
+            where = path if len(addresses) == 1 else f"{path}[{index}]"
+            raise reader.fail(where, str(exc)) from exc
+    if config.workload_api:
+        raise reader.fail(
+            "per_caller",
+            "cannot be combined with workload_api: in per-caller mode every caller is "
+            "served its own identity, never the bridge's",
+        )
+    return PerCaller(tuple(addresses))
 
 
 def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:
@@ -605,6 +721,7 @@ def load_config(path: str | Path) -> BridgeConfig:
 # Keys that take effect only at start (the socket, the upstream, the admin listener).
 RESTART_KEYS = (
     "workload_api",
+    "per_caller",
     "listen",
     "socket_mode",
     "admin",
@@ -649,15 +766,17 @@ def widened_keys(old: BridgeConfig, new: BridgeConfig) -> list[tuple[str, str, s
         out.append(("socket_mode", f"{old.socket_mode:04o}", f"{new.socket_mode:04o}"))
     if new.disable_spiffe_cert_validation and not old.disable_spiffe_cert_validation:
         out.append(("disable_spiffe_cert_validation", "false", "true"))
-    fresh = {p.name: p for p in new.policies}
+    fresh = {(p.name, p.workloads): p for p in new.policies}
     for policy in old.policies:
         key = f"policies[{policy.name}]"
-        now = fresh.get(policy.name)
-        allow = ",".join(policy.exact + tuple(p + "*" for p in policy.prefixes))
+        if policy.workloads:
+            key = f"policies[{policy.name} for {policy.scope}]"
+        now = fresh.get((policy.name, policy.workloads))
+        allow = policy.allow_text
         if now is None:
             out.append((key, f"allow={allow}", "removed"))
             continue
-        now_allow = ",".join(now.exact + tuple(p + "*" for p in now.prefixes))
+        now_allow = now.allow_text
         if set(now.exact) - set(policy.exact) or set(now.prefixes) - set(policy.prefixes):
             out.append((f"{key}.allow", allow, now_allow))
         if set(now.trust_domains) - set(policy.trust_domains) or (

@@ -75,9 +75,10 @@ def build_specs(
     # SPIFFE IDs first, so explicit names below win if they collide.
     for svid in reversed(ctx.svids):
         specs[str(svid.spiffe_id)] = TlsSpec(svid)
-    chosen = _default_svid(ctx, config) if default is _AUTO else default
-    if isinstance(chosen, X509Svid):
-        specs[names.default_svid] = TlsSpec(chosen)
+    picked = _default_svid(ctx, config) if default is _AUTO else default
+    default_svid = picked if isinstance(picked, X509Svid) else None
+    if default_svid is not None:
+        specs[names.default_svid] = TlsSpec(default_svid)
     for secret in config.secrets:
         chosen = _select(ctx, secret.selector)
         if chosen is not None:
@@ -89,15 +90,16 @@ def build_specs(
         own = own_trust_domain(ctx, config, own)
     elif config.trust_domain is not None:
         own = config.trust_domain
-    elif isinstance(chosen, X509Svid):
-        own = chosen.spiffe_id.trust_domain
+    elif default_svid is not None:
+        own = default_svid.spiffe_id.trust_domain
     if own is not None and own in bundles:
         specs[names.own_bundle] = ValidationSpec((bundles[own],))
         others = tuple(bundles[td] for td in sorted(bundles) if td != own)
         specs[names.all_bundles] = ValidationSpec((bundles[own], *others))
     elif bundles:
         specs[names.all_bundles] = ValidationSpec(tuple(bundles[td] for td in sorted(bundles)))
-    for policy in config.policies:
+    default_id = str(default_svid.spiffe_id) if default_svid is not None else None
+    for policy in config.policies_for(default_id):
         wanted = policy.trust_domains or ((own,) if own is not None else ())
         chosen_bundles = tuple(bundles[td] for td in wanted if td in bundles)
         if chosen_bundles:

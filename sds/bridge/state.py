@@ -304,7 +304,8 @@ class Bridge:
         for secret in self.config.secrets:
             if ctx.find(spiffe_id=secret.selector.spiffe_id, hint=secret.selector.hint) is None:
                 out[secret.name] = f"{_describe(secret.selector)} matches none of {_held(ctx)}"
-        for policy in self.config.policies:
+        default_id = str(default.spiffe_id) if default is not None else None
+        for policy in self.config.policies_for(default_id):
             wanted = policy.trust_domains or ((own,) if own is not None else ())
             if not wanted:
                 out[policy.name] = "own trust domain unknown: no default SVID, no trust_domain set"

@@ -40,6 +40,13 @@ class IdPattern:
         spiffe_id = str(SpiffeId.parse(base))
         return cls(spiffe_id + "/", True) if prefix else cls(spiffe_id)
 
+    def matches(self, spiffe_id: str) -> bool:
+        """Whether ``spiffe_id`` (normalized, as :class:`SpiffeId` prints it) is this ID or,
+        for a prefix, strictly below it."""
+        if self.prefix:
+            return spiffe_id.startswith(self.value)
+        return spiffe_id == self.value
+
     def __str__(self) -> str:
         """The allow syntax: the ID, or the prefix followed by ``*``."""
         return self.value + "*" if self.prefix else self.value

@@ -52,6 +52,8 @@ class SecretCache:
         self._rendered: dict[tuple[str, str, bool], bytes] = {}
         self._watches: set[Watch] = set()
         self.updated_at = time.monotonic()
+        #: Why this cache serves no more (set by :meth:`close`); streams on it end.
+        self.closed: str | None = None
 
     @property
     def version(self) -> str:
@@ -107,6 +109,15 @@ class SecretCache:
             cached = render_secret(name, self._specs[name], trusted_ca=trusted_ca)
             self._rendered[key] = cached
         return cached
+
+    def close(self, reason: str) -> None:
+        """Serve nothing more: drop every secret and wake every watch, so each stream sees
+        :attr:`closed` and ends with ``reason``."""
+        self.closed = reason
+        self._specs, self._versions, self._rendered = {}, {}, {}
+        self._seq += 1
+        for watch in self._watches:
+            watch.event.set()
 
     def watch(self, names: frozenset[str] | None) -> Watch:
         """Register a watch; the caller must :meth:`cancel` it when its stream ends."""

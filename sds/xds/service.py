@@ -58,6 +58,7 @@ from sds._util.grpcedge import (
 from sds._util.log import event
 from sds._util.peercred import PeerCredentials, peer_credentials
 from sds._util.ratelimit import RateLimiter
+from sds.errors import NotEntitled
 from sds.xds.cache import SecretCache, Watch
 from sds.xds.codec import (
     SECRET_TYPE_URL,
@@ -89,12 +90,15 @@ if TYPE_CHECKING:
 __all__ = [
     "INSPECTOR_NODE",
     "LISTEN_BACKLOG",
+    "Lease",
     "Limits",
     "NullServerEvents",
     "SdsServer",
     "SdsServicer",
     "ServerEvents",
+    "SharedCache",
     "StreamInfo",
+    "Tenancy",
 ]
 
 log = logging.getLogger("sds.server")
@@ -156,6 +160,8 @@ class StreamInfo:
     id: int
     kind: str
     creds: PeerCredentials | None
+    #: Who the stream is attested as (per-caller mode: the workload's SPIFFE IDs), else "".
+    workload: str = ""
     node: NodeInfo | None = None
     names: frozenset[str] | None = frozenset()
     inspector: bool = False
@@ -241,6 +247,7 @@ class StreamInfo:
             "envoy_version": self.node.build_version if self.node else "",
             "pid": self.creds.pid if self.creds else None,
             "uid": self.creds.uid if self.creds else None,
+            "workload": self.workload,
             "names": sorted(self.names) if self.names is not None else ["*"],
             "sent_version": self.sent_version,
             "acked_version": self.acked_version,
@@ -304,13 +311,62 @@ class AccessPolicy:
         return creds.uid in self.allowed_uids or creds.gid in self.allowed_gids
 
 
+@dataclass(eq=False)
+class Lease:
+    """The cache one stream is served from while it is open, and who its caller is.
+
+    ``fresh``: the cache was made for this caller just now and may not hold its
+    secrets yet (FetchSecrets then waits briefly instead of answering NOT_FOUND).
+    """
+
+    cache: SecretCache
+    workload: Callable[[], str] = str
+    fresh: bool = False
+    #: Called with names the caller asked for that its cache lacks (JWT-SVID demand).
+    on_missing: Callable[[Iterable[str]], None] | None = None
+
+
+class Tenancy(Protocol):
+    """Which cache serves a caller: one cache shared by all, or one per attested workload.
+
+    ``acquire`` is called once per stream after the access policy admitted the
+    caller; it raises :class:`sds.errors.NotEntitled` to refuse it. Every lease
+    acquired is released exactly once, when its stream ends.
+    """
+
+    def acquire(self, stream: Any, creds: PeerCredentials | None) -> Lease: ...
+
+    def release(self, lease: Lease) -> None: ...
+
+
+class SharedCache(Tenancy):
+    """Every caller is served the one cache (the bridge's own identity)."""
+
+    def __init__(
+        self, cache: SecretCache, on_missing: Callable[[Iterable[str]], None] | None = None
+    ) -> None:
+        self.lease = Lease(cache, on_missing=on_missing)
+
+    def acquire(self, stream: Any, creds: PeerCredentials | None) -> Lease:
+        return self.lease
+
+    def release(self, lease: Lease) -> None:
+        pass
+
+
+#: Seconds FetchSecrets waits for a caller's freshly subscribed secrets before NOT_FOUND.
+FRESH_FETCH_WAIT = 5.0
+
+
 class SdsServicer:
-    """Serves secrets from a :class:`SecretCache` to Envoy over SDS v3."""
+    """Serves secrets from a :class:`SecretCache` (or, with a :class:`Tenancy`, from each
+    caller's own) to Envoy over SDS v3."""
 
     def __init__(
         self,
         cache: SecretCache,
         *,
+        tenancy: Tenancy | None = None,
         access: AccessPolicy | None = None,
         disable_spiffe_cert_validation: bool = False,
         events: ServerEvents | None = None,
@@ -318,7 +374,7 @@ class SdsServicer:
         limits: Limits | None = None,
     ) -> None:
         self.cache = cache
-        self.on_missing = on_missing
+        self.tenancy: Tenancy = tenancy or SharedCache(cache, on_missing)
         self.access = access or AccessPolicy()
         self.disable_spiffe_cert_validation = disable_spiffe_cert_validation
         self.events: ServerEvents = events or NullServerEvents()
@@ -403,8 +459,8 @@ class SdsServicer:
             return info.node.disable_spiffe
         return self.disable_spiffe_cert_validation
 
-    def _nonce(self) -> str:
-        return f"{self.cache.instance_id}-n{next(self._nonces)}"
+    def _nonce(self, cache: SecretCache) -> str:
+        return f"{cache.instance_id}-n{next(self._nonces)}"
 
     def _set_node(self, info: StreamInfo, node: bytes | None) -> None:
         # Keep the node from the first request that carries one (Envoy may omit it later);
@@ -480,10 +536,36 @@ class SdsServicer:
                 f"this server serves only {SECRET_TYPE_URL}, not {_truncate(type_url, 200)}",
             )
 
-    def _log_unknown(self, info: StreamInfo, unknown: Iterable[str], logged: set[str]) -> None:
+    def _lease(self, stream: Any, info: StreamInfo) -> Lease:
+        """The caller's cache from the tenancy; a caller it refuses gets PERMISSION_DENIED."""
+        try:
+            lease = self.tenancy.acquire(stream, info.creds)
+        except NotEntitled as exc:
+            self.events.denied(info.creds)
+            self._note(
+                self._server_log,
+                ("sds.not_entitled",),
+                logging.WARNING,
+                "sds.not_entitled",
+                pid=info.creds.pid if info.creds else "",
+                uid=info.creds.uid if info.creds else "",
+                reason=str(exc),
+            )
+            raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from exc
+        info.workload = lease.workload()
+        return lease
+
+    @staticmethod
+    def _check_open(cache: SecretCache) -> None:
+        if cache.closed is not None:
+            raise GRPCError(Status.UNAVAILABLE, cache.closed)
+
+    def _log_unknown(
+        self, lease: Lease, info: StreamInfo, unknown: Iterable[str], logged: set[str]
+    ) -> None:
         unknown = set(unknown)
-        if unknown and self.on_missing is not None:
-            self.on_missing(unknown)
+        if unknown and lease.on_missing is not None:
+            lease.on_missing(unknown)
         new = sorted(unknown - logged)
         if not new:
             return
@@ -554,14 +636,19 @@ class SdsServicer:
         )
 
     def _record(
-        self, info: StreamInfo, nonce: str, resources: dict[str, str], removed: Iterable[str] = ()
+        self,
+        cache: SecretCache,
+        info: StreamInfo,
+        nonce: str,
+        resources: dict[str, str],
+        removed: Iterable[str] = (),
     ) -> Push:
         serials = {}
         for name in resources:
-            spec = self.cache.spec(name)
+            spec = cache.spec(name)
             if isinstance(spec, TlsSpec):
                 serials[name] = f"{spec.svid.serial:x}"
-        push = info.record(nonce, self.cache.version, resources, serials)
+        push = info.record(nonce, cache.version, resources, serials)
         push.removed = tuple(removed)
         return push
 
@@ -570,17 +657,21 @@ class SdsServicer:
     @contextlib.asynccontextmanager
     async def _session(
         self, stream: SotwStream | DeltaStream, kind: str
-    ) -> AsyncIterator[tuple[StreamInfo, Watch]]:
-        """Admit the caller, register its watch, and always clean up (also on a reset stream)."""
+    ) -> AsyncIterator[tuple[StreamInfo, Lease, Watch]]:
+        """Admit the caller, lease its cache, register its watch, and always clean up (also
+        on a reset stream)."""
         info = self._admit(stream, kind)
-        watch = self.cache.watch(frozenset())
+        lease = self._lease(stream, info)
+        cache = lease.cache
+        watch = cache.watch(frozenset())
         self._opened(info)
         try:
-            yield info, watch
+            yield info, lease, watch
         except StreamTerminatedError:
             pass
         finally:
-            self.cache.cancel(watch)
+            cache.cancel(watch)
+            self.tenancy.release(lease)
             self._closed(info)
 
     async def _inputs(
@@ -623,15 +714,16 @@ class SdsServicer:
     # -- state of the world -----------------------------------------------------------------
 
     async def _stream_secrets(self, stream: SotwStream) -> None:
-        cache = self.cache
         last_nonce: str | None = None
         sent: dict[str, str] = {}
         logged_unknown: set[str] = set()
         async with (
-            self._session(stream, "sotw") as (info, watch),
+            self._session(stream, "sotw") as (info, lease, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
+            cache = lease.cache
             async for message in inputs:
+                self._check_open(cache)
                 if message is not None:
                     request = self._read(info, sotw_request(message))
                     del message  # release it (and its Node bytes) before waiting again
@@ -643,26 +735,26 @@ class SdsServicer:
                 wanted = cache.names() if info.names is None else sorted(info.names)
                 current = {n: v for n in wanted if (v := cache.resource_version(n)) is not None}
                 if info.names is not None:
-                    self._log_unknown(info, info.names - current.keys(), logged_unknown)
+                    self._log_unknown(lease, info, info.names - current.keys(), logged_unknown)
                 # A new stream has sent == {}, so it is always answered when anything exists;
                 # after that, identical content (e.g. the answer to a NACK) is never resent.
                 if not current or current == sent:
                     continue
                 trusted_ca = self._trusted_ca(info)
                 rendered = [cache.render(n, trusted_ca=trusted_ca) for n in current]
-                last_nonce = self._nonce()
+                last_nonce = self._nonce(cache)
                 response = sotw_response(
                     cache.version, [r for r in rendered if r is not None], last_nonce
                 )
                 del rendered
-                push = self._record(info, last_nonce, current)
+                push = self._record(cache, info, last_nonce, current)
                 sent = current
                 await stream.send_message(response)
                 del response
-                self._pushed(info, push)
+                self._pushed(cache, info, push)
 
-    def _pushed(self, info: StreamInfo, push: Push) -> None:
-        latency = time.monotonic() - self.cache.updated_at
+    def _pushed(self, cache: SecretCache, info: StreamInfo, push: Push) -> None:
+        latency = time.monotonic() - cache.updated_at
         names = list(push.resources)
         self.events.pushed(info, names, latency)
         if log.isEnabledFor(logging.DEBUG):
@@ -680,7 +772,6 @@ class SdsServicer:
     # -- incremental --------------------------------------------------------------------------
 
     async def _delta_secrets(self, stream: DeltaStream) -> None:
-        cache = self.cache
         subscribed: set[str] = set()
         wildcard = False
         known: dict[str, str] = {}  # what Envoy holds (or was last sent): name -> version
@@ -688,10 +779,12 @@ class SdsServicer:
         first = True
         max_names = self.limits.max_names
         async with (
-            self._session(stream, "delta") as (info, watch),
+            self._session(stream, "delta") as (info, lease, watch),
             contextlib.aclosing(self._inputs(stream, watch)) as inputs,
         ):
+            cache = lease.cache
             async for message in inputs:
+                self._check_open(cache)
                 if message is not None:
                     request = self._read(info, delta_request(message))
                     del message  # release it (and its Node bytes) before waiting again
@@ -723,7 +816,7 @@ class SdsServicer:
                 names = set(cache.names()) if wildcard else subscribed
                 if not wildcard:
                     missing = {n for n in subscribed if cache.resource_version(n) is None}
-                    self._log_unknown(info, missing, logged_unknown)
+                    self._log_unknown(lease, info, missing, logged_unknown)
                 trusted_ca = self._trusted_ca(info)
                 updates: list[tuple[str, str, bytes]] = []
                 for name in sorted(names):
@@ -740,15 +833,15 @@ class SdsServicer:
                 )
                 if not updates and not removed:
                     continue
-                nonce = self._nonce()
-                push = self._record(info, nonce, {n: v for n, v, _ in updates}, removed)
+                nonce = self._nonce(cache)
+                push = self._record(cache, info, nonce, {n: v for n, v, _ in updates}, removed)
                 for name, version, _ in updates:
                     known[name] = version
                 for name in removed:
                     known.pop(name, None)
                 await stream.send_message(delta_response(cache.version, updates, removed, nonce))
                 del updates
-                self._pushed(info, push)
+                self._pushed(cache, info, push)
 
     # -- unary ----------------------------------------------------------------------------------
 
@@ -762,10 +855,35 @@ class SdsServicer:
             )
         request = self._read(info, sotw_request(message))
         del message
-        cache = self.cache
-        wanted = list(request.resource_names) or cache.names()
-        found = [n for n in wanted if cache.resource_version(n) is not None]
-        if not found:
+        lease = self._lease(stream, info)
+        try:
+            await self._fetch_answer(stream, info, lease, list(request.resource_names))
+        finally:
+            self.tenancy.release(lease)
+
+    async def _fetch_answer(
+        self, stream: SotwStream, info: StreamInfo, lease: Lease, names: list[str]
+    ) -> None:
+        cache = lease.cache
+
+        def found() -> list[str]:
+            return [n for n in (names or cache.names()) if cache.resource_version(n) is not None]
+
+        if lease.fresh and not found():
+            watch = cache.watch(frozenset(names) if names else None)
+            try:
+                async with asyncio.timeout(FRESH_FETCH_WAIT):
+                    while not found() and cache.closed is None:
+                        await watch.event.wait()
+                        watch.event.clear()
+            except TimeoutError:
+                pass
+            finally:
+                cache.cancel(watch)
+        self._check_open(cache)
+        wanted = names or cache.names()
+        available = found()
+        if not available:
             listed = ", ".join(wanted[:10]) + (
                 f" (and {len(wanted) - 10} more)" * (len(wanted) > 10)
             )
@@ -774,7 +892,7 @@ class SdsServicer:
                 f"no secret named {listed or '(none)'} is available",
             )
         trusted_ca = self._trusted_ca(info)
-        rendered = [cache.render(n, trusted_ca=trusted_ca) for n in found]
+        rendered = [cache.render(n, trusted_ca=trusted_ca) for n in available]
         response = sotw_response(cache.version, [r for r in rendered if r is not None])
         await stream.send_message(response)
 

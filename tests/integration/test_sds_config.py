@@ -22,7 +22,8 @@ def test_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"sds run: {path}: unknown field 'bogus' (want one of admin, allowed_gids, allowed_uids, "
         "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
-        "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)"
+        "names, per_caller, policies, secrets, socket_mode, trust_domain, upstream_backoff, "
+        "workload_api)"
     ]
 
 

@@ -18,7 +18,8 @@ from tests.harness.mutate import mutations
             "listen: unix:///tmp/x.sock\nlisten_mode: 1\n",
             "sds.yaml: unknown field 'listen_mode' (want one of admin, allowed_gids, allowed_uids, "
             "default_svid, disable_spiffe_cert_validation, failover, jwt_svids, listen, metrics, "
-            "names, policies, secrets, socket_mode, trust_domain, upstream_backoff, workload_api)",
+            "names, per_caller, policies, secrets, socket_mode, trust_domain, upstream_backoff, "
+            "workload_api)",
         ),
         (
             "listen: tcp://10.0.0.1:9000\n",

@@ -27,7 +27,7 @@ from sds.spiffe.id import SpiffeId, TrustDomain
 from sds.spiffe.x509 import BundleSet, X509Context
 from sds.xds.cache import SecretCache
 from sds.xds.codec import sotw_response
-from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
+from sds.xds.service import AccessPolicy, SdsServer, SdsServicer, SharedCache
 from tests.harness.fake_workload_api import eventually
 from tests.harness.sdsfake import delta, fetch, node, sotw
 from tests.harness.static_upstream import StaticSource
@@ -343,7 +343,7 @@ async def test_jwt_svid_generic_secret_is_fetched_on_demand_and_refreshed(world:
     world.bridge.jwt = JwtSvidManager(
         fetch, world.bridge.refresh, spiffe_id=world.bridge.default_spiffe_id
     )
-    world.servicer.on_missing = world.bridge.demand
+    world.servicer.tenancy = SharedCache(world.bridge.cache, world.bridge.demand)
     try:
         async with sotw(world.channel, world.instance) as s:
             await s.send(["jwt-svid:https://api.example.org"])
