@@ -423,8 +423,7 @@ class ApiClient(Generic[_Stub]):
                 ) from exc
             if exc.status is Status.UNIMPLEMENTED and method:
                 raise WorkloadApiMisconfigured(
-                    f"{self.address}: not a {self.protocol} "
-                    f"(the peer does not implement {method})"
+                    f"{self.address}: not a {self.protocol} (the peer does not implement {method})"
                 ) from exc
             error, template = _STATUS_ERRORS.get(exc.status, _OTHER_STATUS)
             raise error(
