@@ -52,6 +52,7 @@ from sds.errors import (
     InvalidSvid,
     WorkloadApiDenied,
     WorkloadApiError,
+    WorkloadApiMisconfigured,
     WorkloadApiUnavailable,
 )
 from sds.spiffe.id import SpiffeId, TrustDomain
@@ -244,6 +245,7 @@ async def _keep_open(
     up: Callable[[], None],
     down: Callable[[WorkloadApiError, float], None],
     wait: Callable[[float], Awaitable[bool]],
+    hung: Callable[[], None],
     fast_retry: Callable[[], bool] = lambda: False,
 ) -> NoReturn:
     """Keep one server stream open until cancelled, giving each message to ``take``.
@@ -253,6 +255,8 @@ async def _keep_open(
     which resets the backoff. A failure or end of stream calls ``down(error,
     delay)`` and waits ``delay`` (the backoff's, :func:`retry_delay`) through
     ``wait``, which returns True when woken early because the server is back.
+    A connection that sends no first message in time is dropped with ``hung()``
+    (the next attempt opens a new one).
     """
     while True:
         try:
@@ -261,6 +265,7 @@ async def _keep_open(
                     async with asyncio.timeout(first_message_timeout):
                         first = await anext(messages)
                 except TimeoutError:
+                    hung()
                     raise WorkloadApiUnavailable(
                         f"{where} sent no {what} message within {first_message_timeout:g}s "
                         "of connecting"
@@ -418,6 +423,7 @@ class DelegatedBundles:
             up=self._x509_up,
             down=self._x509_down,
             wait=self._x509_wait,
+            hung=client.close,
             fast_retry=self._wake.take_fast_retry,
         )
 
@@ -446,6 +452,7 @@ class DelegatedBundles:
             up=lambda: None,
             down=down,
             wait=self.wait_reconnected,
+            hung=client.close,
         )
 
     async def _x509_wait(self, delay: float) -> bool:
@@ -633,6 +640,7 @@ class DelegatedWatcher:
                 up=self._up,
                 down=self._down,
                 wait=self.bundles.wait_reconnected,
+                hung=client.close,
             )
         finally:
             self.bundles.unsubscribe(self._evaluate)
@@ -653,9 +661,10 @@ class DelegatedWatcher:
         self._connected = False
         if isinstance(error, WorkloadApiDenied) and self._withdraw():
             changed = False  # _withdraw notified
+        refused = isinstance(error, WorkloadApiDenied | WorkloadApiMisconfigured)
         event(
             logger,
-            logging.ERROR if isinstance(error, WorkloadApiDenied) else logging.WARNING,
+            logging.ERROR if refused else logging.WARNING,
             "delegated_api.svids_disconnected",
             pid=self.pid,
             error=error,

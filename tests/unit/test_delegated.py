@@ -518,6 +518,58 @@ async def test_the_watchers_reconnect_after_the_agent_restarts(
             await restarted.stop()
 
 
+async def test_workload_watchers_wake_when_the_shared_bundle_watch_reconnects(
+    agent: FakeAgent, sockdir: Path, ca: Authority
+) -> None:
+    agent.set_bundles(ca.bundle)
+    agent.set_workload(PID, svids_response([ca.svid("/web")]))
+    bundles = DelegatedBundles(address(sockdir), backoff_initial=0.01, backoff_max=0.2)
+    # Its own backoff would wait up to 60 s; the bundle watch's socket wake-up cuts it short.
+    watcher = DelegatedWatcher(
+        address(sockdir), PID, bundles, backoff_initial=60.0, backoff_max=60.0
+    )
+    async with running(bundles, watcher):
+        await watcher.wait_ready(5)
+        await agent.stop()
+        await eventually(lambda: not watcher.connected, 5, "down")
+        restarted = FakeAgent()
+        restarted.set_bundles(ca.bundle)
+        second = ca.svid("/web")
+        restarted.set_workload(PID, svids_response([second]))
+        await restarted.start(sockdir / "admin.sock")
+        try:
+            await eventually(lambda: serials(watcher) == [second.serial], 5, "the new SVID")
+        finally:
+            await restarted.stop()
+
+
+async def test_an_agent_that_never_answers_is_dropped_and_retried(
+    sockdir: Path, ca: Authority
+) -> None:
+    class Silent(FakeAgent):
+        async def SubscribeToX509Bundles(self, stream: Stream[Any, Any]) -> None:
+            await self._begin(stream, "SubscribeToX509Bundles")
+            await asyncio.sleep(3600)
+
+    silent = Silent()
+    await silent.start(sockdir / "admin.sock")
+    bundles = DelegatedBundles(
+        address(sockdir), backoff_initial=0.01, backoff_max=0.02, first_message_timeout=0.2
+    )
+    try:
+        async with running(bundles):
+            await eventually(lambda: silent.count("SubscribeToX509Bundles") >= 2, 5, "a retry")
+            assert str(bundles.last_error) == (
+                f"delegated identity API at {address(sockdir)} sent no X.509 bundle message "
+                "within 0.2s of connecting"
+            )
+            assert bundles.current() is None and not bundles.connected
+        first, second = silent.transports["SubscribeToX509Bundles"][:2]
+        assert first is not second  # the hung connection was replaced
+    finally:
+        await silent.stop()
+
+
 async def test_denial_withdraws_the_svids_and_keeps_the_bundles(
     agent: FakeAgent, sockdir: Path, ca: Authority, other_ca: Authority
 ) -> None:
