@@ -4,7 +4,7 @@ This is the only module, besides the embedded provider, that reads
 ``workload_pb2`` messages; everything it returns is a protobuf-free domain
 type from :mod:`sds.spiffe.x509` and :mod:`sds.spiffe.jwt`, and every gRPC or
 socket failure is mapped to :mod:`sds.errors` in one place
-(:meth:`WorkloadApiClient._errors`).
+(:meth:`ApiClient._errors`, shared with the Delegated Identity API client).
 
 Standards followed:
 
@@ -34,7 +34,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from google.protobuf.message import Message
 from grpclib.client import Channel, ServiceMethod, Stream
@@ -63,10 +63,15 @@ __all__ = [
     "CALL_TIMEOUT",
     "KEEPALIVE_INTERVAL",
     "MAX_MESSAGE_BYTES",
+    "ApiClient",
     "JwtSvid",
     "RejectedSvid",
     "WorkloadApiClient",
     "X509Update",
+    "jwt_bundle_map",
+    "jwt_svid",
+    "trust_domain_key",
+    "x509_bundle_map",
 ]
 
 _METADATA = {SECURITY_HEADER: SECURITY_VALUE}
@@ -114,6 +119,7 @@ class MessageTooLarge(Exception):
 
 _Req = TypeVar("_Req", bound=Message)
 _Resp = TypeVar("_Resp", bound=Message)
+_Stub = TypeVar("_Stub")
 
 
 def _method_name(method: ServiceMethod[Any, Any]) -> str:
@@ -162,17 +168,18 @@ class JwtSvid:
     expiry: dt.datetime
 
 
-def _trust_domain_key(key: str, what: str) -> TrustDomain:
+def trust_domain_key(key: str, what: str) -> TrustDomain:
+    """The trust domain a bundle map key names (``spiffe://td``); raise InvalidBundle naming it."""
     try:
         return TrustDomain.parse(key)
     except InvalidSpiffeId as exc:
         raise InvalidBundle(f"{what} key {key!r} is not a trust domain: {exc}") from exc
 
 
-def _x509_bundle_map(entries: Mapping[str, bytes], what: str) -> list[X509Bundle]:
+def x509_bundle_map(entries: Mapping[str, bytes], what: str) -> list[X509Bundle]:
     """Parse a ``"spiffe://td" -> DER`` map; raise InvalidBundle naming the bad entry."""
     return [
-        X509Bundle.from_der(_trust_domain_key(key, what), bytes(der))
+        X509Bundle.from_der(trust_domain_key(key, what), bytes(der))
         for key, der in sorted(entries.items())
     ]
 
@@ -202,7 +209,7 @@ def _response_bundles(
         bundle = X509Bundle.from_der(td, bytes(msg.bundle))
         own.append(bundle)
         merged.setdefault(td, bundle)
-    for bundle in _x509_bundle_map(resp.federated_bundles, "federated bundle"):
+    for bundle in x509_bundle_map(resp.federated_bundles, "federated bundle"):
         merged.setdefault(bundle.trust_domain, bundle)
     return BundleSet(merged.values()), own
 
@@ -260,21 +267,23 @@ def _x509_update(resp: workload_pb2.X509SVIDResponse) -> X509Update | InvalidBun
     return X509Update(bundles, tuple(svids))
 
 
-def _jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle]:
+def jwt_bundle_map(entries: Mapping[str, bytes]) -> dict[TrustDomain, JwtBundle]:
+    """Parse a ``"spiffe://td" -> JWKS`` map; raise InvalidBundle naming the bad entry."""
     bundles: dict[TrustDomain, JwtBundle] = {}
     for key, jwks in sorted(entries.items()):
-        td = _trust_domain_key(key, "JWT bundle")
+        td = trust_domain_key(key, "JWT bundle")
         bundles[td] = JwtBundle.from_jwks(td, bytes(jwks))
     return bundles
 
 
-def _jwt_svid(msg: workload_pb2.JWTSVID) -> JwtSvid:
-    """Convert one wire JWT-SVID, reading ``sub`` and ``exp`` from the (unverified) payload."""
+def jwt_svid(spiffe_id: str, token: str, hint: str) -> JwtSvid:
+    """One JWT-SVID as a Workload API sends it, ``sub`` and ``exp`` read from the (unverified)
+    payload; raise InvalidJwt when the ID is bad or the token is not a JWT for it."""
     try:
-        sid = SpiffeId.parse(msg.spiffe_id)
+        sid = SpiffeId.parse(spiffe_id)
     except InvalidSpiffeId as exc:
         raise InvalidJwt(f"JWT-SVID has a bad spiffe_id: {exc}") from exc
-    parts = msg.svid.split(".")
+    parts = token.split(".")
     if len(parts) != 3:
         raise InvalidJwt(f"JWT-SVID {sid}: token is not a compact JWS")
     try:
@@ -292,7 +301,7 @@ def _jwt_svid(msg: workload_pb2.JWTSVID) -> JwtSvid:
         expiry = dt.datetime.fromtimestamp(exp, dt.UTC)
     except (OverflowError, OSError, ValueError) as exc:
         raise InvalidJwt(f"JWT-SVID {sid}: token 'exp' {exp} is out of range") from exc
-    return JwtSvid(sid, msg.svid, msg.hint, expiry)
+    return JwtSvid(sid, token, hint, expiry)
 
 
 def _plain(value: Any) -> Any:
@@ -309,18 +318,26 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- client
 
 
-class WorkloadApiClient:
-    """One connection to a Workload API; single calls and raw streams, errors translated.
+class ApiClient(Generic[_Stub]):
+    """One gRPC connection to a local SPIFFE API, with the one error map for its calls.
 
-    The gRPC channel (grpclib; ``path=`` for Unix sockets, host/port for TCP)
-    is opened lazily on the first call and reconnects on the next call after
-    the connection drops. Every call carries the security header (Workload
-    Endpoint s.3). Failures raise: WorkloadApiUnavailable (socket missing,
-    refused, connection lost, ``UNAVAILABLE``), WorkloadApiDenied
-    (``PERMISSION_DENIED``), WorkloadApiMisconfigured (``INVALID_ARGUMENT``),
-    WorkloadApiError (any other status); messages that fail conversion raise
-    InvalidSvid, InvalidBundle or InvalidJwt.
+    The base of :class:`WorkloadApiClient` and of
+    :class:`sds.workloadapi.delegated.DelegatedIdentityClient`: a subclass names
+    its API (:attr:`label`, :attr:`protocol`), the metadata each call carries
+    and its stub. The channel (grpclib; ``path=`` for Unix sockets, host/port
+    for TCP) is opened lazily on the first call and reconnects on the next call
+    after the connection drops. Failures raise: WorkloadApiUnavailable (socket
+    missing, refused, connection lost, ``UNAVAILABLE``), WorkloadApiDenied
+    (``PERMISSION_DENIED``), WorkloadApiMisconfigured (``INVALID_ARGUMENT``, not
+    gRPC, method not implemented), WorkloadApiError (any other status).
     """
+
+    #: How error messages name the peer: ``<label> at <address>``.
+    label: ClassVar[str] = "workload API"
+    #: What a peer that is not this API is not: ``not a <protocol>``.
+    protocol: ClassVar[str] = "SPIFFE Workload API"
+    #: Metadata sent with every call.
+    metadata: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -335,9 +352,13 @@ class WorkloadApiClient:
         self.max_message_bytes = max_message_bytes
         self._keepalive = keepalive
         self._channel: Channel | None = None
-        self._stub: SpiffeWorkloadAPIStub | None = None
+        self._stub: _Stub | None = None
 
-    def _api(self) -> SpiffeWorkloadAPIStub:
+    def _new_stub(self, channel: Channel) -> _Stub:
+        """The generated stub of this API on ``channel``."""
+        raise NotImplementedError
+
+    def _api(self) -> _Stub:
         if self._stub is None:
             config = None
             if self._keepalive is not None:
@@ -356,7 +377,7 @@ class WorkloadApiClient:
                 self._channel = Channel(
                     host=self.address.host, port=self.address.port, config=config
                 )
-            self._stub = SpiffeWorkloadAPIStub(self._channel)
+            self._stub = self._new_stub(self._channel)
         return self._stub
 
     def close(self) -> None:
@@ -366,7 +387,7 @@ class WorkloadApiClient:
         self._channel = None
         self._stub = None
 
-    async def __aenter__(self) -> WorkloadApiClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -384,9 +405,9 @@ class WorkloadApiClient:
         """The one map from grpclib and socket failures to :mod:`sds.errors` (``raise ... from``).
 
         gRPC statuses by :data:`_STATUS_ERRORS`, socket errors by :data:`_SOCKET_REASONS`;
-        a peer that is not a Workload API (not gRPC, or without ``method``) is misconfigured.
+        a peer that is not this API (not gRPC, or without ``method``) is misconfigured.
         """
-        where = f"workload API at {self.address}"
+        where = f"{self.label} at {self.address}"
         try:
             yield
         except TimeoutError as exc:
@@ -398,12 +419,11 @@ class WorkloadApiClient:
             if exc.status is Status.UNKNOWN and message.startswith(_NOT_GRPC):
                 # HTTP/2 that is not gRPC (or a gRPC peer that omits content-type).
                 raise WorkloadApiMisconfigured(
-                    f"{self.address}: not a SPIFFE Workload API (the peer does not speak gRPC)"
+                    f"{self.address}: not a {self.protocol} (the peer does not speak gRPC)"
                 ) from exc
             if exc.status is Status.UNIMPLEMENTED and method:
                 raise WorkloadApiMisconfigured(
-                    f"{self.address}: not a SPIFFE Workload API "
-                    f"(the peer does not implement {method})"
+                    f"{self.address}: not a {self.protocol} (the peer does not implement {method})"
                 ) from exc
             error, template = _STATUS_ERRORS.get(exc.status, _OTHER_STATUS)
             raise error(
@@ -428,7 +448,7 @@ class WorkloadApiClient:
     ) -> AsyncGenerator[_Resp, None]:
         """Raw messages of one server stream, until the server ends it."""
         with self._errors(_method_name(method)):
-            async with method.open(metadata=_METADATA) as stream:
+            async with method.open(metadata=dict(self.metadata)) as stream:
                 await stream.send_message(request, end=True)
                 while (message := await _recv_capped(stream, self.max_message_bytes)) is not None:
                     yield message
@@ -442,7 +462,7 @@ class WorkloadApiClient:
         with self._errors(_method_name(method)):
             async with (
                 asyncio.timeout(self.call_timeout),
-                method.open(metadata=_METADATA) as stream,
+                method.open(metadata=dict(self.metadata)) as stream,
             ):
                 await stream.send_message(request, end=True)
                 yield stream
@@ -455,7 +475,7 @@ class WorkloadApiClient:
                 await stream.cancel()
         if message is None:
             raise WorkloadApiUnavailable(
-                f"workload API at {self.address} ended the {what} stream without a response"
+                f"{self.label} at {self.address} ended the {what} stream without a response"
             )
         return message
 
@@ -466,9 +486,23 @@ class WorkloadApiClient:
             await stream.recv_trailing_metadata()
         if message is None:
             raise WorkloadApiUnavailable(
-                f"workload API at {self.address} answered {_method_name(method)} with no message"
+                f"{self.label} at {self.address} answered {_method_name(method)} with no message"
             )
         return message
+
+
+class WorkloadApiClient(ApiClient[SpiffeWorkloadAPIStub]):
+    """One connection to a Workload API; single calls and raw streams, errors translated.
+
+    Every call carries the security header (Workload Endpoint s.3). Failures
+    raise as :class:`ApiClient` says; messages that fail conversion raise
+    InvalidSvid, InvalidBundle or InvalidJwt.
+    """
+
+    metadata: ClassVar[Mapping[str, str]] = _METADATA
+
+    def _new_stub(self, channel: Channel) -> SpiffeWorkloadAPIStub:
+        return SpiffeWorkloadAPIStub(channel)
 
     def _x509_responses(self) -> AsyncGenerator[workload_pb2.X509SVIDResponse, None]:
         return self._stream(self._api().FetchX509SVID, workload_pb2.X509SVIDRequest())
@@ -508,14 +542,14 @@ class WorkloadApiClient:
         resp = await self._first(
             self._api().FetchX509Bundles, workload_pb2.X509BundlesRequest(), "X.509 bundle"
         )
-        return BundleSet(_x509_bundle_map(resp.bundles, "X.509 bundle"))
+        return BundleSet(x509_bundle_map(resp.bundles, "X.509 bundle"))
 
     async def x509_bundles(self) -> AsyncGenerator[BundleSet, None]:
         """Every FetchX509Bundles message, each the complete set of bundles."""
         stream = self._stream(self._api().FetchX509Bundles, workload_pb2.X509BundlesRequest())
         async with contextlib.aclosing(stream) as responses:
             async for resp in responses:
-                yield BundleSet(_x509_bundle_map(resp.bundles, "X.509 bundle"))
+                yield BundleSet(x509_bundle_map(resp.bundles, "X.509 bundle"))
 
     # -- JWT --------------------------------------------------------------------
 
@@ -525,20 +559,20 @@ class WorkloadApiClient:
         """JWT-SVIDs for ``audience`` (all of the caller's identities, or only ``spiffe_id``)."""
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=spiffe_id or "")
         resp = await self._unary(self._api().FetchJWTSVID, request)
-        return [_jwt_svid(msg) for msg in resp.svids]
+        return [jwt_svid(msg.spiffe_id, msg.svid, msg.hint) for msg in resp.svids]
 
     async def fetch_jwt_bundles(self) -> dict[TrustDomain, JwtBundle]:
         """Every JWT bundle the caller trusts: the first FetchJWTBundles message."""
         resp = await self._first(
             self._api().FetchJWTBundles, workload_pb2.JWTBundlesRequest(), "JWT bundle"
         )
-        return _jwt_bundle_map(resp.bundles)
+        return jwt_bundle_map(resp.bundles)
 
     async def jwt_bundles(self) -> AsyncGenerator[dict[TrustDomain, JwtBundle], None]:
         """Every FetchJWTBundles message, each the complete set of JWT bundles."""
         async with contextlib.aclosing(self._jwt_bundle_responses()) as responses:
             async for resp in responses:
-                yield _jwt_bundle_map(resp.bundles)
+                yield jwt_bundle_map(resp.bundles)
 
     async def jwt_bundle_updates(
         self,
@@ -548,7 +582,7 @@ class WorkloadApiClient:
         async with contextlib.aclosing(self._jwt_bundle_responses()) as responses:
             async for resp in responses:
                 try:
-                    bundles = _jwt_bundle_map(resp.bundles)
+                    bundles = jwt_bundle_map(resp.bundles)
                 except InvalidBundle as exc:
                     yield exc
                 else:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
@@ -29,7 +29,7 @@ from sds.errors import (
 )
 from sds.spiffe.id import TrustDomain
 from sds.spiffe.jwt import JwtBundle
-from sds.spiffe.x509 import BundleSet, X509Context, X509Svid, utc_text, utcnow
+from sds.spiffe.x509 import X509Bundle, X509Context, X509Svid, utc_text, utcnow
 from sds.workloadapi.address import Address, as_address
 from sds.workloadapi.backoff import Backoff
 from sds.workloadapi.client import WorkloadApiClient, X509Update
@@ -40,9 +40,16 @@ __all__ = [
     "SILENCE_FRACTION",
     "SILENCE_MAX",
     "SILENCE_MIN",
+    "ExpiryTimer",
     "NullEvents",
+    "SocketWake",
     "Watcher",
     "WatcherEvents",
+    "last_good",
+    "retry_delay",
+    "same_jwt",
+    "same_x509",
+    "svid_expiry",
 ]
 
 logger = logging.getLogger("sds.workloadapi")
@@ -99,7 +106,7 @@ class NullEvents(WatcherEvents):
     """WatcherEvents that do nothing (the Protocol's bodies are no-ops): the default."""
 
 
-def _expiry(svid: X509Svid) -> dt.datetime:
+def svid_expiry(svid: X509Svid) -> dt.datetime:
     """When the SVID stops being usable: the earliest not-after in its chain."""
     return min(cert.not_valid_after_utc for cert in svid.chain)
 
@@ -108,14 +115,139 @@ def _fingerprint(svid: X509Svid) -> tuple[str, str, bytes, bytes]:
     return (str(svid.spiffe_id), svid.hint, svid.chain_der(), svid.key_der())
 
 
-def _same_x509(a: X509Context, b: X509Context) -> bool:
+def same_x509(a: X509Context, b: X509Context) -> bool:
+    """Whether two contexts hold the same bundles and the same SVIDs (keys included), in order."""
     return a.bundles == b.bundles and [_fingerprint(s) for s in a.svids] == [
         _fingerprint(s) for s in b.svids
     ]
 
 
-def _same_jwt(a: Mapping[TrustDomain, JwtBundle], b: Mapping[TrustDomain, JwtBundle]) -> bool:
+def same_jwt(a: Mapping[TrustDomain, JwtBundle], b: Mapping[TrustDomain, JwtBundle]) -> bool:
+    """Whether two JWT bundle maps hold the same keys for the same trust domains."""
     return {td: x.to_jwks() for td, x in a.items()} == {td: x.to_jwks() for td, x in b.items()}
+
+
+def last_good(last: X509Svid | None, bundles: Mapping[TrustDomain, X509Bundle]) -> X509Svid | None:
+    """``last`` if it is still unexpired and chains to its trust domain's bundle in ``bundles``,
+    else None: what may stand in for a new SVID that failed validation."""
+    if last is None:
+        return None
+    try:
+        last.verify(bundles.get(last.spiffe_id.trust_domain))
+    except InvalidSvid:
+        return None
+    return last
+
+
+def retry_delay(exc: WorkloadApiError, backoff: Backoff) -> float:
+    """Seconds to wait before retrying a stream that failed with ``exc``; counts the attempt.
+
+    ``INVALID_ARGUMENT`` (WorkloadApiMisconfigured) waits the backoff's maximum:
+    Workload Endpoint s.6 says not to retry it, but a sidecar must not give up
+    for good, so it retries slowly. Anything else takes the next jittered delay.
+    """
+    if isinstance(exc, WorkloadApiMisconfigured):
+        backoff.attempt += 1
+        return backoff.maximum
+    return backoff.next_delay()
+
+
+class ExpiryTimer:
+    """One loop timer (no polling) at the earliest expiry among the SVIDs it was armed with.
+
+    When it fires it calls ``on_expired(expired)`` with the SVIDs whose chains
+    have expired; woken a little early (the loop's monotonic clock against the
+    wall clock) it tries again shortly. The callback re-arms it with what is
+    left. :meth:`unexpired` hides SVIDs that expired before the timer ran.
+    """
+
+    def __init__(self, on_expired: Callable[[list[X509Svid]], None]) -> None:
+        self._on_expired = on_expired
+        self._svids: tuple[X509Svid, ...] = ()
+        self._handle: asyncio.TimerHandle | None = None
+        self.expires_at: dt.datetime | None = None
+
+    def arm(self, svids: Iterable[X509Svid], minimum: float = 0.0) -> None:
+        """Replace the timer by one at the earliest expiry in ``svids`` (none if empty)."""
+        self.cancel()
+        self._svids = tuple(svids)
+        self.expires_at = min((svid_expiry(s) for s in self._svids), default=None)
+        if self.expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(minimum, (self.expires_at - utcnow()).total_seconds())
+        self._handle = loop.call_at(loop.time() + delay, self._fire)
+
+    def cancel(self) -> None:
+        """Stop the timer (``expires_at`` is kept, so :meth:`unexpired` still filters)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def unexpired(self, ctx: X509Context) -> X509Context:
+        """``ctx`` without the SVIDs that have expired by now (``ctx`` itself if none has)."""
+        if self.expires_at is not None:
+            now = utcnow()
+            if self.expires_at <= now:
+                return X509Context(tuple(s for s in ctx.svids if svid_expiry(s) > now), ctx.bundles)
+        return ctx
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = utcnow()
+        expired = [s for s in self._svids if svid_expiry(s) <= now]
+        if not expired:
+            self.arm(self._svids, minimum=0.01)
+            return
+        self._on_expired(expired)
+
+
+class SocketWake:
+    """When to reconnect to a Unix socket early: the socket's directory is watched while
+    disconnected, and a socket that appears (or is replaced) wakes the retry at once.
+
+    After it appeared, :data:`FAST_RETRIES` connection failures are retried every
+    :data:`FAST_RETRY_DELAY` seconds (a server binds before it serves). Disabled
+    for TCP addresses or ``enabled=False``: :meth:`wait` then just sleeps.
+    """
+
+    def __init__(self, address: Address, *, enabled: bool = True) -> None:
+        self._enabled = enabled and address.scheme == "unix"
+        self._path = address.path
+        self.watch: SocketWatch | None = None
+        self._known: tuple[int, int, int] | None = None
+        self.fast_retries = 0
+
+    def up(self) -> None:
+        """The stream is up: stop watching, remember which socket file it connected to."""
+        self.fast_retries = 0
+        self.stop()
+        self._known = inode(self._path) if self._enabled else None
+
+    def take_fast_retry(self) -> bool:
+        """Whether this failure is retried after FAST_RETRY_DELAY (and count it)."""
+        if self.fast_retries:
+            self.fast_retries -= 1
+            return True
+        return False
+
+    async def wait(self, delay: float) -> bool:
+        """Sleep ``delay``; True if woken early because the socket file appeared."""
+        if not self._enabled:
+            await asyncio.sleep(delay)
+            return False
+        if self.watch is None:
+            self.watch = SocketWatch(self._path, self._known)
+        appeared = await self.watch.wait(delay)
+        if appeared:
+            self.fast_retries = FAST_RETRIES
+        return appeared
+
+    def stop(self) -> None:
+        """Stop watching the directory (connected, or the owner is stopping)."""
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
 
 class Watcher:
@@ -160,19 +292,14 @@ class Watcher:
         self._backoff_max = backoff_max
         self.first_message_timeout = first_message_timeout
         self.silence_max = silence_max
-        self._watch_socket = watch_socket and self.address.scheme == "unix"
-        self._socket_watch: SocketWatch | None = None
-        self._connected_inode: tuple[int, int, int] | None = None
+        self._wake = SocketWake(self.address, enabled=watch_socket)
         self._reconnected = asyncio.Event()
-        # Quick retries left since the socket appeared (it may be bound but not serving yet).
-        self._fast_retries = 0
         self._ctx: X509Context | None = None
         self._jwt: dict[TrustDomain, JwtBundle] = {}
         self._listeners: list[Callable[[], None]] = []
         self._ready = asyncio.Event()
         self._last_error: WorkloadApiError | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._expires_at: dt.datetime | None = None
+        self._expiry = ExpiryTimer(self._on_expired)
         self._connected = False
         self._notified = 0  # notifications sent so far
 
@@ -181,11 +308,7 @@ class Watcher:
     def current(self) -> X509Context | None:
         """The latest validated X.509 state (never holding an expired SVID), or None before any."""
         ctx = self._ctx
-        if ctx is not None and self._expires_at is not None:
-            now = utcnow()
-            if self._expires_at <= now:  # the expiry timer has not run yet
-                return X509Context(tuple(s for s in ctx.svids if _expiry(s) > now), ctx.bundles)
-        return ctx
+        return None if ctx is None else self._expiry.unexpired(ctx)
 
     def jwt_bundles(self) -> Mapping[TrustDomain, JwtBundle]:
         """The latest JWT bundles (read-only view; empty before the first message)."""
@@ -235,7 +358,7 @@ class Watcher:
                 group.create_task(self._x509_loop(client))
                 group.create_task(self._jwt_loop(client))
         finally:
-            self._cancel_timer()
+            self._expiry.cancel()
             client.close()
 
     async def _x509_loop(self, client: WorkloadApiClient) -> None:
@@ -246,8 +369,7 @@ class Watcher:
                     await self._follow_x509(client, backoff)
                     continue  # the stream went silent: reconnect at once
                 except WorkloadApiUnavailable as exc:
-                    if self._fast_retries:
-                        self._fast_retries -= 1
+                    if self._wake.take_fast_retry():
                         self._last_error = exc
                         event(logger, logging.DEBUG, "workload_api.not_serving_yet", error=exc)
                         delay = FAST_RETRY_DELAY
@@ -262,9 +384,8 @@ class Watcher:
                     )
                 if await self._retry_wait(delay):
                     backoff.reset()
-                    self._fast_retries = FAST_RETRIES
         finally:
-            self._stop_socket_watch()
+            self._wake.stop()
 
     async def _follow_x509(self, client: WorkloadApiClient, backoff: Backoff) -> None:
         """One X.509-SVID stream until it fails (raises) or stays silent too long (returns).
@@ -318,9 +439,7 @@ class Watcher:
 
     def _on_stream_up(self) -> None:
         self._last_error = None
-        self._fast_retries = 0
-        self._stop_socket_watch()
-        self._connected_inode = inode(self.address.path) if self._watch_socket else None
+        self._wake.up()
         self._reconnected.set()
         self._reconnected.clear()
         self._events.on_connected()
@@ -328,7 +447,7 @@ class Watcher:
 
     def _silence_limit(self) -> float:
         """How long the X.509 stream may stay silent: 3/4 of the earliest SVID's remaining life."""
-        expires_at = self._expires_at
+        expires_at = self._expiry.expires_at
         if expires_at is None:
             return self.silence_max
         remaining = (expires_at - utcnow()).total_seconds()
@@ -337,20 +456,10 @@ class Watcher:
     async def _retry_wait(self, delay: float) -> bool:
         """Sleep ``delay`` before reconnecting; on a Unix socket, wake early (True) when the
         socket file is created or replaced. The directory is watched only while disconnected."""
-        if not self._watch_socket:
-            await asyncio.sleep(delay)
-            return False
-        if self._socket_watch is None:
-            self._socket_watch = SocketWatch(self.address.path, self._connected_inode)
-        appeared = await self._socket_watch.wait(delay)
+        appeared = await self._wake.wait(delay)
         if appeared:
             event(logger, logging.INFO, "workload_api.socket_appeared", address=self.address)
         return appeared
-
-    def _stop_socket_watch(self) -> None:
-        if self._socket_watch is not None:
-            self._socket_watch.close()
-            self._socket_watch = None
 
     def _x509_failed(self, exc: WorkloadApiError, backoff: Backoff) -> float:
         """Record a failed X.509 stream attempt; return the delay before the next one."""
@@ -359,9 +468,9 @@ class Watcher:
             self._connected = False
             self._notify()
         self._events.on_disconnected(exc)
+        delay = retry_delay(exc, backoff)
         if isinstance(exc, WorkloadApiMisconfigured):
             self._events.on_misconfigured(exc)
-            backoff.attempt += 1
             event(
                 logger,
                 logging.ERROR,
@@ -372,10 +481,9 @@ class Watcher:
                 "(e.g. the workload.spiffe.io security header) or is not a Workload API "
                 "(check the address)",
                 attempt=backoff.attempt,
-                retry_in=f"{self._backoff_max:.3f}",
+                retry_in=f"{delay:.3f}",
             )
-            return self._backoff_max
-        delay = backoff.next_delay()
+            return delay
         if isinstance(exc, WorkloadApiDenied):
             withdrawn = self._withdraw_svids()
             event(
@@ -414,11 +522,7 @@ class Watcher:
             except Exception as exc:  # noqa: BLE001 - policy: log, then retry like an outage
                 if not isinstance(exc, WorkloadApiError):
                     exc = WorkloadApiError(f"workload API at {self.address}: {exc!r}")
-                if isinstance(exc, WorkloadApiMisconfigured):
-                    backoff.attempt += 1
-                    delay = self._backoff_max
-                else:
-                    delay = backoff.next_delay()
+                delay = retry_delay(exc, backoff)
                 # The X.509 loop reports the connection; repeat failures here stay quiet.
                 level = logging.WARNING if backoff.attempt == 1 else logging.DEBUG
                 event(
@@ -458,12 +562,12 @@ class Watcher:
                 svids.append(item)
             else:
                 self._events.on_svid_rejected(item.error)
-                kept = self._last_good(previous.get((item.spiffe_id, item.hint)), bundles)
+                kept = last_good(previous.get((item.spiffe_id, item.hint)), bundles)
                 if kept is not None:
                     svids.append(kept)
                     action = (
                         f"kept the last good SVID (serial {kept.serial:x}, "
-                        f"expires {utc_text(_expiry(kept))})"
+                        f"expires {utc_text(svid_expiry(kept))})"
                     )
                 else:
                     action = "dropped: no unexpired last good SVID"
@@ -479,24 +583,13 @@ class Watcher:
         self._set_x509(X509Context(tuple(svids), bundles))
         return True
 
-    @staticmethod
-    def _last_good(last: X509Svid | None, bundles: BundleSet) -> X509Svid | None:
-        """``last`` if it is still unexpired and chains to the new message's bundle, else None."""
-        if last is None:
-            return None
-        try:
-            last.verify(bundles.get(last.spiffe_id.trust_domain))
-        except InvalidSvid:
-            return None
-        return last
-
     def _set_x509(self, ctx: X509Context) -> None:
         old = self._ctx
         self._ready.set()
-        if old is not None and _same_x509(old, ctx):
+        if old is not None and same_x509(old, ctx):
             return
         self._ctx = ctx
-        self._reschedule_expiry()
+        self._expiry.arm(ctx.svids)
         self._events.on_x509_update(ctx)
         event(
             logger,
@@ -526,7 +619,7 @@ class Watcher:
             )
             return
         bundles = update
-        if _same_jwt(self._jwt, bundles):
+        if same_jwt(self._jwt, bundles):
             return
         self._jwt = bundles
         view = MappingProxyType(bundles)
@@ -549,32 +642,11 @@ class Watcher:
 
     # -- expiry --------------------------------------------------------------
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _reschedule_expiry(self, minimum: float = 0.0) -> None:
-        """Arm one timer (no polling) at the earliest expiry among the held SVIDs."""
-        self._cancel_timer()
-        ctx = self._ctx
-        self._expires_at = min((_expiry(s) for s in ctx.svids), default=None) if ctx else None
-        if self._expires_at is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(minimum, (self._expires_at - utcnow()).total_seconds())
-        self._timer = loop.call_at(loop.time() + delay, self._on_expiry)
-
-    def _on_expiry(self) -> None:
-        self._timer = None
+    def _on_expired(self, expired: list[X509Svid]) -> None:
         ctx = self._ctx
         if ctx is None:
             return
         now = utcnow()
-        expired = [s for s in ctx.svids if _expiry(s) <= now]
-        if not expired:  # woke a little early (monotonic vs wall clock): try again shortly
-            self._reschedule_expiry(minimum=0.01)
-            return
         for svid in expired:
             self._events.on_svid_expired(svid)
             event(
@@ -583,7 +655,9 @@ class Watcher:
                 "svid.expired",
                 spiffe_id=svid.spiffe_id,
                 hint=svid.hint,
-                not_after=utc_text(_expiry(svid)),
+                not_after=utc_text(svid_expiry(svid)),
                 action="dropped: the workload API sent no replacement in time",
             )
-        self._set_x509(X509Context(tuple(s for s in ctx.svids if _expiry(s) > now), ctx.bundles))
+        self._set_x509(
+            X509Context(tuple(s for s in ctx.svids if svid_expiry(s) > now), ctx.bundles)
+        )

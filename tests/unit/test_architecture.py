@@ -19,7 +19,7 @@ import sds
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "architecture.md"
 
-__all__ = ["layer_table", "violations"]
+__all__ = ["layer_table", "proto_violations", "violations"]
 
 
 def layer_table(doc: str) -> dict[str, int]:
@@ -136,6 +136,59 @@ def test_a_relative_import_is_resolved_before_it_is_judged(tmp_path: Path) -> No
     assert violations(tmp_path, layer_table(DOC.read_text())) == [
         "sds/_util/log.py:1 imports sds.spiffe: layer 1 (sds._util) may not import layer 2 "
         "(sds.spiffe)"
+    ]
+
+
+# Generated protobuf module -> the modules that may import it: only the edges read the wire.
+PROTO_READERS: dict[str, set[str]] = {
+    "sds._proto.workload_pb2": {"sds.workloadapi.client", "sds.provider.service"},
+    "sds._proto.workload_grpc": {"sds.workloadapi.client", "sds.provider.service"},
+    "sds._proto.discovery_lite_pb2": {"sds.xds.codec"},
+    "sds._proto.delegatedidentity_pb2": {"sds.workloadapi.delegated", "sds.provider.delegated"},
+    "sds._proto.delegatedidentity_grpc": {"sds.workloadapi.delegated", "sds.provider.delegated"},
+}
+
+
+def proto_violations(root: Path) -> list[str]:
+    """One line per import of generated code (``sds._proto.*``) outside its listed readers."""
+    problems = []
+    for path in sorted((root / "sds").rglob("*.py")):
+        rel = path.relative_to(root)
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        if _unit(module) == "sds._proto":
+            continue
+        for line, target, names in _imports(path, module):
+            if target == "sds._proto":  # from sds._proto import workload_pb2
+                targets = [f"sds._proto.{name}" for name in names]
+            elif target.startswith("sds._proto."):
+                targets = [target]
+            else:
+                continue
+            for proto in targets:
+                if module not in PROTO_READERS.get(proto, set()):
+                    problems.append(f"{rel}:{line} imports {proto}, which only its edges may read")
+    return problems
+
+
+def test_generated_protobuf_is_read_only_by_its_edge_modules() -> None:
+    assert proto_violations(REPO) == []
+
+
+def test_the_protobuf_check_catches_a_reader_that_is_not_an_edge(tmp_path: Path) -> None:
+    (tmp_path / "sds" / "bridge").mkdir(parents=True)
+    (tmp_path / "sds" / "workloadapi").mkdir()
+    (tmp_path / "sds" / "bridge" / "state.py").write_text(
+        "from sds._proto import delegatedidentity_pb2\n"
+        "from sds._proto.workload_grpc import SpiffeWorkloadAPIStub\n"
+    )
+    (tmp_path / "sds" / "workloadapi" / "delegated.py").write_text(
+        "from sds._proto import delegatedidentity_pb2 as pb\n"
+        "from sds._proto.delegatedidentity_grpc import DelegatedIdentityStub\n"
+    )
+    assert proto_violations(tmp_path) == [
+        "sds/bridge/state.py:1 imports sds._proto.delegatedidentity_pb2, which only its edges "
+        "may read",
+        "sds/bridge/state.py:2 imports sds._proto.workload_grpc, which only its edges may read",
     ]
 
 

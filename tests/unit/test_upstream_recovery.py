@@ -150,7 +150,7 @@ async def test_a_reappearing_socket_is_reconnected_without_waiting_out_the_backo
         await first.stop()
         await second.stop()
     assert len(lines(caplog, "workload_api.socket_appeared")) == 1
-    assert watcher._socket_watch is None  # no watch (and no poll) while connected
+    assert watcher._wake.watch is None  # no watch (and no poll) while connected
 
 
 async def test_socket_watch_reports_a_socket_created_in_its_directory(sockdir: Path) -> None:
