@@ -155,6 +155,19 @@ class JwtSvidManager:
         if self._tasks and self._reaper is None:
             self._reaper = self._spawn("jwt-reaper", self._reap_forever())
 
+    def abort(self) -> None:
+        """Cancel every refresh task and timer without waiting (their owner reaps them)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
+        self._tokens.clear()
+
     async def close(self) -> None:
         """Stop every refresh task and timer."""
         tasks = list(self._tasks.values())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -66,6 +66,34 @@ class _AckedInfo(Collector):
         )
         for (node, secret), (version, serial) in list(self._acked.items()):
             family.add_metric([node, secret, version, serial], 1)
+        yield family
+
+
+class _CallerStreams(Collector):
+    """``sds_caller_streams{workload}`` read at scrape time from the attested callers."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sds_caller_streams",
+            "Open SDS streams per attested caller process, labelled with its SPIFFE IDs "
+            "(per-caller mode)",
+            labels=["workload"],
+        )
+        callers = GaugeMetricFamily(
+            "sds_callers", "Caller processes attested now (per-caller mode)"
+        )
+        count = 0
+        totals: dict[str, int] = {}
+        for workload, streams in self._source():
+            count += 1
+            totals[workload] = totals.get(workload, 0) + streams
+        for workload, streams in sorted(totals.items()):
+            family.add_metric([workload], streams)
+        callers.add_metric([], count)
+        yield callers
         yield family
 
 
@@ -153,6 +181,11 @@ class Metrics:
         self._stream_node: dict[int, str] = {}  # stream id -> its node label
         self._overflowed: set[str] = set()  # node ids folded into _other (logged once)
         self._serving: set[tuple[str, str]] = set()
+
+    def watch_callers(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Per-caller mode: export ``sds_callers`` and ``sds_caller_streams`` from ``source``
+        (each attested process's label and open stream count), read at scrape time."""
+        self.registry.register(_CallerStreams(source))
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -74,9 +74,11 @@ from sds.errors import ConfigError, SocketInUse, StartupError, WorkloadApiDenied
 from sds.workloadapi.address import parse_address
 from sds.workloadapi.client import WorkloadApiClient
 from sds.workloadapi.watcher import Watcher
+from sds.xds.cache import SecretCache
 from sds.xds.service import AccessPolicy, SdsServer, SdsServicer
 
 if TYPE_CHECKING:
+    from sds.bridge.callers import Callers
     from sds.bridge.metrics import Metrics
 
 __all__ = ["BridgeApp", "require_listen"]
@@ -114,37 +116,65 @@ class BridgeApp:
             self.metrics = Metrics()
         metrics = self.metrics
         backoff = config.upstream_backoff
-        addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
-        self.watchers = [
-            Watcher(
-                address,
-                events=metrics.upstream(str(address)) if metrics is not None else None,
-                backoff_initial=backoff.initial,
-                backoff_max=backoff.max,
+        access = AccessPolicy(config.allowed_uids, config.allowed_gids)
+        self.watchers: list[Watcher] = []
+        self.jwt_clients: dict[str, WorkloadApiClient] = {}
+        self.bridge: Bridge | None = None  # the bridge's own identity (not in per-caller mode)
+        self.callers: Callers | None = None  # per-caller mode: one view per attested caller
+        if config.per_caller is not None:
+            from sds.bridge.callers import Callers  # noqa: PLC0415 - only in this mode
+
+            cache = SecretCache()
+            self.callers = Callers(
+                config,
+                [parse_address(a) for a in config.per_caller.delegated_identity_api],
+                self.tasks.spawn,
+                instance_id=cache.instance_id,
+                on_change=self._check_gate,
             )
-            for address in addresses
-        ]
-        self.bridge = Bridge(config, self.watchers, metrics=metrics)
-        self.jwt_clients = {str(w.address): WorkloadApiClient(w.address) for w in self.watchers}
-        self.servicer = SdsServicer(
-            self.bridge.cache,
-            access=AccessPolicy(config.allowed_uids, config.allowed_gids),
-            disable_spiffe_cert_validation=config.disable_spiffe_cert_validation,
-            events=metrics,
-            on_missing=self.bridge.demand,
-        )
-        self.bridge.jwt = JwtSvidManager(
-            self._fetch_jwt,
-            self.bridge.refresh,
-            spiffe_id=self.bridge.default_spiffe_id,
-            wanted=lambda: wanted_audiences(i.names for i in self.servicer.streams.values()),
-            retry_initial=backoff.initial,
-            retry_max=backoff.max,
-            max_audiences=config.jwt_svids.max_audiences,
-            idle_timeout=config.jwt_svids.idle_timeout,
-            spawn=self.tasks.spawn,
-        )
-        self.views = BridgeViews(self.bridge, self.watchers, self.servicer, metrics)
+            self.state: Bridge | Callers = self.callers
+            self.servicer = SdsServicer(
+                cache,
+                tenancy=self.callers,
+                access=access,
+                disable_spiffe_cert_validation=config.disable_spiffe_cert_validation,
+                events=metrics,
+            )
+            self.callers.streams = self.servicer.streams.values
+            if metrics is not None:
+                metrics.watch_callers(self.callers.stream_counts)
+        else:
+            addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
+            self.watchers = [
+                Watcher(
+                    address,
+                    events=metrics.upstream(str(address)) if metrics is not None else None,
+                    backoff_initial=backoff.initial,
+                    backoff_max=backoff.max,
+                )
+                for address in addresses
+            ]
+            bridge = self.state = self.bridge = Bridge(config, self.watchers, metrics=metrics)
+            self.jwt_clients = {str(w.address): WorkloadApiClient(w.address) for w in self.watchers}
+            self.servicer = SdsServicer(
+                bridge.cache,
+                access=access,
+                disable_spiffe_cert_validation=config.disable_spiffe_cert_validation,
+                events=metrics,
+                on_missing=bridge.demand,
+            )
+            bridge.jwt = JwtSvidManager(
+                self._fetch_jwt,
+                bridge.refresh,
+                spiffe_id=bridge.default_spiffe_id,
+                wanted=lambda: wanted_audiences(i.names for i in self.servicer.streams.values()),
+                retry_initial=backoff.initial,
+                retry_max=backoff.max,
+                max_audiences=config.jwt_svids.max_audiences,
+                idle_timeout=config.jwt_svids.idle_timeout,
+                spawn=self.tasks.spawn,
+            )
+        self.views = BridgeViews(self.state, self.watchers, self.servicer, metrics)
         self.admin: AdminServer | None = None
         self.scrape: AdminServer | None = None  # the metrics listener
         self.server: SdsServer | None = None
@@ -201,7 +231,10 @@ class BridgeApp:
             host, port = self.config.metrics.host, self.config.metrics.port
             self.scrape = AdminServer(host, port, self.views.scrape_routes(), name="metrics")
             self._bind_listener(self.scrape, "metrics", host, port)
-        self.bridge.on_change(lambda: self._gate.set() if self.bridge.serving else None)
+        if self.bridge is not None:
+            self.bridge.on_change(self._check_gate)
+        if self.callers is not None:
+            self.callers.start()
         self._watching = [
             self.tasks.spawn(f"watch-{i}", watcher.run()) for i, watcher in enumerate(self.watchers)
         ]
@@ -210,8 +243,18 @@ class BridgeApp:
             self._reloader = self.tasks.spawn(
                 "reload", each_time(self._hup, lambda: self.reload(path))
             )
-        upstreams = ",".join(str(w.address) for w in self.watchers)
-        event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
+        if self.callers is not None:
+            upstreams = ",".join(str(a) for a in self.callers.addresses)
+            event(log, logging.INFO, "bridge.starting", mode="per_caller", upstreams=upstreams)
+        else:
+            upstreams = ",".join(str(w.address) for w in self.watchers)
+            event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
+
+    def _check_gate(self) -> None:
+        """Open the start-up gate once something can be served: the bridge's first valid
+        SVID, or (per-caller mode) every Delegated Identity API accepting us as a delegate."""
+        if self.state.serving:
+            self._gate.set()
 
     async def serve(self) -> None:
         """Wait for the first servable X.509 context, bind the SDS socket, serve until stopped."""
@@ -264,7 +307,9 @@ class BridgeApp:
             sock.remove()  # only if the path is still the socket we bound
             sock.sock.close()
         await self.tasks.cancel(self._reloader)
-        if self.bridge.jwt is not None:
+        if self.callers is not None:
+            self.callers.close()
+        if self.bridge is not None and self.bridge.jwt is not None:
             await self.bridge.jwt.close()
         for jwt_client in self.jwt_clients.values():
             jwt_client.close()
@@ -301,11 +346,12 @@ class BridgeApp:
                     log,
                     logging.WARNING,
                     "bridge.waiting",
-                    reason=self.bridge.readiness_reason() or "no valid X.509 SVID yet",
+                    reason=self.state.readiness_reason() or "no valid X.509 SVID yet",
                 )
 
     async def _fetch_jwt(self, audience: str, spiffe_id: str | None) -> JwtToken:
         """A JWT-SVID from the upstream serving that identity's X.509-SVID (the one that is up)."""
+        assert self.bridge is not None  # JWT-SVIDs of the bridge's own identity
         first = str(self.watchers[0].address)
         serving = self.bridge.selection.serving.get(spiffe_id or "", first)
         jwt_client = self.jwt_clients.get(serving) or self.jwt_clients[first]
@@ -327,7 +373,7 @@ class BridgeApp:
 
     async def reload(self, path: str) -> None:
         """Re-read the config file and apply what may change live; log what needs a restart."""
-        running = self.bridge.config
+        running = self.state.config
         try:
             fresh = parse_config_text(await _read_settled(path), path)
             fresh = fresh.with_overrides(**self.flags)
@@ -362,7 +408,7 @@ class BridgeApp:
         effective = replace(fresh, **{k: getattr(running, k) for k in RESTART_KEYS})
         self.servicer.access = AccessPolicy(effective.allowed_uids, effective.allowed_gids)
         self.servicer.disable_spiffe_cert_validation = effective.disable_spiffe_cert_validation
-        self.bridge.reconfigure(effective)
+        self.state.reconfigure(effective)
         event(
             log,
             logging.INFO,

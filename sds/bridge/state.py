@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sds._util.log import event
 from sds.bridge.config import BridgeConfig, SvidSelector
@@ -102,8 +102,13 @@ class Bridge:
         cache: SecretCache | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,
+        caller: int | None = None,
     ) -> None:
         self.config = config
+        # Per-caller mode: this is one caller's view; its log lines name the caller's pid and
+        # its readiness is the caller's (caller.ready / caller.not_ready), not the bridge's.
+        self._fields: dict[str, Any] = {} if caller is None else {"pid": caller}
+        self._subject = "bridge" if caller is None else "caller"
         self.sources = list(sources)
         self.cache = cache or SecretCache()
         self.metrics = metrics
@@ -144,6 +149,12 @@ class Bridge:
         audiences = [aud for name in names if (aud := audience_of(name)) is not None]
         if audiences:
             self.jwt.want(audiences)
+
+    def stop(self) -> None:
+        """Cancel the pending failover re-check (this bridge is being discarded)."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every refresh that changed something."""
@@ -202,7 +213,15 @@ class Bridge:
         )
         self.selection = selection
         for spiffe_id, old, new in selection.switched:
-            event(log, logging.WARNING, "upstream.failover", spiffe_id=spiffe_id, old=old, new=new)
+            event(
+                log,
+                logging.WARNING,
+                "upstream.failover",
+                spiffe_id=spiffe_id,
+                old=old,
+                new=new,
+                **self._fields,
+            )
         if self.metrics is not None:
             self.metrics.upstreams_changed(selection.upstreams)
         if self._recheck is not None:
@@ -323,9 +342,16 @@ class Bridge:
         if self.metrics is not None:
             self.metrics.unservable_changed([] if "*" in self.unservable else list(self.unservable))
         if not self.unservable:
-            event(log, logging.INFO, "bridge.ready", secrets=secrets)
+            event(log, logging.INFO, f"{self._subject}.ready", secrets=secrets, **self._fields)
         elif was_ready or "*" not in self.unservable:
-            event(log, logging.ERROR, "bridge.not_ready", reason=self.readiness_reason())
+            level = logging.ERROR if self._subject == "bridge" else logging.WARNING
+            event(
+                log,
+                level,
+                f"{self._subject}.not_ready",
+                reason=self.readiness_reason(),
+                **self._fields,
+            )
 
     def refresh(self) -> None:
         """Recompute every secret from the sources' latest state and publish the changes."""
@@ -352,9 +378,9 @@ class Bridge:
         for name in sorted(changed):
             spec = specs.get(name)
             if spec is None:
-                event(log, logging.WARNING, "secret.withdrawn", name=name)
+                event(log, logging.WARNING, "secret.withdrawn", name=name, **self._fields)
             elif isinstance(spec, GenericSpec):
-                event(log, logging.INFO, "secret.generic_updated", name=name)
+                event(log, logging.INFO, "secret.generic_updated", name=name, **self._fields)
             elif isinstance(spec, TlsSpec):
                 old = before.get(name)
                 if isinstance(old, TlsSpec) and old.svid.serial == spec.svid.serial:
@@ -367,6 +393,7 @@ class Bridge:
                     spiffe_id=str(spec.svid.spiffe_id),
                     serial=f"{spec.svid.serial:x}",
                     not_after=spec.svid.not_after.isoformat(),
+                    **self._fields,
                 )
             else:
                 event(
@@ -376,6 +403,7 @@ class Bridge:
                     name=name,
                     trust_domains=",".join(b.trust_domain.name for b in spec.bundles),
                     allow=",".join(spec.exact + tuple(p + "*" for p in spec.prefixes)),
+                    **self._fields,
                 )
         for callback in self._listeners:
             callback()

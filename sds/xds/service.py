@@ -160,8 +160,9 @@ class StreamInfo:
     id: int
     kind: str
     creds: PeerCredentials | None
-    #: Who the stream is attested as (per-caller mode: the workload's SPIFFE IDs), else "".
-    workload: str = ""
+    #: Who the stream is attested as now (per-caller mode: the workload's SPIFFE IDs), else "".
+    workload: Callable[[], str] = str
+    tenant: Hashable = None  # the lease's key: streams with the same one share a cache
     node: NodeInfo | None = None
     names: frozenset[str] | None = frozenset()
     inspector: bool = False
@@ -247,7 +248,7 @@ class StreamInfo:
             "envoy_version": self.node.build_version if self.node else "",
             "pid": self.creds.pid if self.creds else None,
             "uid": self.creds.uid if self.creds else None,
-            "workload": self.workload,
+            "workload": self.workload(),
             "names": sorted(self.names) if self.names is not None else ["*"],
             "sent_version": self.sent_version,
             "acked_version": self.acked_version,
@@ -324,6 +325,8 @@ class Lease:
     fresh: bool = False
     #: Called with names the caller asked for that its cache lacks (JWT-SVID demand).
     on_missing: Callable[[Iterable[str]], None] | None = None
+    #: Which tenant this is (opaque to the server; copied to :attr:`StreamInfo.tenant`).
+    key: Hashable = None
 
 
 class Tenancy(Protocol):
@@ -552,7 +555,8 @@ class SdsServicer:
                 reason=str(exc),
             )
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from exc
-        info.workload = lease.workload()
+        info.workload = lease.workload
+        info.tenant = lease.key
         return lease
 
     @staticmethod

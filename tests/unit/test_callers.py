@@ -1,0 +1,221 @@
+"""Per-caller mode in one process: a real SDS server whose streams are attested by pidfd and
+served from a strict fake Delegated Identity API, one subscription per caller process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from sds._util.peercred import bind_unix_socket
+from sds.bridge.callers import Callers
+from sds.bridge.config import parse_config
+from sds.errors import NotEntitled
+from sds.workloadapi.address import parse_address
+from sds.xds.cache import SecretCache
+from sds.xds.service import SdsServer, SdsServicer
+from tests.conftest import event_lines
+from tests.harness.fake_delegated import FakeAgent, svids_response
+from tests.harness.fake_workload_api import eventually
+from tests.harness.material import Authority
+from tests.harness.sdsfake import node, sotw
+
+X509 = "SubscribeToX509SVIDs"
+CONFIG = {
+    "listen": "unix:///unused/sds.sock",
+    "per_caller": {"delegated_identity_api": "unix:///replaced"},
+    "policies": [
+        {
+            "name": "peers",
+            "workloads": ["spiffe://example.org/web"],
+            "allow": ["spiffe://example.org/ns/web-clients/*"],
+        },
+        {"name": "peers", "allow": ["spiffe://example.org/admin"]},
+    ],
+}
+
+
+@dataclass
+class World:
+    agent: FakeAgent
+    ca: Authority
+    callers: Callers
+    servicer: SdsServicer
+    channel: Channel
+
+
+@pytest.fixture
+async def world(sockdir: Path) -> AsyncIterator[World]:
+    ca = Authority()
+    agent = FakeAgent()
+    address = await agent.start(sockdir / "admin.sock")
+    agent.set_bundles(ca.bundle)
+    config = parse_config({**CONFIG, "per_caller": {"delegated_identity_api": address}}, "t")
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        tasks.append(task)
+        return task
+
+    cache = SecretCache("inst1")
+    callers = Callers(config, [parse_address(address)], spawn, instance_id=cache.instance_id)
+    servicer = SdsServicer(cache, tenancy=callers)
+    callers.streams = servicer.streams.values
+    callers.start()
+    server = SdsServer(servicer)
+    path = str(sockdir / "sds.sock")
+    await server.start(sock=bind_unix_socket(path))
+    channel = Channel(path=path)
+    await eventually(lambda: callers.ready, 5, "bundles from the fake agent")
+    try:
+        yield World(agent, ca, callers, servicer, channel)
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+        callers.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.stop()
+
+
+async def test_a_caller_gets_its_own_svid_and_the_policy_for_its_id(world: World) -> None:
+    web = world.ca.svid("/web")
+    world.agent.set_workload(os.getpid(), svids_response([web]))
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default", "ROOTCA", "peers", "spiffe://example.org/web"], with_node=node())
+        got = await s.recv()
+    assert sorted(got.secrets) == ["ROOTCA", "default", "peers", "spiffe://example.org/web"]
+    assert got.serial("default") == web.serial
+    matchers = got.secrets["peers"].validation_context.match_typed_subject_alt_names
+    assert [(m.matcher.exact, m.matcher.prefix) for m in matchers] == [
+        (None, "spiffe://example.org/ns/web-clients/")
+    ]
+    request = next(r for r in world.agent.requests if r.method == X509)
+    assert request.message.pid == os.getpid()
+
+
+async def test_another_workloads_id_is_never_served(world: World) -> None:
+    world.agent.set_workload(os.getpid(), svids_response([world.ca.svid("/web")]))
+    world.agent.set_workload(os.getpid() + 1, svids_response([world.ca.svid("/db")]))
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["spiffe://example.org/db"], with_node=node())
+        await s.expect_silence(0.5)
+        await s.send(["spiffe://example.org/db", "default"], with_node=node())
+        got = await s.recv()
+        assert [w["spiffe_ids"] for w in world.callers.view()] == [["spiffe://example.org/web"]]
+    assert sorted(got.secrets) == ["default"]
+    await eventually(lambda: not world.callers.workloads, 5, "the workload to end with its stream")
+
+
+async def test_streams_of_one_process_share_one_subscription_ended_by_the_last(
+    world: World,
+) -> None:
+    world.agent.set_workload(os.getpid(), svids_response([world.ca.svid("/web")]))
+    async with sotw(world.channel, "inst1") as a:
+        await a.send(["default"], with_node=node("envoy-a"))
+        await a.recv()
+        async with sotw(world.channel, "inst1") as b:
+            await b.send(["default"], with_node=node("envoy-b"))
+            await b.recv()
+            assert world.agent.open_streams(X509) == 1
+            assert world.agent.count(X509) == 1
+            (caller,) = world.callers.view()
+            assert caller["streams"] == 2
+            assert caller["spiffe_ids"] == ["spiffe://example.org/web"]
+            workloads = {i.workload() for i in world.servicer.streams.values()}
+            assert workloads == {"spiffe://example.org/web"}
+        await eventually(lambda: world.callers.view()[0]["streams"] == 1, 5, "one stream left")
+        assert world.agent.open_streams(X509) == 1
+    await eventually(lambda: not world.callers.workloads, 5, "the workload to end")
+    await eventually(lambda: world.agent.open_streams(X509) == 0, 5, "the subscription to end")
+
+
+async def test_a_rotation_reaches_the_callers_stream(world: World) -> None:
+    first, second = world.ca.svid("/web"), world.ca.svid("/web")
+    world.agent.set_workload(os.getpid(), svids_response([first]))
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default"], with_node=node())
+        assert (await s.recv()).serial("default") == first.serial
+        await s.ack()
+        world.agent.set_workload(os.getpid(), svids_response([second]))
+        assert (await s.recv()).serial("default") == second.serial
+
+
+async def test_the_process_exiting_ends_its_streams_with_unavailable(
+    world: World, caplog: pytest.LogCaptureFixture, sds_debug_logs: None
+) -> None:
+    world.agent.set_workload(os.getpid(), svids_response([world.ca.svid("/web")]))
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default"], with_node=node())
+        await s.recv()
+        (key,) = world.callers.workloads
+        world.callers._exited(key)  # what the pidfd's readability triggers
+        # The server sends UNAVAILABLE then resets (the client never half-closed); grpclib's
+        # client reports either, and never another secret.
+        with pytest.raises((GRPCError, StreamTerminatedError)) as caught:
+            await s.recv()
+    if isinstance(caught.value, GRPCError):
+        assert caught.value.status is Status.UNAVAILABLE
+    reason = f"the attested process (pid {os.getpid()}) exited"
+    assert event_lines(caplog, "sds.callers", "caller.ended") == [
+        f'caller.ended pid={os.getpid()} workload=spiffe://example.org/web reason="{reason}"'
+    ]
+    assert not world.callers.workloads
+    await eventually(lambda: world.agent.open_streams(X509) == 0, 5, "the subscription to end")
+
+
+async def test_a_caller_without_entries_gets_nothing(world: World) -> None:
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default", "ROOTCA", "ALL"], with_node=node())
+        await s.expect_silence(0.5)  # no SVID: no own trust domain, so not even a bundle
+        (caller,) = world.callers.view()
+    assert caller["spiffe_ids"] == []
+    assert caller["secrets"] == []
+    assert caller["reason"].startswith("default: the Workload API holds no X.509-SVID")
+
+
+async def test_tcp_callers_cannot_be_attested(world: World) -> None:
+    with pytest.raises(NotEntitled) as caught:
+        world.callers.acquire(None, None)
+    assert str(caught.value) == (
+        "per-caller mode serves only local callers on the Unix socket "
+        "(a TCP peer cannot be attested)"
+    )
+    assert world.callers.upstreams_view()[0]["connected"] is True
+    assert "callers attested: 0" in world.callers.upstreams_text()
+
+
+async def test_not_a_delegate_is_not_ready_with_spires_reason(sockdir: Path) -> None:
+    agent = FakeAgent(authorized=False)
+    address = await agent.start(sockdir / "admin.sock")
+    config = parse_config({**CONFIG, "per_caller": {"delegated_identity_api": address}}, "t")
+    tasks: list[asyncio.Task[None]] = []
+    callers = Callers(
+        config,
+        [parse_address(address)],
+        lambda name, work: tasks.append(asyncio.create_task(work)) or tasks[-1],
+        instance_id="i",
+    )
+    callers.start()
+    try:
+        await eventually(lambda: callers.bundles[0].last_error is not None, 5, "a refusal")
+        assert not callers.ready
+        assert "caller not configured as an authorized delegate" in callers.readiness_reason()
+        assert callers.readiness_reason().startswith(f"Delegated Identity API {address}: ")
+    finally:
+        callers.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.stop()
