@@ -135,6 +135,10 @@ class CallTracker:
         self._calls: set[asyncio.Task[Any]] = set()
         self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
+    def __len__(self) -> int:
+        """How many calls are open."""
+        return len(self._calls)
+
     def enter(self, stream: Stream[Any, Any]) -> None:
         """Track the current call and its connection; UNAVAILABLE when shutting down."""
         task = asyncio.current_task()
