@@ -12,8 +12,11 @@ this provider. The behaviour follows SPIRE v1.13.3
   none of whose identities' SPIFFE IDs is in ``authorized_delegates`` is
   PERMISSION_DENIED "caller not configured as an authorized delegate". A peer
   without credentials (never on a Unix socket) is INTERNAL "workload
-  attestation failed". No security header is required (SPIRE asks for it
-  only on the Workload API).
+  attestation failed"; one whose process has exited since it connected (its
+  socket handed to another process) is UNAUTHENTICATED "could not verify
+  existence of the original caller: ..." (SPIRE's ``PeerTrackerAttestor``),
+  checked when the call starts. No security header is required (SPIRE asks
+  for it only on the Workload API).
 * **Naming the workload**: exactly one of ``selectors`` and a non-zero ``pid``,
   else INVALID_ARGUMENT "must provide either selectors or non-zero PID, but not
   both". Selectors are **refused** (INVALID_ARGUMENT, :data:`MSG_SELECTORS`):
@@ -69,11 +72,12 @@ from sds._proto.delegatedidentity_grpc import DelegatedIdentityBase
 from sds._util.grpcedge import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, GuardedServer
 from sds._util.log import event
 from sds._util.peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
-from sds._util.process import Process
+from sds._util.process import Process, peer_process
 from sds.errors import ProcessExited
 from sds.provider.identities import Identity, entitled
 from sds.provider.service import (
     CallTracker,
+    MintedSvid,
     WorkloadApiService,
     jwt_times,
     read_request,
@@ -85,6 +89,7 @@ from sds.spiffe.x509 import utcnow
 
 __all__ = [
     "MSG_ATTESTATION_FAILED",
+    "MSG_CALLER_GONE",
     "MSG_EITHER",
     "MSG_NOT_DELEGATE",
     "MSG_NO_IDENTITY",
@@ -104,6 +109,7 @@ _CLOSE_TIMEOUT = 5.0
 MSG_NO_IDENTITY = "no identity issued"
 MSG_NOT_DELEGATE = "caller not configured as an authorized delegate"
 MSG_ATTESTATION_FAILED = "workload attestation failed"
+MSG_CALLER_GONE = "could not verify existence of the original caller"
 MSG_EITHER = "must provide either selectors or non-zero PID, but not both"
 # Ours: SPIRE would accept the selectors.
 MSG_SELECTORS = (
@@ -153,9 +159,17 @@ class DelegatedIdentityService(DelegatedIdentityBase):
 
     # -- the caller (the delegate) ---------------------------------------------------------
 
-    def _admit(self, stream: Stream[Any, Any]) -> PeerCredentials | None:
+    def _admit(self, stream: Stream[Any, Any], method: str) -> PeerCredentials | None:
+        """Track the call; the caller's SO_PEERCRED credentials, its process checked alive."""
         self._calls.enter(stream)
-        return peer_credentials(stream)
+        creds = peer_credentials(stream)
+        if creds is not None:
+            try:
+                peer_process(stream, creds).close()
+            except ProcessExited as exc:
+                self._deny(creds, method, "the connecting process has exited")
+                raise GRPCError(Status.UNAUTHENTICATED, f"{MSG_CALLER_GONE}: {exc}") from exc
+        return creds
 
     def _authorize(self, creds: PeerCredentials | None, method: str) -> None:
         """Raise unless the caller holds an identity listed as an authorized delegate now."""
@@ -223,7 +237,7 @@ class DelegatedIdentityService(DelegatedIdentityBase):
     ) -> None:
         """Stream the X.509-SVIDs of the workload ``pid`` names, until it exits."""
         method = "SubscribeToX509SVIDs"
-        creds = self._admit(stream)
+        creds = self._admit(stream, method)
         self._authorize(creds, method)
         request = await read_request(stream)
         proc = self._workload_process(request.pid, request.selectors, method)
@@ -243,7 +257,7 @@ class DelegatedIdentityService(DelegatedIdentityBase):
         method: str,
     ) -> None:
         workload = self._workload
-        minted: dict[str, Any] = {}
+        minted: dict[str, MintedSvid] = {}
         last: tuple[Any, ...] | None = None
         while not exited.is_set():
             changed = workload.changed
@@ -297,7 +311,7 @@ class DelegatedIdentityService(DelegatedIdentityBase):
     ) -> None:
         """JWT-SVIDs of the workload ``pid`` names for the audience; PERMISSION_DENIED if none."""
         method = "FetchJWTSVIDs"
-        creds = self._admit(stream)
+        creds = self._admit(stream, method)
         request = await read_request(stream)
         audience = requested_audience(request.audience)
         self._authorize(creds, method)
@@ -349,7 +363,7 @@ class DelegatedIdentityService(DelegatedIdentityBase):
         response: Callable[[dict[str, bytes]], _Resp],
     ) -> None:
         """Send ``response(current())`` at once, then on every change, re-authorizing each time."""
-        creds = self._admit(stream)
+        creds = self._admit(stream, method)
         self._authorize(creds, method)
         await read_request(stream)
         last: dict[str, bytes] | None = None

@@ -214,7 +214,7 @@ class _State:
 
 
 @dataclass(frozen=True, slots=True)
-class _Minted:
+class MintedSvid:
     """An X.509-SVID issued on one stream, with what it was issued from and when to renew it."""
 
     key: tuple[Any, ...]
@@ -386,7 +386,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
 
     def _mint(
         self, identity: Identity, creds: PeerCredentials, now: dt.datetime, key: tuple[Any, ...]
-    ) -> _Minted:
+    ) -> MintedSvid:
         ttl = self._ttl(identity.x509_ttl or self._x509_ttl, identity, now)
         svid = self._ca.issue_x509_svid(
             identity.spiffe_id,
@@ -409,21 +409,21 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             uid=creds.uid,
             gid=creds.gid,
         )
-        return _Minted(key, svid, now + max((svid.not_after - now) / 2, _MIN_RENEW))
+        return MintedSvid(key, svid, now + max((svid.not_after - now) / 2, _MIN_RENEW))
 
     def renew(
         self,
-        minted: Mapping[str, _Minted],
+        minted: Mapping[str, MintedSvid],
         identities: Iterable[Identity],
         creds: PeerCredentials,
         now: dt.datetime,
-    ) -> dict[str, _Minted]:
+    ) -> dict[str, MintedSvid]:
         """One stream's X.509-SVIDs for ``identities`` now, by identity name.
 
         An SVID from ``minted`` is kept while its identity is unchanged and it
         is younger than half its lifetime; any other is minted afresh.
         """
-        current: dict[str, _Minted] = {}
+        current: dict[str, MintedSvid] = {}
         for identity in identities:
             key = (
                 identity.spiffe_id,
@@ -440,7 +440,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 current[identity.name] = self._mint(identity, creds, now, key)
         return current
 
-    def wake_time(self, minted: Mapping[str, _Minted], now: dt.datetime) -> dt.datetime | None:
+    def wake_time(self, minted: Mapping[str, MintedSvid], now: dt.datetime) -> dt.datetime | None:
         """When a stream holding ``minted`` must look again: a renewal or an identity's expiry."""
         wake = [m.renew_at for m in minted.values()]
         expiry = self.next_expiry(now)
@@ -453,7 +453,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         creds = self._admit(stream, "FetchX509SVID")
         self._selected(creds, "FetchX509SVID", utcnow())
         await read_request(stream)
-        minted: dict[str, _Minted] = {}
+        minted: dict[str, MintedSvid] = {}
         last: tuple[Any, ...] | None = None
         while True:
             changed = self._changed

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -30,7 +31,13 @@ from grpclib.exceptions import GRPCError
 from sds._proto import delegatedidentity_pb2 as dpb
 from sds._proto.delegatedidentity_grpc import DelegatedIdentityStub
 from sds.provider.app import MSG_ADMIN_DIR
-from sds.provider.delegated import MSG_EITHER, MSG_NO_IDENTITY, MSG_NOT_DELEGATE, MSG_SELECTORS
+from sds.provider.delegated import (
+    MSG_CALLER_GONE,
+    MSG_EITHER,
+    MSG_NO_IDENTITY,
+    MSG_NOT_DELEGATE,
+    MSG_SELECTORS,
+)
 from tests.conftest import Processes, wait_for
 from tests.harness.asuser import arun_as
 from tests.harness.provider import provider_args, start_federated_provider, write_identities
@@ -338,6 +345,62 @@ async def test_only_authorized_delegates_may_call(admin: Admin, children: Any) -
     )
 
 
+class _SocketChannel(Channel):
+    """A grpclib channel over one already connected Unix socket (grpclib only dials paths)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(path="/nonexistent")
+        self._sock = sock
+
+    async def _create_connection(self) -> Any:
+        _, protocol = await self._loop.create_unix_connection(
+            self._protocol_factory, sock=self._sock
+        )
+        return protocol
+
+
+def _connected_by_a_process_that_exits(path: Path) -> tuple[socket.socket, int]:
+    """A socket connected to ``path`` by a forked child that handed it over and was reaped."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(path))
+            socket.send_fds(theirs, [b"x"], [conn.fileno()])
+        finally:
+            os._exit(0)
+    try:
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    finally:
+        ours.close()
+        theirs.close()
+        os.waitpid(pid, 0)
+    conn = socket.socket(fileno=fds[0])
+    conn.setblocking(False)
+    return conn, pid
+
+
+async def test_a_caller_whose_process_is_gone_is_unauthenticated(
+    admin: Admin, children: Any
+) -> None:
+    web = children(WEB_UID)
+    conn, pid = _connected_by_a_process_that_exits(admin.path)
+    channel = _SocketChannel(conn)
+    try:
+        stub = DelegatedIdentityStub(channel)
+        with pytest.raises(GRPCError) as caught:
+            await _messages(
+                stub.SubscribeToX509SVIDs, dpb.SubscribeToX509SVIDsRequest(pid=web.pid), 1
+            )
+    finally:
+        channel.close()
+    assert _status(caught.value) == (
+        Status.UNAUTHENTICATED,
+        f"{MSG_CALLER_GONE}: process {pid} has exited",
+    )
+
+
 async def test_reload_that_drops_the_delegate_ends_its_stream(
     admin: Admin, children: Any, tmp_path: Path
 ) -> None:
@@ -406,3 +469,20 @@ def test_admin_config_errors_exit_2_with_one_line(
     assert proc.wait(30) == 2
     assert procs.log(proc) == f"sds workload-api: {message}\n"
     assert not workload.exists()
+
+
+def test_an_admin_socket_that_cannot_be_bound_stops_the_provider(
+    procs: Processes, sockdir: Path, tmp_path: Path
+) -> None:
+    ids = write_identities(tmp_path, IDENTITIES)
+    workload_dir = sockdir / "workload"
+    workload_dir.mkdir(mode=0o755)
+    workload, admin_path = workload_dir / "w.sock", sockdir / "missing" / "a.sock"
+    extra = ["--admin-socket", str(admin_path), "--authorized-delegate", DELEGATE]
+    proc = procs.sds(*provider_args(workload, ids, "--ephemeral", *extra))
+    assert proc.wait(30) == 2
+    assert procs.log(proc).endswith(
+        f"sds workload-api: socket directory {admin_path.parent}: cannot open: "
+        "No such file or directory\n"
+    )
+    assert not workload.exists()  # the Workload API was bound first, and closed again
