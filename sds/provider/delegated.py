@@ -264,9 +264,14 @@ class DelegatedIdentityService(DelegatedIdentityBase):
             now = utcnow()
             self._authorize(creds, method)
             target = self._credentials(proc, method)
-            if target is None:
+            if target is not None:
+                minted = workload.renew(minted, workload.choose(target, now), target, now)
+            if target is None or proc.exited():
+                # Gone: nothing minted for it is sent (its pid may be another's). Gone
+                # before the first answer is a failed attestation, as for a dead pid.
+                if last is None:
+                    await stream.send_message(dpb.SubscribeToX509SVIDsResponse())
                 return
-            minted = workload.renew(minted, workload.choose(target, now), target, now)
             federates_with = sorted(workload.federated_x509()) if minted else []
             fingerprint = (tuple((n, m.svid.serial) for n, m in minted.items()), federates_with)
             if fingerprint != last:

@@ -38,8 +38,10 @@ from sds.provider.delegated import (
     MSG_NOT_DELEGATE,
     MSG_SELECTORS,
 )
+from sds.provider.service import MAX_REQUEST_BYTES
 from tests.conftest import Processes, wait_for
 from tests.harness.asuser import arun_as
+from tests.harness.h2raw import RawH2, grpc_frame
 from tests.harness.provider import provider_args, start_federated_provider, write_identities
 
 TIMEOUT = 10.0
@@ -486,3 +488,32 @@ def test_an_admin_socket_that_cannot_be_bound_stops_the_provider(
         "No such file or directory\n"
     )
     assert not workload.exists()  # the Workload API was bound first, and closed again
+
+
+JWT_SVIDS = "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/FetchJWTSVIDs"
+
+
+async def test_requests_are_bounded_like_the_workload_apis(admin: Admin, children: Any) -> None:
+    web = children(WEB_UID)
+
+    def oversized() -> tuple[str | None, str | None, int]:
+        with RawH2(str(admin.path)) as client:
+            chunk = b"\0" * 16384
+            response = client.call(JWT_SVIDS, [grpc_frame(b"", length=1 << 30), *[chunk] * 8])
+        return response.grpc_status, response.grpc_message, response.sent
+
+    status, message, sent = await asyncio.to_thread(oversized)
+    assert (status, message) == (
+        str(Status.RESOURCE_EXHAUSTED.value),
+        f"request message is {1 << 30} bytes; the limit is {MAX_REQUEST_BYTES}",
+    )
+    assert sent <= 65535
+    async with _stub(admin.path) as stub:
+        for audience, expected in (
+            (["a"] * 17, "at most 16 audiences per request"),
+            (["x" * 1025], "an audience is at most 1024 bytes"),
+        ):
+            with pytest.raises(GRPCError) as caught:
+                await stub.FetchJWTSVIDs(dpb.FetchJWTSVIDsRequest(audience=audience, pid=web.pid))
+            assert _status(caught.value) == (Status.INVALID_ARGUMENT, expected)
+    assert "Traceback" not in admin.procs.log(admin.proc)
