@@ -5,6 +5,15 @@ can connect. On a host where workloads run as several uids, use
 ``--socket-mode 666`` and rely on attestation: every caller is identified by
 the kernel (SO_PEERCRED) and gets only the identities its rules allow.
 
+With ``--admin-socket`` the provider also serves SPIRE's Delegated Identity
+API there (:mod:`sds.provider.delegated`; SPIRE's ``admin_socket_path``): a
+caller holding an identity listed with ``--authorized-delegate`` (SPIRE's
+``authorized_delegates``) may fetch the SVIDs of any workload it names by pid,
+attested with the same rules. Like SPIRE, the admin socket may not be in the
+Workload API socket's directory or below it, so that socket's directory can be
+shared with workloads without exposing the admin API; it is mode 0600 unless
+``--admin-socket-mode`` says otherwise.
+
 Signals: SIGTERM/SIGINT stop gracefully (the socket file is removed, exit 0);
 SIGHUP re-reads the identities and federation files; if they are invalid the
 error is logged as one line and the previous configuration stays in force.
@@ -22,7 +31,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import datetime as dt
 
-__all__ = ["add_arguments", "run"]
+    from sds.spiffe.id import SpiffeId, TrustDomain
+
+__all__ = ["MSG_ADMIN_DIR", "add_arguments", "admin_socket_path", "authorized_delegates", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trust a foreign trust domain: PEM CA certificates or SPIFFE bundle JWKS (repeatable)",
     )
     parser.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        help="also serve SPIRE's Delegated Identity API on this Unix socket (SPIRE's "
+        "admin_socket_path); not in the --socket directory or below it",
+    )
+    parser.add_argument(
+        "--admin-socket-mode",
+        default="600",
+        metavar="OCTAL",
+        help="admin socket file mode (default 600: same uid only)",
+    )
+    parser.add_argument(
+        "--authorized-delegate",
+        action="append",
+        default=[],
+        metavar="SPIFFE_ID",
+        help="a SPIFFE ID of this trust domain whose holders may use the admin socket's "
+        "Delegated Identity API (SPIRE's authorized_delegates; repeatable)",
+    )
+    parser.add_argument(
         "--x509-ttl", default="1h", metavar="DURATION", help="X.509-SVID lifetime (default 1h)"
     )
     parser.add_argument(
@@ -66,15 +97,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _socket_mode(text: str) -> int:
+def _socket_mode(text: str, option: str = "--socket-mode") -> int:
     import re  # noqa: PLC0415
 
     from sds.errors import ConfigError  # noqa: PLC0415
 
     if not re.fullmatch(r"0?[0-7]{3}", text):
         shown = repr(text) if len(text) <= 20 else repr(text[:15]) + "..."
-        raise ConfigError(f"--socket-mode: want an octal mode like 600 or 666, got {shown}")
+        raise ConfigError(f"{option}: want an octal mode like 600 or 666, got {shown}")
     return int(text, 8)
+
+
+MSG_ADMIN_DIR = (
+    "--admin-socket: admin socket cannot be in the same directory or a subdirectory as that "
+    "containing the Workload API socket"
+)
+
+
+def admin_socket_path(admin: str, workload: str) -> str:
+    """``admin`` made absolute; ConfigError if it is in ``workload``'s directory or below.
+
+    SPIRE's rule (``getAdminAddr`` in ``cmd/spire-agent/cli/run/run_posix.go``): both
+    paths made absolute without resolving symlinks, then a prefix test.
+    """
+    import os  # noqa: PLC0415
+
+    from sds.errors import ConfigError  # noqa: PLC0415
+
+    admin_abs = os.path.abspath(admin)
+    if admin_abs.startswith(os.path.dirname(os.path.abspath(workload)) + "/"):
+        raise ConfigError(MSG_ADMIN_DIR)
+    return admin_abs
+
+
+def authorized_delegates(values: list[str], trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
+    """Each ``--authorized-delegate``, a SPIFFE ID in ``trust_domain`` (SPIRE checks the same)."""
+    from sds._util.text import show  # noqa: PLC0415
+    from sds.errors import ConfigError, InvalidSpiffeId  # noqa: PLC0415
+    from sds.spiffe.id import SpiffeId  # noqa: PLC0415
+
+    delegates: list[SpiffeId] = []
+    for value in values:
+        try:
+            delegate = SpiffeId.parse(value)
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"--authorized-delegate {show(value)}: {exc}") from exc
+        if delegate.trust_domain != trust_domain:
+            raise ConfigError(
+                f"--authorized-delegate {show(value)}: not in the trust domain {trust_domain.name}"
+            )
+        delegates.append(delegate)
+    return tuple(delegates)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +176,13 @@ def run(args: argparse.Namespace) -> int:
         if ttls[option] < MIN_TTL:
             raise ConfigError(f"{option}: must be at least {int(MIN_TTL.total_seconds())}s")
     mode = _socket_mode(args.socket_mode)
+    admin_mode = _socket_mode(args.admin_socket_mode, "--admin-socket-mode")
+    delegates = authorized_delegates(args.authorized_delegate, trust_domain)
+    admin_socket: str | None = None
+    if args.admin_socket is not None:
+        admin_socket = admin_socket_path(args.admin_socket, args.socket)
+    elif delegates:
+        raise ConfigError("--authorized-delegate: needs --admin-socket to serve the delegates on")
     identities_path = Path(args.identities)
     identities = load_identities(identities_path, trust_domain)
     federation = load_federation(args.federate, trust_domain)
@@ -116,7 +196,19 @@ def run(args: argparse.Namespace) -> int:
     provider = WorkloadApiProvider(
         ca, identities, federation, ttls["--x509-ttl"], ttls["--jwt-ttl"]
     )
+    admin = None
+    if admin_socket is not None:
+        from sds.provider.delegated import AdminApi  # noqa: PLC0415
+
+        admin = AdminApi(provider.service, delegates)
     app = ProviderApp(
-        provider, socket=args.socket, mode=mode, identities=identities_path, federate=args.federate
+        provider,
+        socket=args.socket,
+        mode=mode,
+        identities=identities_path,
+        federate=args.federate,
+        admin=admin,
+        admin_socket=admin_socket,
+        admin_mode=admin_mode,
     )
     return asyncio.run(app.run())

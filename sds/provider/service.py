@@ -29,13 +29,12 @@ closed and logged as ``workload.connection_closed`` (rate-limited).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
 import socket
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -101,11 +100,109 @@ MSG_TOO_MANY_AUDIENCES = f"at most {MAX_AUDIENCES} audiences per request"
 MSG_AUDIENCE_TOO_LONG = f"an audience is at most {MAX_AUDIENCE_BYTES} bytes"
 
 
-def _jwt_expiry(token: str) -> dt.datetime:
-    """The ``exp`` claim of a token this provider just signed."""
+def jwt_times(token: str) -> tuple[dt.datetime, dt.datetime]:
+    """The ``iat`` and ``exp`` claims of a token this provider just signed."""
     payload = token.split(".")[1]
     claims = json.loads(b64url_decode(payload))
-    return dt.datetime.fromtimestamp(claims["exp"], dt.UTC)
+    return (
+        dt.datetime.fromtimestamp(claims["iat"], dt.UTC),
+        dt.datetime.fromtimestamp(claims["exp"], dt.UTC),
+    )
+
+
+async def wait_for_any(until: dt.datetime | None, *events: asyncio.Event) -> None:
+    """Sleep until one of ``events`` is set or ``until`` passes (never, if None)."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    timeout = None if until is None else max(0.0, (until - utcnow()).total_seconds())
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+class CallTracker:
+    """The calls and connections one server has open, so shutdown can end them all.
+
+    :meth:`enter` is each handler's first step: it records the call's task and
+    its connection's transport and refuses the call (UNAVAILABLE) once
+    :meth:`shutdown` has begun.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.closing = False
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        """How many calls are open."""
+        return len(self._calls)
+
+    def enter(self, stream: Stream[Any, Any]) -> None:
+        """Track the current call and its connection; UNAVAILABLE when shutting down."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        transport = getattr(stream.peer, "_transport", None)
+        if transport is not None:
+            self._transports.add(transport)
+        self.check_open()
+
+    def check_open(self) -> None:
+        """UNAVAILABLE ("shutting down") once :meth:`shutdown` has begun."""
+        if self.closing:
+            raise GRPCError(Status.UNAVAILABLE, MSG_SHUTTING_DOWN)
+
+    async def shutdown(self, grace: float = _CLOSE_TIMEOUT) -> None:
+        """Refuse new calls, wake the open ones (they end UNAVAILABLE) and wait for them."""
+        self.closing = True
+        self._wake()
+        calls = {task for task in self._calls if task is not asyncio.current_task()}
+        if calls:
+            await asyncio.wait(calls, timeout=grace)
+
+    def close_connections(self) -> None:
+        """Close the transport of every connection that made a call (idle ones included)."""
+        for transport in list(self._transports):
+            transport.close()
+
+
+async def read_request(stream: Stream[_Req, Any]) -> _Req:
+    """The call's one request message (at most MAX_REQUEST_BYTES, within REQUEST_TIMEOUT).
+
+    Read only once the caller is admitted; a missing one is INVALID_ARGUMENT.
+    """
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            request = await recv_request(stream, MAX_REQUEST_BYTES)
+    except TimeoutError:
+        raise GRPCError(
+            Status.DEADLINE_EXCEEDED,
+            f"request message not received within {REQUEST_TIMEOUT:g}s",
+        ) from None
+    if request is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_REQUEST)
+    return request
+
+
+def check_audience(audience: Sequence[str]) -> None:
+    """INVALID_ARGUMENT for more than MAX_AUDIENCES audiences or one over MAX_AUDIENCE_BYTES."""
+    if len(audience) > MAX_AUDIENCES:
+        raise GRPCError(Status.INVALID_ARGUMENT, MSG_TOO_MANY_AUDIENCES)
+    if any(len(a.encode()) > MAX_AUDIENCE_BYTES for a in audience):
+        raise GRPCError(Status.INVALID_ARGUMENT, MSG_AUDIENCE_TOO_LONG)
+
+
+def requested_audience(audience: Sequence[str]) -> list[str]:
+    """The non-empty audiences of a JWT-SVID request, capped; INVALID_ARGUMENT if none
+    ("audience must be specified", SPIRE's message)."""
+    check_audience(audience)
+    wanted = [a for a in audience if a]
+    if not wanted:
+        raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_AUDIENCE)
+    return wanted
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +214,7 @@ class _State:
 
 
 @dataclass(frozen=True, slots=True)
-class _Minted:
+class MintedSvid:
     """An X.509-SVID issued on one stream, with what it was issued from and when to renew it."""
 
     key: tuple[Any, ...]
@@ -142,9 +239,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._jwt_ttl = jwt_ttl
         self._state = _State(tuple(identities), tuple(federation))
         self._changed = asyncio.Event()
-        self._closing = False
-        self._calls: set[asyncio.Task[Any]] = set()
-        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._calls = CallTracker(self.wake)
 
     @property
     def identities(self) -> tuple[Identity, ...]:
@@ -159,9 +254,15 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
     def reload(self, identities: Sequence[Identity], federation: Sequence[FederatedBundle]) -> None:
         """Swap in new configuration; every open stream re-evaluates and pushes what changed."""
         self._state = _State(tuple(identities), tuple(federation))
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) at the next configuration change; read it before reading state."""
+        return self._changed
+
+    def wake(self) -> None:
+        """Wake every stream waiting on :attr:`changed` (they re-read the state)."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -171,33 +272,20 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         Afterwards new calls get UNAVAILABLE too. Connections are left to the caller,
         see :meth:`close_connections`.
         """
-        self._closing = True
-        self._wake()
-        calls = {task for task in self._calls if task is not asyncio.current_task()}
-        if calls:
-            await asyncio.wait(calls, timeout=grace)
+        await self._calls.shutdown(grace)
 
     def close_connections(self) -> None:
         """Close the transport of every connection that made a call (idle ones included)."""
-        for transport in list(self._transports):
-            transport.close()
+        self._calls.close_connections()
 
     def _check_open(self) -> None:
-        if self._closing:
-            raise GRPCError(Status.UNAVAILABLE, MSG_SHUTTING_DOWN)
+        self._calls.check_open()
 
     # -- admission ---------------------------------------------------------
 
     def _admit(self, stream: Stream[Any, Any], method: str) -> PeerCredentials:
         """Check the security header, then attest the caller from the kernel."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
-        transport = getattr(stream.peer, "_transport", None)
-        if transport is not None:
-            self._transports.add(transport)
-        self._check_open()
+        self._calls.enter(stream)
         creds = peer_credentials(stream)
         metadata = stream.metadata
         if metadata is None or metadata.get(SECURITY_HEADER) != SECURITY_VALUE:
@@ -210,27 +298,6 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 "no identity issued: caller has no peer credentials (not a Unix socket)",
             )
         return creds
-
-    async def _request(self, stream: Stream[_Req, Any]) -> _Req:
-        """The call's one request message, read only now that the caller is admitted."""
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                request = await recv_request(stream, MAX_REQUEST_BYTES)
-        except TimeoutError:
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED,
-                f"request message not received within {REQUEST_TIMEOUT:g}s",
-            ) from None
-        if request is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_REQUEST)
-        return request
-
-    @staticmethod
-    def _check_audience(audience: Sequence[str]) -> None:
-        if len(audience) > MAX_AUDIENCES:
-            raise GRPCError(Status.INVALID_ARGUMENT, MSG_TOO_MANY_AUDIENCES)
-        if any(len(a.encode()) > MAX_AUDIENCE_BYTES for a in audience):
-            raise GRPCError(Status.INVALID_ARGUMENT, MSG_AUDIENCE_TOO_LONG)
 
     def _deny(self, creds: PeerCredentials | None, method: str, reason: str) -> None:
         if creds is None:
@@ -247,15 +314,12 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 reason=reason,
             )
 
-    def _selected(
-        self, creds: PeerCredentials, method: str, now: dt.datetime
-    ) -> tuple[Identity, ...]:
-        """The caller's identities, later duplicates of a hint dropped; PERMISSION_DENIED if none.
+    def choose(self, creds: PeerCredentials, now: dt.datetime) -> tuple[Identity, ...]:
+        """The identities issued to ``creds`` now, later duplicates of a hint dropped.
 
         The Workload API standard makes a hint unique within one response; the
         first identity (in file order) with a given hint wins, as in SPIRE.
         """
-        self._check_open()
         chosen: list[Identity] = []
         hints: set[str] = set()
         for identity in entitled(self._state.identities, creds, now):
@@ -264,6 +328,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                     continue
                 hints.add(identity.hint)
             chosen.append(identity)
+        return tuple(chosen)
+
+    def _selected(
+        self, creds: PeerCredentials, method: str, now: dt.datetime
+    ) -> tuple[Identity, ...]:
+        """:meth:`choose`, or PERMISSION_DENIED when the caller gets nothing."""
+        self._check_open()
+        chosen = self.choose(creds, now)
         if not chosen:
             self._deny(creds, method, "matches no workload_identity rule")
             raise GRPCError(
@@ -271,27 +343,18 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 f"no identity issued: caller pid={creds.pid} uid={creds.uid} gid={creds.gid} "
                 "matches no workload_identity rule",
             )
-        return tuple(chosen)
+        return chosen
 
-    async def _wait(self, changed: asyncio.Event, until: dt.datetime | None) -> None:
-        """Sleep until the configuration changes or ``until`` passes."""
-        if until is None:
-            await changed.wait()
-            return
-        delay = max(0.0, (until - utcnow()).total_seconds())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await changed.wait()
-
-    @staticmethod
-    def _next_expiry(identities: Iterable[Identity], now: dt.datetime) -> dt.datetime | None:
+    def next_expiry(self, now: dt.datetime) -> dt.datetime | None:
         """When the next configured identity expires (entitlements change then)."""
-        times = [i.expires for i in identities if i.expires is not None and i.expires > now]
+        times = [
+            i.expires for i in self._state.identities if i.expires is not None and i.expires > now
+        ]
         return min(times, default=None)
 
     # -- bundles -----------------------------------------------------------
 
-    def _x509_bundles(self) -> dict[str, bytes]:
+    def federated_x509(self) -> dict[str, bytes]:
         """Federated X.509 bundles keyed by trust domain ID, DER (own trust domain excluded)."""
         return {
             fed.trust_domain.id: fed.x509.der()
@@ -299,12 +362,20 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             if fed.x509 is not None
         }
 
+    def x509_bundle_map(self) -> dict[str, bytes]:
+        """The own and federated X.509 bundles keyed by trust domain ID ("spiffe://td"), DER."""
+        return {self._ca.trust_domain.id: self._ca.bundle.der(), **self.federated_x509()}
+
     def _jwt_bundles(self) -> dict[TrustDomain, JwtBundle]:
         bundles = {self._ca.trust_domain: self._ca.jwt_bundle}
         for fed in self._state.federation:
             if fed.jwt is not None:
                 bundles[fed.trust_domain] = fed.jwt
         return bundles
+
+    def jwt_bundle_map(self) -> dict[str, bytes]:
+        """The own and federated JWT bundles keyed by trust domain ID, as JWKS documents."""
+        return {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()}
 
     # -- X.509 profile -----------------------------------------------------
 
@@ -315,7 +386,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
 
     def _mint(
         self, identity: Identity, creds: PeerCredentials, now: dt.datetime, key: tuple[Any, ...]
-    ) -> _Minted:
+    ) -> MintedSvid:
         ttl = self._ttl(identity.x509_ttl or self._x509_ttl, identity, now)
         svid = self._ca.issue_x509_svid(
             identity.spiffe_id,
@@ -338,36 +409,57 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             uid=creds.uid,
             gid=creds.gid,
         )
-        return _Minted(key, svid, now + max((svid.not_after - now) / 2, _MIN_RENEW))
+        return MintedSvid(key, svid, now + max((svid.not_after - now) / 2, _MIN_RENEW))
+
+    def renew(
+        self,
+        minted: Mapping[str, MintedSvid],
+        identities: Iterable[Identity],
+        creds: PeerCredentials,
+        now: dt.datetime,
+    ) -> dict[str, MintedSvid]:
+        """One stream's X.509-SVIDs for ``identities`` now, by identity name.
+
+        An SVID from ``minted`` is kept while its identity is unchanged and it
+        is younger than half its lifetime; any other is minted afresh.
+        """
+        current: dict[str, MintedSvid] = {}
+        for identity in identities:
+            key = (
+                identity.spiffe_id,
+                identity.hint,
+                identity.dns_sans,
+                identity.ip_sans,
+                identity.x509_ttl,
+                identity.expires,
+            )
+            previous = minted.get(identity.name)
+            if previous is not None and previous.key == key and now < previous.renew_at:
+                current[identity.name] = previous
+            else:
+                current[identity.name] = self._mint(identity, creds, now, key)
+        return current
+
+    def wake_time(self, minted: Mapping[str, MintedSvid], now: dt.datetime) -> dt.datetime | None:
+        """When a stream holding ``minted`` must look again: a renewal or an identity's expiry."""
+        wake = [m.renew_at for m in minted.values()]
+        expiry = self.next_expiry(now)
+        if expiry is not None:
+            wake.append(expiry)
+        return min(wake, default=None)
 
     async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest, pb.X509SVIDResponse]) -> None:
         """Stream the caller's X.509-SVIDs: at once, at each half-life, and on config change."""
         creds = self._admit(stream, "FetchX509SVID")
         self._selected(creds, "FetchX509SVID", utcnow())
-        await self._request(stream)
-        minted: dict[str, _Minted] = {}
+        await read_request(stream)
+        minted: dict[str, MintedSvid] = {}
         last: tuple[Any, ...] | None = None
         while True:
             changed = self._changed
             now = utcnow()
-            identities = self._selected(creds, "FetchX509SVID", now)
-            current: dict[str, _Minted] = {}
-            for identity in identities:
-                key = (
-                    identity.spiffe_id,
-                    identity.hint,
-                    identity.dns_sans,
-                    identity.ip_sans,
-                    identity.x509_ttl,
-                    identity.expires,
-                )
-                previous = minted.get(identity.name)
-                if previous is not None and previous.key == key and now < previous.renew_at:
-                    current[identity.name] = previous
-                else:
-                    current[identity.name] = self._mint(identity, creds, now, key)
-            minted = current
-            federated = self._x509_bundles()
+            minted = self.renew(minted, self._selected(creds, "FetchX509SVID", now), creds, now)
+            federated = self.federated_x509()
             own = self._ca.bundle.der()
             fingerprint = (
                 tuple((name, m.svid.serial) for name, m in minted.items()),
@@ -391,11 +483,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                     )
                 )
                 last = fingerprint
-            wake = [m.renew_at for m in minted.values()]
-            expiry = self._next_expiry(self._state.identities, now)
-            if expiry is not None:
-                wake.append(expiry)
-            await self._wait(changed, min(wake, default=None))
+            await wait_for_any(self.wake_time(minted, now), changed)
 
     async def FetchX509Bundles(
         self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]
@@ -404,7 +492,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         await self._stream_bundles(
             stream,
             "FetchX509Bundles",
-            lambda: {self._ca.trust_domain.id: self._ca.bundle.der(), **self._x509_bundles()},
+            self.x509_bundle_map,
             lambda bundles: pb.X509BundlesResponse(bundles=bundles),
         )
 
@@ -418,7 +506,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         """Send ``response(current())`` at once, then again whenever the bundles change."""
         creds = self._admit(stream, method)
         self._selected(creds, method, utcnow())
-        await self._request(stream)
+        await read_request(stream)
         last: dict[str, bytes] | None = None
         while True:
             changed = self._changed
@@ -428,19 +516,37 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             if bundles != last:
                 await stream.send_message(response(bundles))
                 last = bundles
-            await self._wait(changed, self._next_expiry(self._state.identities, now))
+            await wait_for_any(self.next_expiry(now), changed)
 
     # -- JWT profile -------------------------------------------------------
+
+    def issue_jwt(
+        self, identity: Identity, audience: Sequence[str], creds: PeerCredentials, now: dt.datetime
+    ) -> str:
+        """A JWT-SVID of ``identity`` for ``audience``, issued to ``creds`` (and logged)."""
+        ttl = max(self._ttl(identity.jwt_ttl or self._jwt_ttl, identity, now), _ONE_SECOND)
+        token = self._ca.issue_jwt_svid(identity.spiffe_id, audience, ttl)
+        event(
+            logger,
+            logging.INFO,
+            "svid.issued",
+            kind="jwt",
+            identity=identity.name,
+            spiffe_id=identity.spiffe_id,
+            audience=",".join(audience),
+            expires=utc_text(jwt_times(token)[1]),
+            pid=creds.pid,
+            uid=creds.uid,
+            gid=creds.gid,
+        )
+        return token
 
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:
         """Issue ES256 JWT-SVIDs for the requested audience (one per identity, or the one asked)."""
         creds = self._admit(stream, "FetchJWTSVID")
         self._selected(creds, "FetchJWTSVID", utcnow())
-        request = await self._request(stream)
-        self._check_audience(request.audience)
-        audience = [a for a in request.audience if a]
-        if not audience:
-            raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_AUDIENCE)
+        request = await read_request(stream)
+        audience = requested_audience(request.audience)
         wanted: SpiffeId | None = None
         if request.spiffe_id:
             try:
@@ -464,26 +570,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                     f"no identity issued: caller pid={creds.pid} uid={creds.uid} "
                     f"gid={creds.gid} is not entitled to {wanted}",
                 )
-        svids = []
-        for identity in identities:
-            ttl = max(self._ttl(identity.jwt_ttl or self._jwt_ttl, identity, now), _ONE_SECOND)
-            token = self._ca.issue_jwt_svid(identity.spiffe_id, audience, ttl)
-            event(
-                logger,
-                logging.INFO,
-                "svid.issued",
-                kind="jwt",
-                identity=identity.name,
-                spiffe_id=identity.spiffe_id,
-                audience=",".join(audience),
-                expires=utc_text(_jwt_expiry(token)),
-                pid=creds.pid,
-                uid=creds.uid,
-                gid=creds.gid,
+        svids = [
+            pb.JWTSVID(
+                spiffe_id=str(identity.spiffe_id),
+                svid=self.issue_jwt(identity, audience, creds, now),
+                hint=identity.hint,
             )
-            svids.append(
-                pb.JWTSVID(spiffe_id=str(identity.spiffe_id), svid=token, hint=identity.hint)
-            )
+            for identity in identities
+        ]
         await stream.send_message(pb.JWTSVIDResponse(svids=svids))
 
     async def FetchJWTBundles(
@@ -493,7 +587,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         await self._stream_bundles(
             stream,
             "FetchJWTBundles",
-            lambda: {td.id: bundle.to_jwks() for td, bundle in self._jwt_bundles().items()},
+            self.jwt_bundle_map,
             lambda bundles: pb.JWTBundlesResponse(bundles=bundles),
         )
 
@@ -503,8 +597,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         """Validate a JWT-SVID against the own and federated JWT bundles (JWT-SVID section 4)."""
         creds = self._admit(stream, "ValidateJWTSVID")
         self._selected(creds, "ValidateJWTSVID", utcnow())
-        request = await self._request(stream)
-        self._check_audience([request.audience])
+        request = await read_request(stream)
+        check_audience([request.audience])
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, MSG_NO_AUDIENCE)
         if not request.svid:
