@@ -15,6 +15,12 @@ Start-up, in order (Envoy and Istio probe the socket):
 4. once the first valid X.509 context has arrived the SDS socket is bound, so
    anything that finds the socket can get secrets.
 
+In per-caller mode (``per_caller`` in the config) step 3 starts one bundle
+watch per Delegated Identity API instead (:class:`~sds.bridge.callers.Callers`),
+and step 4 waits until every one of them has accepted the bridge as a
+delegate; each SDS stream then starts (or shares) its own caller's
+subscriptions, owned by the same task group and ended with the caller.
+
 Ownership: every long-running task (one watcher per upstream, each JWT-SVID
 refresh and the JWT reaper, the admin and metrics accept loops, the SIGHUP
 reloader) runs in one :class:`asyncio.TaskGroup` held by the app, so nothing
@@ -39,7 +45,8 @@ Shutdown, in order, on SIGTERM or SIGINT (exit 0) and after a crash (exit 1):
 1. stop accepting SDS connections and end the open streams (up to 5 s);
 2. remove the SDS socket, only if it is still the one this process bound;
 3. stop the reloader (a reload in progress is abandoned: it only reads);
-4. stop JWT-SVID refresh and close the JWT-SVID clients;
+4. end every attested caller (per-caller mode), stop JWT-SVID refresh and close the
+   JWT-SVID clients;
 5. stop the upstream watchers, closing their Workload API connections;
 6. close the admin endpoint and the metrics listener last, so probes answer
    (``/readyz``: 503 once nothing is served) until the end.
