@@ -307,9 +307,17 @@ class Callers(Tenancy):
         workload.close(why)
         event(log, logging.INFO, "caller.ended", pid=key[0], workload=label, reason=why)
 
-    def stream_counts(self) -> list[tuple[str, int]]:
-        """Each attested process's label (its SPIFFE IDs) and its open SDS streams."""
-        return [(w.label(), w.streams) for w in self.workloads.values()]
+    def states(self) -> list[tuple[str, int, list[tuple[str, float]]]]:
+        """Per attested process: its label (SPIFFE IDs), open SDS streams, and each served
+        SVID's (SPIFFE ID, not_after timestamp), for the metrics."""
+        return [
+            (
+                w.label(),
+                w.streams,
+                [(str(s.spiffe_id), s.not_after.timestamp()) for s in w.bridge.context.svids],
+            )
+            for w in self.workloads.values()
+        ]
 
     def view(self) -> list[dict[str, Any]]:
         """Per attested process: pid, uid, gid, SPIFFE IDs, open streams, readiness."""

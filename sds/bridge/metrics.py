@@ -69,10 +69,18 @@ class _AckedInfo(Collector):
         yield family
 
 
-class _CallerStreams(Collector):
-    """``sds_caller_streams{workload}`` read at scrape time from the attested callers."""
+#: What per-caller mode reports per attested process: its label (SPIFFE IDs), its open
+#: streams, and (SPIFFE ID, not_after timestamp) of each SVID it is served.
+CallerState = tuple[str, int, Iterable[tuple[str, float]]]
 
-    def __init__(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+
+class _CallerStreams(Collector):
+    """Per-caller mode's series, read at scrape time from the attested callers:
+    ``sds_callers``, ``sds_caller_streams{workload}`` and
+    ``sds_caller_svid_not_after_timestamp_seconds{spiffe_id}`` (the earliest expiry
+    among the processes served that ID, the one an alert must see)."""
+
+    def __init__(self, source: Callable[[], Iterable[CallerState]]) -> None:
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
@@ -85,16 +93,28 @@ class _CallerStreams(Collector):
         callers = GaugeMetricFamily(
             "sds_callers", "Caller processes attested now (per-caller mode)"
         )
+        expiry = GaugeMetricFamily(
+            "sds_caller_svid_not_after_timestamp_seconds",
+            "Unix time at which the SVID served to callers under this SPIFFE ID expires "
+            "(the earliest among them; per-caller mode)",
+            labels=["spiffe_id"],
+        )
         count = 0
         totals: dict[str, int] = {}
-        for workload, streams in self._source():
+        earliest: dict[str, float] = {}
+        for workload, streams, svids in self._source():
             count += 1
             totals[workload] = totals.get(workload, 0) + streams
+            for spiffe_id, not_after in svids:
+                earliest[spiffe_id] = min(not_after, earliest.get(spiffe_id, not_after))
         for workload, streams in sorted(totals.items()):
             family.add_metric([workload], streams)
+        for spiffe_id, not_after in sorted(earliest.items()):
+            expiry.add_metric([spiffe_id], not_after)
         callers.add_metric([], count)
         yield callers
         yield family
+        yield expiry
 
 
 class Metrics:
@@ -182,9 +202,9 @@ class Metrics:
         self._overflowed: set[str] = set()  # node ids folded into _other (logged once)
         self._serving: set[tuple[str, str]] = set()
 
-    def watch_callers(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
-        """Per-caller mode: export ``sds_callers`` and ``sds_caller_streams`` from ``source``
-        (each attested process's label and open stream count), read at scrape time."""
+    def watch_callers(self, source: Callable[[], Iterable[CallerState]]) -> None:
+        """Per-caller mode: export the attested callers' series (see :class:`_CallerStreams`)
+        from ``source``, read at scrape time."""
         self.registry.register(_CallerStreams(source))
 
     def render(self) -> bytes:

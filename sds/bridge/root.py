@@ -137,7 +137,7 @@ class BridgeApp:
                 [parse_address(a) for a in config.per_caller.delegated_identity_api],
                 self.tasks.spawn,
                 instance_id=cache.instance_id,
-                on_change=self._check_gate,
+                on_change=self._callers_changed,
             )
             self.state: Bridge | Callers = self.callers
             self.servicer = SdsServicer(
@@ -149,7 +149,7 @@ class BridgeApp:
             )
             self.callers.streams = self.servicer.streams.values
             if metrics is not None:
-                metrics.watch_callers(self.callers.stream_counts)
+                metrics.watch_callers(self.callers.states)
         else:
             addresses = [parse_address(a) for a in config.workload_api] or [parse_address(None)]
             self.watchers = [
@@ -256,6 +256,16 @@ class BridgeApp:
         else:
             upstreams = ",".join(str(w.address) for w in self.watchers)
             event(log, logging.INFO, "bridge.starting", upstreams=upstreams)
+
+    def _callers_changed(self) -> None:
+        """Per-caller mode: a Delegated Identity API's bundles or connection changed."""
+        callers = self.callers
+        assert callers is not None
+        if self.metrics is not None:
+            self.metrics.ready.set(1 if callers.ready else 0)
+            for address, bundles in zip(callers.addresses, callers.bundles, strict=True):
+                self.metrics.upstream_connected.labels(str(address)).set(int(bundles.connected))
+        self._check_gate()
 
     def _check_gate(self) -> None:
         """Open the start-up gate once something can be served: the bridge's first valid

@@ -219,3 +219,24 @@ async def test_not_a_delegate_is_not_ready_with_spires_reason(sockdir: Path) -> 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await agent.stop()
+
+
+async def test_metrics_name_each_caller_and_the_earliest_expiry(world: World) -> None:
+    from sds.bridge.metrics import Metrics
+
+    web = world.ca.svid("/web")
+    world.agent.set_workload(os.getpid(), svids_response([web]))
+    metrics = Metrics()
+    metrics.watch_callers(world.callers.states)
+    assert "sds_callers 0.0" in metrics.render().decode()
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default"], with_node=node())
+        await s.recv()
+        text = metrics.render().decode()
+    assert "sds_callers 1.0" in text
+    assert 'sds_caller_streams{workload="spiffe://example.org/web"} 1.0' in text
+    line = next(
+        ln for ln in text.splitlines() if ln.startswith("sds_caller_svid_not_after_timestamp")
+    )
+    assert line.startswith('sds_caller_svid_not_after_timestamp_seconds{spiffe_id="spiffe://')
+    assert float(line.split()[-1]) == web.not_after.timestamp()
