@@ -57,6 +57,12 @@ per-caller case the provider mints N SVIDs one after another (one per
 subscription), so "after SIGHUP" includes the provider's own minting; the
 per-workload figure does not. The shared case mints one SVID, pushed to all
 N x 3 streams. Each rotation waits for the bridge to go idle first.
+
+Prints the tables, writes ``bench/results/per_caller-<UTC>.json`` (and
+``-latest``); a full run (not ``--quick``) also rewrites
+``docs/bench/per_caller.json`` (the results BENCHMARKS.md cites, committed)
+and ``docs/bench/per_caller.png``; ``--no-summary`` leaves both alone,
+``--plot-only`` redraws the PNG.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import json
 import os
 import re
 import resource
@@ -77,7 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+import _common  # (first: puts the repository on sys.path)
 from _common import (
     CLK_TCK,
     SDS_SERVICE,
@@ -105,6 +112,8 @@ from grpclib.const import Cardinality
 from grpclib.protocol import H2Protocol
 
 TD = "example.org"
+SUMMARY = _common.REPO / "docs" / "bench" / "per_caller.json"
+PLOT = _common.REPO / "docs" / "bench" / "per_caller.png"
 BRIDGE_ID = f"spiffe://{TD}/bridge"
 STREAMS_PER_WORKLOAD = 3
 OPENING = 16  # workloads opening their streams at once (48 connects, under the backlog)
@@ -237,9 +246,14 @@ class AdoptedChannel(Channel):
 # --------------------------------------------------------------------------- streams
 
 
-def leaf_of(raw: bytes) -> bytes | None:
-    """The leaf PEM of the first TLS certificate Secret in a DiscoveryResponse (None if none)."""
+def parse(raw: bytes) -> tuple[bytes | None, str, str]:
+    """(leaf PEM of the first TLS certificate Secret or None, version_info, nonce) of a
+    serialized DiscoveryResponse (parsed once: this process reads every stream's responses)."""
     response = discovery_pb2.DiscoveryResponse.FromString(raw)
+    return _leaf(response), response.version_info, response.nonce
+
+
+def _leaf(response: Any) -> bytes | None:
     for resource_any in response.resources:
         secret = secret_pb2.Secret.FromString(resource_any.value)
         if secret.HasField("tls_certificate"):
@@ -309,13 +323,12 @@ class Load:
                     if raw is None:
                         break
                     now = time.time()
-                    leaf = leaf_of(raw)
+                    leaf, version, nonce = parse(raw)
                     if leaf is not None and leaf != s.leaf:
                         if s.armed and s.arrived is None:
                             s.arrived = now
                         s.leaf = leaf
                         self.wake.set()
-                    version, nonce = _fields(raw)
                     await stream.send_message(
                         discovery_request(s.names, version=version, nonce=nonce)
                     )
@@ -363,11 +376,6 @@ class Load:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for channel in self.channels:
             channel.close()
-
-
-def _fields(raw: bytes) -> tuple[str, str]:
-    response = discovery_pb2.DiscoveryResponse.FromString(raw)
-    return response.version_info, response.nonce
 
 
 # --------------------------------------------------------------------------- provider
@@ -473,6 +481,8 @@ class CaseRun:
     last_after_hup_ms: list[float] = field(default_factory=list)
     mint_span_ms: list[float] = field(default_factory=list)
     bridge_cpu_s: list[float] = field(default_factory=list)
+    provider_cpu_s: list[float] = field(default_factory=list)
+    client_cpu_s: list[float] = field(default_factory=list)  # this process: all the streams
     # Every workload's T0 -> last stream (ms), per measured rotation.
     workload_ms: list[list[float]] = field(default_factory=list)
 
@@ -539,10 +549,14 @@ async def run_case(
                 s.armed, s.arrived = True, None
             offset = provider.log_size()
             ticks0 = cpu_ticks(bridge.pid)
+            provider0 = cpu_ticks(provider.proc.pid)
+            client0 = _self_cpu()
             hup = provider.rotate()
             await load.until(lambda: all(s.arrived is not None for s in load.streams), 60)
             await asyncio.to_thread(wait_idle, bridge.pid, 0.3, 120)
             cpu = (cpu_ticks(bridge.pid) - ticks0) / CLK_TCK
+            provider_cpu = (cpu_ticks(provider.proc.pid) - provider0) / CLK_TCK
+            client_cpu = _self_cpu() - client0
             new = load.check_identities()
             issued = provider.issued_since(offset)
             per_workload = []
@@ -564,7 +578,8 @@ async def run_case(
                 f"{s_['p90']:.0f}, max {s_['max']:.0f} ms; last stream "
                 f"{(last - min(t0s)) * 1000:.0f} ms after the first mint, "
                 f"{(last - hup) * 1000:.0f} ms after SIGHUP; "
-                f"bridge CPU {cpu:.2f} s" + ("  [warm-up]" if r < args.warmup else ""),
+                f"CPU s: bridge {cpu:.2f}, provider {provider_cpu:.2f}, streams {client_cpu:.2f}"
+                + ("  [warm-up]" if r < args.warmup else ""),
                 flush=True,
             )
             if r < args.warmup:
@@ -576,6 +591,8 @@ async def run_case(
             result.last_after_hup_ms.append((last - hup) * 1000)
             result.mint_span_ms.append((max(t0s) - min(t0s)) * 1000)
             result.bridge_cpu_s.append(cpu)
+            result.provider_cpu_s.append(provider_cpu)
+            result.client_cpu_s.append(client_cpu)
             result.workload_ms.append(sorted(round(x, 2) for x in per_workload))
         result.rss_after_kb = rss_kb(bridge.pid)
         return result
@@ -583,6 +600,12 @@ async def run_case(
         if load is not None:
             await load.close()
         procs.stop(bridge)
+
+
+def _self_cpu() -> float:
+    """User + system CPU seconds of this process (every stream's client side)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------- report
@@ -648,6 +671,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[CaseRun]) 
                 m(c, "mint_span_ms"),
                 m(c, "last_after_hup_ms"),
                 m(c, "bridge_cpu_s"),
+                m(c, "provider_cpu_s"),
+                m(c, "client_cpu_s"),
             ]
         )
     print(
@@ -666,6 +691,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[CaseRun]) 
                 "provider mint span",
                 "last stream after SIGHUP",
                 "bridge CPU s",
+                "provider CPU s",
+                "streams' CPU s",
             ],
             rot_rows,
         )
@@ -675,7 +702,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[CaseRun]) 
         f"\nload average at start {info['loadavg_at_start'][0]:.2f}, at end "
         f"{info['loadavg_at_end'][0]:.2f} (1 min)"
     )
-    return {
+    result = {
         "benchmark": "per_caller",
         "machine": info,
         "args": vars(args),
@@ -695,12 +722,89 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[CaseRun]) 
                     "mint_span_ms",
                     "last_after_hup_ms",
                     "bridge_cpu_s",
+                    "provider_cpu_s",
+                    "client_cpu_s",
                 )
             }
             for c in cases
         },
         "runs": [{**vars(r), "kb_per_workload": r.kb_per_workload} for r in runs],
     }
+    if not args.quick and not args.no_summary:
+        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+        SUMMARY.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        plot(result)
+        print(
+            f"summary: {SUMMARY.relative_to(_common.REPO)}; plot: {PLOT.relative_to(_common.REPO)}"
+        )
+    return result
+
+
+def plot(result: dict[str, Any]) -> None:
+    """Per-workload rotation latency CDFs (every measured rotation of every run) and memory."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] no plot: pip install matplotlib", file=sys.stderr)
+        return
+    colors = {"shared": "#7f7f7f", "per-caller": "#1f77b4"}
+    labels = {"shared": "shared bridge (baseline)", "per-caller": "per-caller bridge"}
+    n = result["args"]["workloads"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=(2, 1))
+    for case in ("shared", "per-caller"):
+        values = sorted(
+            v for r in result["runs"] if r["case"] == case for rot in r["workload_ms"] for v in rot
+        )
+        if not values:
+            continue
+        left.step(
+            values,
+            [(i + 1) / len(values) for i in range(len(values))],
+            where="post",
+            color=colors[case],
+            linewidth=2,
+            label=f"{labels[case]}: p50 {summary(values)['p50']:.0f} ms, "
+            f"max {values[-1]:.0f} ms (n={len(values)})",
+        )
+    left.set_xlabel("provider mints a workload's SVID -> the last of its 3 streams has it (ms)")
+    left.set_ylabel("fraction of workload rotations")
+    left.set_ylim(0, 1.02)
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+    left.set_title(f"{n} workloads rotated at once (SIGHUP)", fontsize=10)
+    cases = ("shared", "per-caller")
+    summ = result["summary"]
+    kb = [summ[c]["kb_per_workload"] for c in cases]
+    bars = right.bar(
+        [labels[c].split(" (")[0] for c in cases], kb, color=[colors[c] for c in cases]
+    )
+    for bar, value in zip(bars, kb, strict=True):
+        right.annotate(
+            f"{value:.0f} KB", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom"
+        )
+    right.set_ylim(0, max(kb) * 1.15)
+    right.set_ylabel("bridge RSS per workload (3 streams), KB")
+    right.set_title("(RSS all open - RSS 0 callers) / workloads", fontsize=10)
+    right.tick_params(axis="x", labelsize=8)
+    right.grid(True, axis="y", alpha=0.3)
+    machine_info = result["machine"]
+    load = ", ".join(f"{x:.1f}" for x in machine_info["loadavg_at_start"])
+    fig.text(
+        0.01,
+        0.01,
+        f"commit {machine_info['code']['commit']}, {machine_info['date_utc']}, "
+        f"{machine_info['nproc']} CPU, load average at start {load}; "
+        f"median of {result['args']['runs']} runs",
+        fontsize=7,
+        color="#555555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=100, metadata={"Software": None})  # same JSON -> same bytes
+    plt.close(fig)
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -751,7 +855,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--rotations", type=int, default=None, help="measured rotations per case")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-summary", action="store_true", help="leave docs/bench/ alone")
+    parser.add_argument("--plot-only", action="store_true", help="redraw docs/bench/per_caller.png")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(SUMMARY.read_text()))
+        print(f"plot: {PLOT.relative_to(_common.REPO)}")
+        return 0
     if args.workloads is None:
         args.workloads = 20 if args.quick else 100
     if args.runs is None:
