@@ -63,6 +63,7 @@ BRIDGE = f"{TD}/sds-bridge"
 ENVOY_A = f"{TD}/envoy-a"
 ENVOY_B = f"{TD}/envoy-b"
 UID_A, UID_B = 40001, 40002
+UID_OUTSIDER = 40003  # holds the socket's group, not in allowed_uids, has no identity
 SDS_GID = 40000
 LOCALHOST = "127.0.0.1"
 TIMEOUT = 20.0
@@ -368,6 +369,36 @@ def _get(port: int) -> tuple[int, dict[str, str], bytes]:
         return response.status, {k.lower(): v for k, v in response.getheaders()}, body
     finally:
         conn.close()
+
+
+def test_a_uid_outside_allowed_uids_is_refused_before_attestation(node: Node) -> None:
+    # The socket's group lets uid 40003 connect; allowed_uids refuses it on every stream,
+    # before any subscription is made on its behalf.
+    denied = node.metric("sds_denied_total") or 0.0
+    listeners = [downstream_mtls_listener("in")]
+    config = bootstrap("outsider", "per-caller", listeners, [sds_cluster("sds", node.sds_socket)])
+    outsider = node.envoys.start(
+        config, uid=UID_OUTSIDER, groups=[SDS_GID], name="outsider", ready=False
+    )
+    try:
+        who = f"uid={UID_OUTSIDER} gid={UID_OUTSIDER} pid={outsider.pid}"
+
+        def refused_in_bridge_log() -> bool:
+            return any(
+                "sds.denied" in line and who in line
+                for line in node.procs.log(node.bridge).splitlines()
+            )
+
+        wait_for(refused_in_bridge_log, TIMEOUT, "sds.denied for the outsider")
+        wait_for(lambda: "not allowed to fetch secrets" in outsider.log_text(), TIMEOUT, "denial")
+        assert (node.metric("sds_denied_total") or 0.0) > denied
+        assert node.caller(outsider.pid) is None
+        assert node.streams_of(outsider.pid) == []
+        assert {"default", "ROOTCA"} <= set(outsider.warming_secrets())
+        assert outsider.secrets() == {}
+        assert not outsider.is_ready()
+    finally:
+        outsider.stop()
 
 
 def test_killing_an_envoy_ends_only_its_caller(node: Node) -> None:
