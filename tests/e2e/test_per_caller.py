@@ -15,6 +15,13 @@ that group as their only supplementary group, and the bridge's
 ``allowed_uids`` admits exactly root and the two Envoy uids. TLS clients use
 the SVID the provider issues to this process (``sds-bridge``), which every
 listener's ``ROOTCA`` trusts.
+
+Checked: each Envoy presents its own SVID, never the bridge's; B naming A's
+SPIFFE ID never receives it; ``/envoys``, ``/callers`` and the metrics name
+each stream's workload; A reaches B over mTLS each as itself, under a policy
+admitting only A; a uid outside ``allowed_uids`` is refused; killing A ends
+only A's caller, and a new A is attested afresh. The last test restarts A,
+so the module's scene is whole again for any test after it.
 """
 
 from __future__ import annotations
@@ -255,26 +262,35 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         procs = Processes(tmp_path_factory.mktemp("per-caller-logs"))
         envoys = Envoys(tmp_path_factory.mktemp("per-caller-envoys"))
         try:
-            (directory / "workload").mkdir(mode=0o755)
-            (directory / "admin").mkdir(mode=0o700)
-            workload_socket = directory / "workload" / "workload.sock"
-            admin_socket = directory / "admin" / "admin.sock"
-            ids = write_identities(directory, IDENTITIES)
-            delegate = ("--admin-socket", str(admin_socket), "--authorized-delegate", BRIDGE)
-            provider = start_provider(procs, workload_socket, ids, "--ephemeral", *delegate)
-            wait_for(lambda: "provider.admin_ready" in procs.log(provider), TIMEOUT, "admin API")
-            bridge, admin_port = _start_bridge(procs, directory, admin_socket)
-            sds_socket = directory / "sds" / "sds.sock"
-            envoy_b = _start_envoy_b(envoys, sds_socket)
-            envoy_a = _start_envoy_a(envoys, sds_socket, envoy_b)
-            client = _client_material(workload_socket)
-            scene = Node(
-                procs, envoys, directory, provider, bridge, admin_port, client, envoy_a, envoy_b
-            )
+            scene = _start_scene(procs, envoys, directory)
+        except BaseException:
+            sys.stderr.write("\n" + procs.tails(6000) + envoys.dump_logs(4000) + "\n")
+            envoys.close()
+            procs.close()
+            raise
+        try:
             yield scene
         finally:
             envoys.close()
             procs.close()
+
+
+def _start_scene(procs: Processes, envoys: Envoys, directory: Path) -> Node:
+    """Provider, bridge, Envoy B, then Envoy A (which needs B's port)."""
+    (directory / "workload").mkdir(mode=0o755)
+    (directory / "admin").mkdir(mode=0o700)
+    workload_socket = directory / "workload" / "workload.sock"
+    admin_socket = directory / "admin" / "admin.sock"
+    ids = write_identities(directory, IDENTITIES)
+    delegate = ("--admin-socket", str(admin_socket), "--authorized-delegate", BRIDGE)
+    provider = start_provider(procs, workload_socket, ids, "--ephemeral", *delegate)
+    wait_for(lambda: "provider.admin_ready" in procs.log(provider), TIMEOUT, "admin API")
+    bridge, admin_port = _start_bridge(procs, directory, admin_socket)
+    sds_socket = directory / "sds" / "sds.sock"
+    envoy_b = _start_envoy_b(envoys, sds_socket)
+    envoy_a = _start_envoy_a(envoys, sds_socket, envoy_b)
+    client = _client_material(workload_socket)
+    return Node(procs, envoys, directory, provider, bridge, admin_port, client, envoy_a, envoy_b)
 
 
 @pytest.fixture(autouse=True)
