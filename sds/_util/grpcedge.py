@@ -41,6 +41,7 @@ from grpclib.server import Handler as _GrpclibHandler
 from grpclib.server import Server, Stream
 
 from sds._util.log import event
+from sds._util.process import boot_ticks
 from sds._util.ratelimit import RateLimiter
 
 __all__ = [
@@ -153,6 +154,11 @@ class _GuardedProtocol(H2Protocol):
     (a client stuck in the preface or SETTINGS exchange, or one that only holds the fd) is
     closed; so is one with no open stream for ``idle_timeout`` s (checked every quarter of
     it). Envoy holds its SDS streams open, so neither affects it.
+
+    ``accepted_ticks`` is when the connection was accepted, in the clock ticks since boot
+    that ``/proc/<pid>/stat`` counts process start times in: on a kernel without
+    ``SO_PEERPIDFD``, :func:`sds._util.process.peer_process` refuses a peer pid whose
+    process started later (the pid was reused).
     """
 
     def __init__(
@@ -172,8 +178,10 @@ class _GuardedProtocol(H2Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
         self._last_created: float | None = None
+        self.accepted_ticks: int | None = None
 
     def connection_made(self, transport: Any) -> None:
+        self.accepted_ticks = boot_ticks()
         super().connection_made(transport)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._handshake, self._check_handshake)

@@ -15,7 +15,9 @@ when that process exits:
   kernel (``SO_PEERPIDFD``, Linux 6.5+): the process that called
   ``connect(2)``, with no window for reuse. On older kernels it falls back to
   ``pidfd_open(SO_PEERCRED pid)`` and refuses the peer if that process
-  started after the connection was accepted (a reused pid).
+  started after the connection was accepted (a reused pid): the server's
+  protocol records when it accepted the connection (``accepted_ticks``, set
+  by :class:`sds._util.grpcedge.GuardedServer`).
 * :meth:`Process.exited` polls the pidfd; :meth:`Process.fileno` lets the
   event loop watch it (``loop.add_reader``), so a subscription made for the
   process ends the moment it exits.
@@ -30,7 +32,7 @@ connections of one process and never across two.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import select
 import socket
@@ -41,14 +43,16 @@ from typing import Any
 from sds._util.peercred import PeerCredentials
 from sds.errors import ProcessExited
 
-__all__ = ["Process", "peer_process"]
+__all__ = ["Process", "boot_ticks", "peer_process"]
 
 #: ``SO_PEERPIDFD`` from <asm-generic/socket.h> (Linux 6.5); Python 3.11 lacks the name.
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+#: How a kernel without ``SO_PEERPIDFD`` refuses the option (sk_getsockopt's default).
+_NO_PEERPIDFD = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _PROC = "/proc"
 
 
-def _boot_ticks() -> int:
+def boot_ticks() -> int:
     """Now, in the clock ticks since boot that ``/proc/<pid>/stat`` counts start times in."""
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
@@ -146,6 +150,14 @@ class Process:
         self.close()
 
 
+def _accepted_ticks(stream: Any) -> int:
+    """When the stream's connection was accepted (its protocol's ``accepted_ticks``), else now."""
+    transport = getattr(stream.peer, "_transport", None)
+    get_protocol = getattr(transport, "get_protocol", None)
+    ticks = getattr(get_protocol(), "accepted_ticks", None) if get_protocol else None
+    return ticks if isinstance(ticks, int) else boot_ticks()
+
+
 def _peer_socket(stream: Any) -> socket.socket | None:
     transport = getattr(stream.peer, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -158,17 +170,28 @@ def peer_process(stream: Any, creds: PeerCredentials, accepted_ticks: int | None
     """The process at the other end of a grpclib server stream's Unix socket.
 
     ``creds`` are the stream's SO_PEERCRED credentials. The kernel's own pidfd
-    (``SO_PEERPIDFD``) is used when it has one; otherwise the pid is opened and
-    refused as reused if that process started after ``accepted_ticks`` (default:
-    now). Raises :class:`ProcessExited` when the peer process is gone.
+    (``SO_PEERPIDFD``) is used when it has one. A kernel that knows the option
+    but gives no pidfd (Linux 6.5 to 6.15 answer so for a peer already reaped)
+    means the peer is gone: its pid may name another process by now, so it is
+    never opened. Only a kernel without the option falls back to opening the
+    pid, refused as reused if that process started after ``accepted_ticks``
+    (default: when the server accepted the connection, if its protocol
+    recorded that, else now). Raises :class:`ProcessExited` when the peer
+    process is gone.
     """
     sock = _peer_socket(stream)
     if sock is not None:
-        with contextlib.suppress(OSError):
+        try:
             fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError as exc:
+            if exc.errno not in _NO_PEERPIDFD:
+                raise ProcessExited(
+                    f"process {creds.pid} has exited (the kernel has no pidfd for it: {exc})"
+                ) from exc
+        else:
             return Process._opened(creds.pid, fd)
     proc = Process.of_pid(creds.pid)
-    limit = accepted_ticks if accepted_ticks is not None else _boot_ticks()
+    limit = accepted_ticks if accepted_ticks is not None else _accepted_ticks(stream)
     if proc.start_ticks > limit:
         proc.close()
         raise ProcessExited(f"process {creds.pid} has exited (its pid now names a newer process)")

@@ -14,6 +14,7 @@ import itertools
 import os
 import signal
 import ssl
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -57,6 +58,7 @@ from tests.harness.envoy import (
     envoy_versions,
     inline_tls_certificate,
     inline_validation_context,
+    runnable_binary,
     sds_cluster,
     static_cluster,
     upstream_mtls_cluster,
@@ -517,3 +519,68 @@ def test_listener_gets_its_certificates_over_sds_on_a_unix_socket(
     finally:
         envoys.close()
         sds.close()
+
+
+OTHER_UID = 40009
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running Envoy as another uid needs root")
+
+
+def _as_uid(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False, cwd="/")
+
+
+@needs_root
+def test_runnable_binary_reaches_a_binary_below_a_private_directory(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    script = private / "tool"
+    script.write_text("#!/bin/sh\necho ran as $(id -u)\n")
+    script.chmod(0o755)
+    assert _as_uid(OTHER_UID, str(script)).returncode != 0  # the 0700 directory stops it
+
+    reachable = runnable_binary(script)
+    assert reachable != script
+    assert reachable.read_bytes() == script.read_bytes()
+    assert oct(reachable.parent.stat().st_mode & 0o777) == "0o711"
+    assert os.stat(reachable).st_ino == os.stat(script).st_ino  # same device: a hard link
+    assert _as_uid(OTHER_UID, str(reachable)).stdout == f"ran as {OTHER_UID}\n"
+    assert runnable_binary(script) == reachable  # cached
+    assert runnable_binary(Path("/bin/sh").resolve()) == Path("/bin/sh").resolve()
+
+
+@needs_root
+def test_envoy_runs_as_another_uid_and_cleans_up(material: Material, envoys: Envoys) -> None:
+    listener = downstream_mtls_listener(
+        "ingress",
+        tls_certificate=inline_tls_certificate(
+            material.server.chain_pem(), material.server.key_pem()
+        ),
+        validation_context=inline_validation_context(material.ca_pem),
+    )
+    envoy = envoys.start(bootstrap("as-uid", "c", [listener]), uid=OTHER_UID, groups=[40010])
+    status = Path(f"/proc/{envoy.pid}/status").read_text()
+    ids = {line.split(":")[0]: line.split()[1:] for line in status.splitlines()}
+    assert ids["Uid"] == [str(OTHER_UID)] * 4
+    assert ids["Gid"] == [str(OTHER_UID)] * 4
+    assert ids["Groups"] == ["40010"]
+    assert Path(f"/proc/{envoy.pid}/exe").resolve() == runnable_binary(envoy_binary())
+    own = envoy.own_dir
+    assert own is not None and own.stat().st_uid == OTHER_UID
+    assert envoy.config_path.parent == own == envoy.admin_address_path.parent
+
+    hs = openssl_handshake(
+        LOCALHOST,
+        envoy.listener_port("ingress"),
+        material.client.chain_pem(),
+        material.client.key_pem(),
+        material.ca_pem,
+    )
+    assert hs.ok, hs.output
+    assert hs.spiffe_id == SERVER_ID
+
+    envoy.stop()
+    assert not envoy.alive()
+    assert not own.exists()
+    assert "starting main dispatch loop" in envoy.log_text()  # the log outlives its directory

