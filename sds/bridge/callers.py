@@ -21,7 +21,11 @@ SDS servicer through its :class:`~sds.xds.service.Tenancy` seam):
    inherited by a child) ends with UNAVAILABLE.
 
 A caller thus never receives another workload's SVID, whatever names it asks
-for: a name not in its own cache is simply not served. The X.509 and JWT
+for: a name not in its own cache is simply not served. Nor the bridge's own:
+the bridge subscribes for its own pid too, and any SVID with one of the
+bridge's SPIFFE IDs (the delegate identity) is removed from every caller's
+view, so a process attested like the bridge gets nothing for it; callers are
+served only once the bridge's own identities are known. The X.509 and JWT
 bundles come from one shared watch per Delegated Identity API (the agent
 sends every bundle to the delegate); each workload's context carries only the
 bundles of its own trust domain and those it federates with.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
@@ -41,6 +46,7 @@ from sds.bridge.config import BridgeConfig
 from sds.bridge.jwtsvids import JwtSvidManager, JwtToken, wanted_audiences
 from sds.bridge.state import Bridge
 from sds.errors import NotEntitled, WorkloadApiDenied
+from sds.spiffe.x509 import X509Context
 from sds.workloadapi.address import Address
 from sds.workloadapi.delegated import DelegatedBundles, DelegatedIdentityClient, DelegatedWatcher
 from sds.xds.cache import SecretCache
@@ -51,6 +57,46 @@ __all__ = ["Callers", "Workload"]
 log = logging.getLogger("sds.callers")
 
 Spawn = Callable[[str, Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+class _WithoutDelegate:
+    """A caller's upstream view with the bridge's own identities taken out."""
+
+    def __init__(self, source: DelegatedWatcher, own: Callable[[], frozenset[str]]) -> None:
+        self.source = source
+        self._own = own
+        self._withheld: frozenset[str] = frozenset()
+
+    @property
+    def address(self) -> object:
+        return self.source.address
+
+    @property
+    def connected(self) -> bool:
+        return self.source.connected
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self.source.subscribe(callback)
+
+    def current(self) -> X509Context | None:
+        ctx = self.source.current()
+        own = self._own()
+        if ctx is None or not own:
+            return ctx
+        kept = tuple(s for s in ctx.svids if str(s.spiffe_id) not in own)
+        withheld = frozenset(str(s.spiffe_id) for s in ctx.svids) & own
+        if withheld != self._withheld:
+            self._withheld = withheld
+            if withheld:
+                event(
+                    log,
+                    logging.WARNING,
+                    "caller.withheld",
+                    pid=self.source.pid,
+                    spiffe_ids=",".join(sorted(withheld)),
+                    reason="the bridge's own identity (the delegate's) is never served to callers",
+                )
+        return ctx if len(kept) == len(ctx.svids) else X509Context(kept, ctx.bundles)
 
 
 class Workload:
@@ -66,7 +112,7 @@ class Workload:
         self.creds = creds
         self.streams = 0
         config = callers.config
-        self.sources = [
+        self.watchers = [
             DelegatedWatcher(
                 address,
                 process.pid,
@@ -76,6 +122,7 @@ class Workload:
             )
             for address, bundles in zip(callers.addresses, callers.bundles, strict=True)
         ]
+        self.sources = [_WithoutDelegate(w, callers.own_ids) for w in self.watchers]
         self.bridge = Bridge(
             config, self.sources, cache=SecretCache(callers.instance_id), caller=process.pid
         )
@@ -92,8 +139,8 @@ class Workload:
             spawn=callers.spawn,
         )
         self.tasks = [
-            callers.spawn(f"caller-{process.pid}-{i}", source.run())
-            for i, source in enumerate(self.sources)
+            callers.spawn(f"caller-{process.pid}-{i}", watcher.run())
+            for i, watcher in enumerate(self.watchers)
         ]
 
     @property
@@ -156,6 +203,7 @@ class Callers(Tenancy):
         *,
         instance_id: str,
         on_change: Callable[[], None] = lambda: None,
+        own_pid: int | None = None,
     ) -> None:
         self.config = config
         self.addresses = list(addresses)
@@ -168,6 +216,17 @@ class Callers(Tenancy):
             for address in self.addresses
         ]
         self.clients = [DelegatedIdentityClient(address) for address in self.addresses]
+        # The bridge's own identities (the delegate's), learned the same way, never served.
+        self.own = [
+            DelegatedWatcher(
+                address,
+                own_pid or os.getpid(),
+                bundles,
+                backoff_initial=backoff.initial,
+                backoff_max=backoff.max,
+            )
+            for address, bundles in zip(self.addresses, self.bundles, strict=True)
+        ]
         self.workloads: dict[tuple[int, int], Workload] = {}
         self._tasks: list[asyncio.Task[None]] = []
         #: The open SDS streams (set by the app to the servicer's), for JWT-SVID demand.
@@ -179,9 +238,22 @@ class Callers(Tenancy):
         """Start the shared bundle watches (one per Delegated Identity API)."""
         for bundles in self.bundles:
             bundles.subscribe(self.on_change)
+        for own in self.own:
+            own.subscribe(self._own_changed)
         self._tasks = [
             self.spawn(f"delegated-bundles-{i}", b.run()) for i, b in enumerate(self.bundles)
-        ]
+        ] + [self.spawn(f"delegated-own-{i}", w.run()) for i, w in enumerate(self.own)]
+
+    def own_ids(self) -> frozenset[str]:
+        """The bridge's own SPIFFE IDs (as its Delegated Identity APIs attest it)."""
+        return frozenset(
+            str(s.spiffe_id) for w in self.own if (ctx := w.current()) for s in ctx.svids
+        )
+
+    def _own_changed(self) -> None:
+        for workload in self.workloads.values():
+            workload.bridge.refresh()
+        self.on_change()
 
     def close(self) -> None:
         """End every workload and the shared watches (the bridge is stopping)."""
@@ -207,17 +279,26 @@ class Callers(Tenancy):
 
     @property
     def ready(self) -> bool:
-        """Every Delegated Identity API has accepted the bridge as a delegate (bundles came)."""
-        return all(b.current() is not None for b in self.bundles)
+        """Every Delegated Identity API has accepted the bridge as a delegate (bundles came)
+        and told it its own identities (never served to callers)."""
+        return all(b.current() is not None for b in self.bundles) and all(
+            w.current() is not None for w in self.own
+        )
 
     def readiness_reason(self) -> str:
         """Why the bridge cannot attest callers yet ('' when ready)."""
         reasons = []
-        for address, bundles in zip(self.addresses, self.bundles, strict=True):
+        for address, bundles, own in zip(self.addresses, self.bundles, self.own, strict=True):
             if bundles.current() is None:
                 error = bundles.last_error
                 why = str(error) if error is not None else "no bundles yet"
                 reasons.append(f"Delegated Identity API {address}: {why}")
+            elif own.current() is None:
+                error = own.last_error
+                why = str(error) if error is not None else "not yet"
+                reasons.append(
+                    f"Delegated Identity API {address}: the bridge's own identity unknown: {why}"
+                )
         return "; ".join(reasons)
 
     def upstreams_view(self) -> list[dict[str, object]]:

@@ -29,6 +29,7 @@ from tests.harness.material import Authority
 from tests.harness.sdsfake import node, sotw
 
 X509 = "SubscribeToX509SVIDs"
+BRIDGE_PID = 2**22 + 7  # a pid the fake agent knows as the bridge's
 CONFIG = {
     "listen": "unix:///unused/sds.sock",
     "per_caller": {"delegated_identity_api": "unix:///replaced"},
@@ -67,7 +68,10 @@ async def world(sockdir: Path) -> AsyncIterator[World]:
         return task
 
     cache = SecretCache("inst1")
-    callers = Callers(config, [parse_address(address)], spawn, instance_id=cache.instance_id)
+    # The bridge's own pid, as the fake agent sees it: not this test process (the caller here).
+    callers = Callers(
+        config, [parse_address(address)], spawn, instance_id=cache.instance_id, own_pid=BRIDGE_PID
+    )
     servicer = SdsServicer(cache, tenancy=callers)
     callers.streams = servicer.streams.values
     callers.start()
@@ -101,8 +105,8 @@ async def test_a_caller_gets_its_own_svid_and_the_policy_for_its_id(world: World
     assert [(m.matcher.exact, m.matcher.prefix) for m in matchers] == [
         (None, "spiffe://example.org/ns/web-clients/")
     ]
-    request = next(r for r in world.agent.requests if r.method == X509)
-    assert request.message.pid == os.getpid()
+    pids = {r.message.pid for r in world.agent.requests if r.method == X509}
+    assert pids == {os.getpid(), BRIDGE_PID}
 
 
 async def test_another_workloads_id_is_never_served(world: World) -> None:
@@ -128,17 +132,17 @@ async def test_streams_of_one_process_share_one_subscription_ended_by_the_last(
         async with sotw(world.channel, "inst1") as b:
             await b.send(["default"], with_node=node("envoy-b"))
             await b.recv()
-            assert world.agent.open_streams(X509) == 1
-            assert world.agent.count(X509) == 1
+            assert world.agent.open_streams(X509) == 2  # the caller's and the bridge's own
+            assert world.agent.count(X509) == 2
             (caller,) = world.callers.view()
             assert caller["streams"] == 2
             assert caller["spiffe_ids"] == ["spiffe://example.org/web"]
             workloads = {i.workload() for i in world.servicer.streams.values()}
             assert workloads == {"spiffe://example.org/web"}
         await eventually(lambda: world.callers.view()[0]["streams"] == 1, 5, "one stream left")
-        assert world.agent.open_streams(X509) == 1
+        assert world.agent.open_streams(X509) == 2
     await eventually(lambda: not world.callers.workloads, 5, "the workload to end")
-    await eventually(lambda: world.agent.open_streams(X509) == 0, 5, "the subscription to end")
+    await eventually(lambda: world.agent.open_streams(X509) == 1, 5, "the subscription to end")
 
 
 async def test_a_rotation_reaches_the_callers_stream(world: World) -> None:
@@ -172,7 +176,7 @@ async def test_the_process_exiting_ends_its_streams_with_unavailable(
         f'caller.ended pid={os.getpid()} workload=spiffe://example.org/web reason="{reason}"'
     ]
     assert not world.callers.workloads
-    await eventually(lambda: world.agent.open_streams(X509) == 0, 5, "the subscription to end")
+    await eventually(lambda: world.agent.open_streams(X509) == 1, 5, "the subscription to end")
 
 
 async def test_a_caller_without_entries_gets_nothing(world: World) -> None:
@@ -206,6 +210,7 @@ async def test_not_a_delegate_is_not_ready_with_spires_reason(sockdir: Path) -> 
         [parse_address(address)],
         lambda name, work: tasks.append(asyncio.create_task(work)) or tasks[-1],
         instance_id="i",
+        own_pid=BRIDGE_PID,
     )
     callers.start()
     try:
@@ -240,3 +245,26 @@ async def test_metrics_name_each_caller_and_the_earliest_expiry(world: World) ->
     )
     assert line.startswith('sds_caller_svid_not_after_timestamp_seconds{spiffe_id="spiffe://')
     assert float(line.split()[-1]) == web.not_after.timestamp()
+
+
+async def test_the_bridges_own_identity_is_never_served(
+    world: World, caplog: pytest.LogCaptureFixture, sds_debug_logs: None
+) -> None:
+    bridge_svid, web = world.ca.svid("/sds-bridge"), world.ca.svid("/web")
+    world.agent.set_workload(BRIDGE_PID, svids_response([bridge_svid]))
+    await eventually(
+        lambda: world.callers.own_ids() == {"spiffe://example.org/sds-bridge"}, 5, "own ID"
+    )
+    # A caller attested like the bridge (e.g. the same uid) holds the delegate's ID and its own.
+    world.agent.set_workload(os.getpid(), svids_response([bridge_svid, web]))
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default", "spiffe://example.org/sds-bridge"], with_node=node())
+        got = await s.recv()
+        assert sorted(got.secrets) == ["default"]
+        assert got.serial("default") == web.serial
+        await s.ack()
+        await s.expect_silence(0.3)
+    assert event_lines(caplog, "sds.callers", "caller.withheld") == [
+        f"caller.withheld pid={os.getpid()} spiffe_ids=spiffe://example.org/sds-bridge "
+        "reason=\"the bridge's own identity (the delegate's) is never served to callers\""
+    ]
