@@ -222,9 +222,10 @@ async def test_callers_not_delegates_are_permission_denied(
     """Attested by the admin socket's peer credentials: an identity that is not a delegate,
     or none, is refused, and whom it names does not matter."""
     socket = spire_delegated.admin_socket
-    # SPIRE leaves the admin socket to its umask (srwxr-xr-x here): only the agent's uid can
-    # connect. Opened up for this test only, so another uid reaches the authorization check.
-    assert stat.S_IMODE(socket.stat().st_mode) & 0o002 == 0
+    # SPIRE makes the admin socket 0770 (pkg/agent/api/endpoints_posix.go): only the agent's
+    # uid and group can connect. Opened up for this test only, so that another uid reaches
+    # the authorization check.
+    assert stat.S_IMODE(socket.stat().st_mode) == 0o770
     socket.parent.chmod(0o711)
     socket.chmod(0o777)
     registered = spire_delegated.register(UID_OUTSIDER, OUTSIDER)
