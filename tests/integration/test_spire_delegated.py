@@ -35,6 +35,7 @@ ENVOY_A = f"spiffe://{TRUST_DOMAIN}/envoy-a"
 ENVOY_B = f"spiffe://{TRUST_DOMAIN}/envoy-b"
 OUTSIDER = f"spiffe://{TRUST_DOMAIN}/outsider"
 UID_A, UID_B, UID_OUTSIDER, UID_NOBODY, UID_DELETED = 40001, 40002, 40003, 40004, 40005
+UID_LATE = 40006
 SLEEP = ["/usr/bin/sleep", "600"]
 
 X509Svids = list[tuple[str, str]]  # (SPIFFE ID, hint) per SVID of one response
@@ -248,7 +249,7 @@ async def test_callers_not_delegates_are_permission_denied(
         assert unknown == ("PERMISSION_DENIED", "no identity issued")
     finally:
         spire_delegated.server.entry_delete(registered)
-        socket.chmod(0o755)
+        socket.chmod(0o770)
         socket.parent.chmod(0o700)
 
 
@@ -277,6 +278,39 @@ async def test_deleted_entry_drops_the_svid_on_the_open_stream(
             assert loop.time() - deleted_at < 30
             await stream.cancel()
     finally:
+        procs.close()
+
+
+async def test_entry_created_later_arrives_on_the_open_stream(
+    spire_delegated: SpireDelegated, admin: Admin, tmp_path: Path
+) -> None:
+    """A pid with no entry yet: the stream stays open, and the SVID comes once the agent has
+    synced the new entry."""
+    procs = Processes(tmp_path)
+    late_id = f"spiffe://{TRUST_DOMAIN}/late"
+    entry = None
+    try:
+        late = start_as(procs, UID_LATE, SLEEP, "late")
+        async with admin.stub.SubscribeToX509SVIDs.open(timeout=60) as stream:
+            await stream.send_message(pb.SubscribeToX509SVIDsRequest(pid=late.pid), end=True)
+            first = await asyncio.wait_for(stream.recv_message(), 10)
+            assert first is not None
+            assert _ids(first) == []
+            entry = await asyncio.to_thread(spire_delegated.register, UID_LATE, late_id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:  # empty messages may come first (any cache update is sent)
+                left = deadline - loop.time()
+                assert left > 0, "the entry never reached the open stream"
+                message = await asyncio.wait_for(stream.recv_message(), left)
+                assert message is not None
+                if message.x509_svids:
+                    break
+            assert _ids(message) == [(late_id, "")]
+            await stream.cancel()
+    finally:
+        if entry is not None:
+            spire_delegated.server.entry_delete(entry)
         procs.close()
 
 
