@@ -29,7 +29,7 @@ from tests.harness import gopeers as _gopeers
 from tests.harness.envoy import echo_app, envoy_version, envoys
 from tests.harness.logs import captured_log
 from tests.harness.procs import PYTHON, Processes, wait_for
-from tests.harness.spire import Spire
+from tests.harness.spire import Spire, SpireDelegated
 from tests.harness.stack import Stack
 
 # Fixtures (the Envoy ones) and the helpers test modules import from here.
@@ -146,6 +146,15 @@ def spire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
     procs.close()
 
 
+@pytest.fixture(scope="session")
+def spire_delegated(spire: Spire) -> Iterator[SpireDelegated]:
+    """A second agent of the session's SPIRE server with the Delegated Identity API on its
+    admin socket, this process's uid registered as the authorized delegate ``BRIDGE``."""
+    env = SpireDelegated(spire)
+    yield env
+    env.close()
+
+
 @pytest.fixture
 def spire_logs_on_failure(spire: Spire, request: pytest.FixtureRequest) -> Iterator[None]:
     """After a failed test, the tails of the SPIRE server's and agent's logs on stderr."""
@@ -233,6 +242,7 @@ def _register_prebuilds() -> None:
         PREBUILDS["gopeers"] = gobuild.gopeers_binary
         PREBUILDS["ghostunnel"] = gobuild.ghostunnel_binary
         PREBUILDS["spire"] = PREBUILDS["two_agents"] = spire.prebuild
+        PREBUILDS["spire_delegated"] = spire.prebuild
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -916,6 +916,28 @@ def test_k8s_wiring_check_catches_mistakes() -> None:
     ]
 
 
+def test_k8s_per_caller_wiring_check_catches_mistakes() -> None:
+    """The DaemonSet layout is per caller (issue 14): the agent's admin socket, host pids."""
+    _, (where, pod, proxy, maps), _ = k8s_wiring()
+    assert wiring_problems(where, pod, proxy, maps) == []
+    pod = copy.deepcopy(pod)
+    pod["hostPID"] = False
+    bridge = bridge_container(pod)
+    assert bridge is not None
+    admin = next(m for m in bridge["volumeMounts"] if m["name"] == "spire-agent-admin")
+    del admin["readOnly"]
+    bridge["env"] = [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///x/agent.sock"}]
+    assert wiring_problems(where, pod, proxy, maps) == [
+        f"{where}: the agent's admin socket directory must be mounted read-only",
+        f"{where}: a per-caller bridge needs hostPID: true to see callers' pids",
+        f"{where}: a per-caller bridge uses no Workload API",
+    ]
+    admin["mountPath"] = "/run/elsewhere"
+    assert wiring_problems(where, pod, proxy, maps)[0] == (
+        f"{where}: /run/spire/admin/api.sock must be in a hostPath volume (the agent's admin dir)"
+    )
+
+
 # =========================================================================== docs
 
 

@@ -12,6 +12,11 @@ pipe. Nothing is executed from disk after the fork.
 The function must not import anything new (stdlib included: it may live
 under a 0700 directory) and must not touch the parent's event loop; it may
 start its own with ``asyncio.run``.
+
+:func:`start_as` is for a long-lived child as another uid whose pid is what
+matters (a workload for SPIRE to attest): a system binary such as
+``/usr/bin/sleep``, exec'd by Popen after it dropped to the uid, with ``/``
+as its working directory, so nothing of the checkout is needed.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import os
 import pickle
 import select
 import signal
+import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["AsUserError", "arun_as", "run_as"]
+from sds._util.procs import Children
+
+__all__ = ["AsUserError", "arun_as", "run_as", "start_as"]
 
 T = TypeVar("T")
 
@@ -112,3 +120,13 @@ async def arun_as(
 ) -> T:
     """:func:`run_as` from a worker thread, so the calling event loop keeps serving meanwhile."""
     return await asyncio.to_thread(run_as, uid, func, *args, gid=gid, timeout=timeout)
+
+
+def start_as(
+    procs: Children, uid: int, argv: Sequence[str], name: str, *, gid: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (an absolute path outside the checkout) under ``procs`` as ``uid``
+    (gid defaults to uid, no supplementary groups), in ``/``; ``procs`` stops it."""
+    return procs.start(
+        argv, name, user=uid, group=uid if gid is None else gid, extra_groups=[], cwd="/"
+    )

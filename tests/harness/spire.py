@@ -8,7 +8,11 @@ a sqlite datastore and its API socket in a private temp directory,
 :class:`SpireAgent` runs an agent attested with a fresh join token, the
 ``unix`` workload attestor, its keys on disk in its own data dir (so a
 restart re-attests without a new token), and its Workload API (and SDS)
-socket in its own private directory.
+socket in its own private directory. With ``admin=True`` it also serves the
+admin API (the Delegated Identity API among it) on ``admin_socket``, in a
+second private directory: SPIRE refuses an ``admin_socket_path`` in, or
+under, the Workload API socket's directory (``cmd/spire-agent/cli/run/run_posix.go``).
+:class:`SpireDelegated` is such an agent beside the tests' shared one.
 
 SPIRE backdates certificates by 10 s, so with ``x509_ttl="30s"`` an SVID lasts
 40 s and the agent renews it every 10-15 s.
@@ -25,6 +29,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +42,18 @@ from tests.harness.procs import Processes, wait_for
 from tests.harness.stack import Material
 
 __all__ = [
+    "BRIDGE",
     "SPIRE_VERSION",
     "TRUST_DOMAIN",
     "SpireAgent",
+    "SpireDelegated",
     "SpireServer",
     "fetch_context",
     "own_uid_selector",
     "prebuild",
     "private_dir",
     "spire_binaries",
+    "uid_selector",
 ]
 
 SPIRE_VERSION = "v1.13.3"
@@ -217,12 +225,32 @@ plugins {{
 class SpireAgent:
     """One spire-agent attested to ``server`` with a join token; restartable without a token."""
 
-    def __init__(self, server: SpireServer, binary: Path, *, name: str = "spire-agent") -> None:
+    def __init__(
+        self,
+        server: SpireServer,
+        binary: Path,
+        *,
+        name: str = "spire-agent",
+        admin: bool = False,
+        authorized_delegates: Sequence[str] = (),
+    ) -> None:
+        """``admin`` (implied by ``authorized_delegates``) adds the admin socket; only the
+        callers whose SPIFFE ID is in ``authorized_delegates`` may use its Delegated
+        Identity API."""
         self.server = server
         self.binary = binary
         self.name = name
         self.dir = private_dir("spire-a-")
         self.socket = self.dir / "api.sock"
+        self.admin_socket: Path | None = None
+        admin_lines = ""
+        if admin or authorized_delegates:
+            self.admin_socket = private_dir("spire-adm-") / "api.sock"
+            delegates = ", ".join(f'"{d}"' for d in authorized_delegates)
+            admin_lines = (
+                f'    admin_socket_path = "{self.admin_socket}"\n'
+                f"    authorized_delegates = [{delegates}]\n"
+            )
         self.config = self.dir / "agent.conf"
         self.token = server.join_token()
         self.spiffe_id = f"spiffe://{TRUST_DOMAIN}/spire/agent/join_token/{self.token}"
@@ -236,7 +264,7 @@ agent {{
     socket_path = "{self.socket}"
     trust_domain = "{TRUST_DOMAIN}"
     insecure_bootstrap = true
-}}
+{admin_lines}}}
 plugins {{
     NodeAttestor "join_token" {{
         plugin_data {{}}
@@ -260,10 +288,14 @@ plugins {{
         argv = [str(self.binary), "run", "-config", str(self.config)]
         if not self._attested:
             argv += ["-joinToken", self.token]
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        for sock in (self.socket, self.admin_socket):
+            if sock is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
         self.proc = self.server.procs.start(argv, self.name)
         wait_for(self._socket_up, 60, f"{self.name} Workload API socket")
+        if self.admin_socket is not None:
+            wait_for(self.admin_socket.exists, 60, f"{self.name} admin socket")
         self._attested = True
         return self
 
@@ -302,11 +334,18 @@ plugins {{
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.admin_socket is not None:
+            shutil.rmtree(self.admin_socket.parent, ignore_errors=True)
 
 
 def own_uid_selector() -> str:
     """The unix attestor selector matching this test process (and the bridge it starts)."""
-    return f"unix:uid:{os.getuid()}"
+    return uid_selector(os.getuid())
+
+
+def uid_selector(uid: int) -> str:
+    """The unix attestor selector matching every process running as ``uid``."""
+    return f"unix:uid:{uid}"
 
 
 # --------------------------------------------------------------------------- the tests' SPIRE
@@ -337,3 +376,37 @@ class Spire:
     def close(self) -> None:
         self.agent.close()
         self.server.close()
+
+
+BRIDGE = f"spiffe://{TRUST_DOMAIN}/sds-bridge"
+
+
+class SpireDelegated:
+    """An agent of ``spire``'s server whose admin socket serves the Delegated Identity API
+    to :data:`BRIDGE`, the identity it issues to this process's uid (so to the bridges the
+    tests start).
+
+    A second agent rather than the shared one: entries hang off their agent's SPIFFE ID, so
+    what is registered here (the bridge, the workloads of other uids) never reaches the
+    shared agent, whose callers keep getting exactly :data:`WEB`; and one server serves both.
+    """
+
+    def __init__(self, spire: Spire) -> None:
+        _, agent_bin = spire_binaries()
+        self.server = spire.server
+        self.agent = SpireAgent(
+            self.server, agent_bin, name="spire-agent-delegated", authorized_delegates=[BRIDGE]
+        ).start()
+        assert self.agent.admin_socket is not None
+        self.admin_socket: Path = self.agent.admin_socket
+        self.bridge_entry = self.register(os.getuid(), BRIDGE, hint="bridge")
+        self.agent.wait_svid(BRIDGE)
+
+    def register(self, uid: int, spiffe_id: str, *, hint: str | None = None) -> str:
+        """Issue ``spiffe_id`` to processes of ``uid`` on this agent; the entry's id."""
+        return self.server.entry_create(
+            self.agent.spiffe_id, spiffe_id, uid_selector(uid), hint=hint
+        )
+
+    def close(self) -> None:
+        self.agent.close()
