@@ -220,14 +220,13 @@ def test_podmonitor_scrapes_the_named_metrics_port_only() -> None:
 
 def test_shipped_bridges_expose_the_metrics_listener_on_the_scraped_port() -> None:
     from sds.bridge.config import MetricsConfig, parse_config
-    from tests.harness.manifests import pod_containers, pod_specs, render, split_per_caller
+    from tests.harness.manifests import pod_containers, pod_specs, render
 
     for overlay in ("sidecar", "daemonset"):
         objects = render(overlay)
         configs = [o for o in objects if o["kind"] == "ConfigMap" and "sds.yaml" in o["data"]]
         (config_map,) = configs
-        raw, _ = split_per_caller(yaml.safe_load(config_map["data"]["sds.yaml"]))
-        config = parse_config(raw, overlay)
+        config = parse_config(yaml.safe_load(config_map["data"]["sds.yaml"]), overlay)
         assert config.metrics == MetricsConfig("0.0.0.0", 9102), overlay
         assert config.admin.host == "127.0.0.1"
         bridges = [

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 import sds
-from sds.bridge.config import BridgeConfig, parse_config
+from sds.bridge.config import BridgeConfig, PerCaller, parse_config
 from sds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -311,9 +311,8 @@ def wiring_problems(
         return [f"{where}: no bridge container (image {OUR_IMAGE}, args run ...)"]
     args = bridge["args"]
     text = k8s_mounted_file(pod, bridge, args[args.index("--config") + 1], config_maps)
-    raw, per_caller = split_per_caller(yaml.safe_load(text))
     try:
-        config = parse_config(raw, f"{where} sds.yaml")
+        config = parse_config(yaml.safe_load(text), f"{where} sds.yaml")
     except ConfigError as exc:
         return [str(exc)]
     listen = config.listen.path if config.listen is not None else None
@@ -377,8 +376,8 @@ def wiring_problems(
         for c in proxy.pod.get("initContainers", [])
     ):
         problems.append(f"{proxy.where}: an init container must `sds wait` for the socket")
-    if per_caller is not None:
-        return problems + _per_caller_problems(where, pod, bridge, per_caller)
+    if config.per_caller is not None:
+        return problems + _per_caller_problems(where, pod, bridge, config.per_caller)
     # The Workload API: the SPIFFE CSI driver's socket, read-only.
     env = {item["name"]: item["value"] for item in bridge.get("env", [])}
     socket = env.get("SPIFFE_ENDPOINT_SOCKET", "")
@@ -400,12 +399,12 @@ def config_maps_of(objects: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[st
 
 
 def _per_caller_problems(
-    where: str, pod: Mapping[str, Any], bridge: Mapping[str, Any], per_caller: Any
+    where: str, pod: Mapping[str, Any], bridge: Mapping[str, Any], per_caller: PerCaller
 ) -> list[str]:
     """A per-caller bridge: the SPIRE agent's admin socket from a read-only hostPath of its
     own, the host's pids (SO_PEERCRED reports pids of other namespaces as 0), and no
     Workload API."""
-    address = per_caller.get("delegated_identity_api", "") if isinstance(per_caller, dict) else ""
+    (address, *_) = per_caller.delegated_identity_api
     if not address.startswith("unix:///"):
         return [f"{where}: per_caller.delegated_identity_api must be a unix:/// address"]
     problems = []
@@ -425,16 +424,3 @@ def _per_caller_problems(
     if "SPIFFE_ENDPOINT_SOCKET" in env or volumes:
         problems.append(f"{where}: a per-caller bridge uses no Workload API")
     return problems
-
-
-def split_per_caller(raw: Any) -> tuple[Any, Any]:
-    """(the config without ``per_caller``, the ``per_caller`` block or None).
-
-    ``per_caller`` (issue 14) is checked from the YAML (:func:`wiring_problems`); the rest
-    goes through the bridge's own parser. TODO(issue 14): parse ``raw`` whole once the
-    parser knows the key.
-    """
-    if not isinstance(raw, dict):
-        return raw, None
-    rest = dict(raw)
-    return rest, rest.pop("per_caller", None)
