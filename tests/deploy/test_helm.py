@@ -228,6 +228,9 @@ def test_every_values_file_renders_valid_objects_for_each_kubernetes(
         problems = wiring_problems(where, pod, proxy, {**maps, **consumer_maps})
         per_caller = daemonset.get("perCaller", {}).get("enabled", True)
         assert (config.per_caller is not None) == per_caller
+        if per_caller:
+            group = daemonset.get("perCaller", {}).get("agentGroup", 0)
+            assert pod["securityContext"]["supplementalGroups"] == [group]
         if not per_caller and not given.get("upstream", {}).get("csi", {}).get("enabled", True):
             csi = f"{where}: SPIFFE_ENDPOINT_SOCKET must be in a read-only csi.spiffe.io volume"
             assert csi in problems
@@ -270,6 +273,20 @@ def test_daemonset_per_caller_renders_the_kustomize_layout(helm: Helm) -> None:
     assert ours.per_caller.delegated_identity_api == ("unix:///run/spire/admin/api.sock",)
     for key in ("listen", "socket_mode", "allowed_uids", "allowed_gids", "metrics", "admin"):
         assert getattr(ours, key) == getattr(kustomized, key), key
+
+
+def test_agent_group_from_a_values_file_is_written_as_an_integer(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """A values file's numbers reach templates as floats; 1000000 must not become 1e+06."""
+    values = tmp_path / "values.yaml"
+    values.write_text("mode: daemonset\ndaemonset: {perCaller: {agentGroup: 1000000}}\n")
+    ((_, pod),) = pod_specs(helm.template("-f", str(values)))
+    assert pod["securityContext"]["supplementalGroups"] == [1000000]
+    values.write_text("mode: daemonset\ndaemonset: {perCaller: {agentGroup: 2.5}}\n")
+    result = helm.run("template", "shop", str(CHART), "--kube-version", "1.37.0", "-f", str(values))
+    assert result.returncode == 1
+    assert 'daemonset.perCaller.agentGroup: "2.5": want the agent\'s numeric gid' in result.stderr
 
 
 def test_daemonset_shared_identity_keeps_the_workload_api(helm: Helm) -> None:

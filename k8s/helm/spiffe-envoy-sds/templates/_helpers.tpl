@@ -45,6 +45,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s/%s" (.Values.daemonset.perCaller.adminSocketDir | trimSuffix "/") .Values.daemonset.perCaller.adminSocketName -}}
 {{- end -}}
 
+{{/* The agent's gid in decimal (per caller), or "" if it is none. A values file's numbers
+arrive as floats, which toString would write as 1e+06. */}}
+{{- define "sds.agentGroup" -}}
+{{- $group := .Values.daemonset.perCaller.agentGroup -}}
+{{- if kindIs "float64" $group -}}
+{{- if and (ge $group 0.0) (eq $group (floor $group)) -}}{{ int64 $group }}{{- end -}}
+{{- else if regexMatch "^[0-9]+$" (toString $group) -}}
+{{- toString $group -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Fail early on values that cannot work. */}}
 {{- define "sds.validate" -}}
 {{- if not (has .Values.mode (list "sidecar" "daemonset")) -}}
@@ -69,9 +80,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or (not $name) (contains "/" $name) -}}
 {{- fail (printf "daemonset.perCaller.adminSocketName: %q: want a file name in adminSocketDir" $name) -}}
 {{- end -}}
-{{- $group := .Values.daemonset.perCaller.agentGroup | toString -}}
-{{- if not (regexMatch "^[0-9]+$" $group) -}}
-{{- fail (printf "daemonset.perCaller.agentGroup: %q: want the agent's numeric gid" $group) -}}
+{{- if not (include "sds.agentGroup" .) -}}
+{{- fail (printf "daemonset.perCaller.agentGroup: %q: want the agent's numeric gid" (toString .Values.daemonset.perCaller.agentGroup)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
