@@ -7,11 +7,14 @@ is rendered for each Kubernetes version tests/deploy/test_deploy.py validates; e
 object passes kubernetes-validate strictly (the Prometheus Operator's
 custom resources are checked for shape), the bridge config passes the
 bridge's own parser, the Envoy bootstrap passes ``envoy --mode validate``,
-and sidecar pods pass the same wiring checks as k8s/sidecar.
+sidecar pods pass the same wiring checks as k8s/sidecar, and DaemonSet pods
+the same as k8s/daemonset (per caller by default, issue 14), serving that
+layout's consumer pod.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -30,9 +33,13 @@ from tests.harness.gotools import HELM, go_tool
 from tests.harness.manifests import (
     K8S_VERSIONS,
     VERSION,
+    Proxy,
+    bridge_container,
     config_maps_of,
     k8s_proxy,
+    named_container,
     pod_specs,
+    render,
     wiring_problems,
 )
 
@@ -109,6 +116,28 @@ def test_helm_lint_is_clean_for_every_values_file(helm: Helm) -> None:
         assert result.returncode == 0, output
         assert "1 chart(s) linted, 0 chart(s) failed" in output, output
         assert "[WARNING]" not in output and "[ERROR]" not in output, output
+
+
+def node_consumer(socket_dir: str) -> tuple[Proxy, dict[str, Any]]:
+    """k8s/daemonset's consumer pod, reading the node bridge's socket from ``socket_dir``.
+
+    What the chart's NOTES ask of an Envoy pod: ``socket_dir`` mounted read-only
+    at /run/sds, Envoy as uid 101, an init container waiting for the socket. Its
+    bootstrap (k8s/base/envoy.yaml) also names the consumer's own
+    ``upstream-peers``; of its validation contexts only ``app-callers``, which
+    every ci/ values file defines, is held against the chart's policies.
+    """
+    objects = render("daemonset")
+    maps = {name: obj for name, obj in config_maps_of(objects).items() if name == "sds-envoy"}
+    pods = dict(pod_specs(objects))
+    pod = copy.deepcopy(pods["Deployment/sds-demo"])
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "sds-socket"]
+    volume["hostPath"]["path"] = socket_dir
+    proxy = k8s_proxy("consumer/Deployment/sds-demo", pod, maps)
+    assert proxy is not None
+    assert proxy.validations == {"app-callers", "upstream-peers"}
+    proxy.validations = {"app-callers"}
+    return proxy, maps
 
 
 def _validate_crd(obj: dict[str, Any]) -> None:
@@ -192,8 +221,108 @@ def test_every_values_file_renders_valid_objects_for_each_kubernetes(
         assert problems == []
     else:
         volumes = {v["name"]: v for v in pod["volumes"]}
-        socket_dir = given.get("daemonset", {}).get("socketDir", "/run/spiffe-envoy-sds")
+        daemonset = given.get("daemonset", {})
+        socket_dir = daemonset.get("socketDir", "/run/spiffe-envoy-sds")
         assert volumes["sds-socket"]["hostPath"]["path"] == socket_dir
+        proxy, consumer_maps = node_consumer(socket_dir)
+        problems = wiring_problems(where, pod, proxy, {**maps, **consumer_maps})
+        per_caller = daemonset.get("perCaller", {}).get("enabled", True)
+        assert (config.per_caller is not None) == per_caller
+        if per_caller:
+            group = daemonset.get("perCaller", {}).get("agentGroup", 0)
+            assert pod["securityContext"]["supplementalGroups"] == [group]
+        if not per_caller and not given.get("upstream", {}).get("csi", {}).get("enabled", True):
+            csi = f"{where}: SPIFFE_ENDPOINT_SOCKET must be in a read-only csi.spiffe.io volume"
+            assert csi in problems
+            problems.remove(csi)
+        assert problems == []
+
+
+def test_daemonset_per_caller_renders_the_kustomize_layout(helm: Helm) -> None:
+    """mode: daemonset defaults to per caller, with what k8s/daemonset's bridge pod has."""
+    objects = helm.template("--set", "mode=daemonset")
+    ((_, pod),) = pod_specs(objects)
+    kustomize = dict(pod_specs(render("daemonset")))["DaemonSet/sds-bridge"]
+    assert pod["hostPID"] is kustomize["hostPID"] is True
+    assert pod["securityContext"] == kustomize["securityContext"]
+    assert pod["securityContext"]["supplementalGroups"] == [0]
+    hostpaths = {v["name"]: v.get("hostPath") for v in pod["volumes"]}
+    assert hostpaths == {v["name"]: v.get("hostPath") for v in kustomize["volumes"]}
+    bridge, theirs = bridge_container(pod), bridge_container(kustomize)
+    assert bridge is not None and theirs is not None
+    assert "env" not in bridge and "env" not in theirs
+    assert bridge["volumeMounts"] == theirs["volumeMounts"]
+    assert bridge["securityContext"] == theirs["securityContext"]
+    maker, their_maker = (
+        named_container(pod, "sds-socket-dir"),
+        named_container(kustomize, "sds-socket-dir"),
+    )
+    assert maker is not None and their_maker is not None
+    assert maker["command"] == their_maker["command"]
+    assert maker["securityContext"] == their_maker["securityContext"]
+    ours = parse_config(
+        yaml.safe_load(config_maps_of(objects)["shop-spiffe-envoy-sds-bridge"]["data"]["sds.yaml"]),
+        "chart",
+    )
+    kustomized = parse_config(
+        yaml.safe_load(config_maps_of(render("daemonset"))["sds-bridge"]["data"]["sds.yaml"]),
+        "kustomize",
+    )
+    assert ours.per_caller == kustomized.per_caller
+    assert ours.per_caller is not None
+    assert ours.per_caller.delegated_identity_api == ("unix:///run/spire/admin/api.sock",)
+    for key in ("listen", "socket_mode", "allowed_uids", "allowed_gids", "metrics", "admin"):
+        assert getattr(ours, key) == getattr(kustomized, key), key
+
+
+def test_agent_group_from_a_values_file_is_written_as_an_integer(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """A values file's numbers reach templates as floats; 1000000 must not become 1e+06."""
+    values = tmp_path / "values.yaml"
+    values.write_text("mode: daemonset\ndaemonset: {perCaller: {agentGroup: 1000000}}\n")
+    ((_, pod),) = pod_specs(helm.template("-f", str(values)))
+    assert pod["securityContext"]["supplementalGroups"] == [1000000]
+    values.write_text("mode: daemonset\ndaemonset: {perCaller: {agentGroup: 2.5}}\n")
+    result = helm.run("template", "shop", str(CHART), "--kube-version", "1.37.0", "-f", str(values))
+    assert result.returncode == 1
+    assert 'daemonset.perCaller.agentGroup: "2.5": want the agent\'s numeric gid' in result.stderr
+
+
+def test_daemonset_shared_identity_keeps_the_workload_api(helm: Helm) -> None:
+    """daemonset.perCaller.enabled false: today's layout, the bridge's identity for every Envoy."""
+    objects = helm.template("--set", "mode=daemonset", "--set", "daemonset.perCaller.enabled=false")
+    ((where, pod),) = pod_specs(objects)
+    assert "hostPID" not in pod
+    assert "supplementalGroups" not in pod["securityContext"]
+    assert {v["name"] for v in pod["volumes"]} == {
+        "sds-socket",
+        "spiffe-workload-api",
+        "sds-config",
+    }
+    bridge = bridge_container(pod)
+    assert bridge is not None
+    assert bridge["env"] == [
+        {"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///spiffe-workload-api/spire-agent.sock"}
+    ]
+    sds_yaml = yaml.safe_load(
+        config_maps_of(objects)["shop-spiffe-envoy-sds-bridge"]["data"]["sds.yaml"]
+    )
+    assert "per_caller" not in sds_yaml
+    maps = config_maps_of(objects)
+    proxy, consumer_maps = node_consumer("/run/spiffe-envoy-sds")
+    assert wiring_problems(where, pod, proxy, {**maps, **consumer_maps}) == []
+
+
+def test_sidecar_mode_ignores_per_caller(helm: Helm) -> None:
+    """perCaller belongs to the node bridge: a sidecar keeps its pod's own Workload API."""
+    objects = helm.template("--set", "daemonset.perCaller.enabled=true")
+    ((_, pod),) = pod_specs(objects)
+    assert "hostPID" not in pod
+    sds_yaml = yaml.safe_load(
+        config_maps_of(objects)["shop-spiffe-envoy-sds-bridge"]["data"]["sds.yaml"]
+    )
+    assert "per_caller" not in sds_yaml
 
 
 def test_image_defaults_to_the_chart_app_version(helm: Helm) -> None:
@@ -218,6 +347,19 @@ def test_image_defaults_to_the_chart_app_version(helm: Helm) -> None:
         (
             ["--set", "sidecar.outbound.enabled=true", "--set", "sidecar.outbound.policy=x"],
             'sidecar.outbound.policy: "x" is not in policies',
+        ),
+        (
+            ["--set", "mode=daemonset", "--set", "daemonset.perCaller.adminSocketDir=run/spire"],
+            'daemonset.perCaller.adminSocketDir: "run/spire": want an absolute directory'
+            " other than /",
+        ),
+        (
+            ["--set", "mode=daemonset", "--set", "daemonset.perCaller.adminSocketName=a/api.sock"],
+            'daemonset.perCaller.adminSocketName: "a/api.sock": want a file name in adminSocketDir',
+        ),
+        (
+            ["--set", "mode=daemonset", "--set", "daemonset.perCaller.agentGroup=spire"],
+            'daemonset.perCaller.agentGroup: "spire": want the agent\'s numeric gid',
         ),
     ],
 )

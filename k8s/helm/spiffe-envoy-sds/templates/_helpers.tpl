@@ -35,6 +35,27 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the bridge runs per caller (mode daemonset, daemonset.perCaller.enabled). */}}
+{{- define "sds.perCaller" -}}
+{{- if and (eq .Values.mode "daemonset") .Values.daemonset.perCaller.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The agent's admin socket (per caller): the same path in the bridge as on the node. */}}
+{{- define "sds.adminSocket" -}}
+{{- printf "%s/%s" (.Values.daemonset.perCaller.adminSocketDir | trimSuffix "/") .Values.daemonset.perCaller.adminSocketName -}}
+{{- end -}}
+
+{{/* The agent's gid in decimal (per caller), or "" if it is none. A values file's numbers
+arrive as floats, which toString would write as 1e+06. */}}
+{{- define "sds.agentGroup" -}}
+{{- $group := .Values.daemonset.perCaller.agentGroup -}}
+{{- if kindIs "float64" $group -}}
+{{- if and (ge $group 0.0) (eq $group (floor $group)) -}}{{ int64 $group }}{{- end -}}
+{{- else if regexMatch "^[0-9]+$" (toString $group) -}}
+{{- toString $group -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Fail early on values that cannot work. */}}
 {{- define "sds.validate" -}}
 {{- if not (has .Values.mode (list "sidecar" "daemonset")) -}}
@@ -50,6 +71,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- fail (printf "sidecar.outbound.policy: %q is not in policies" .Values.sidecar.outbound.policy) -}}
 {{- end -}}
 {{- end -}}
+{{- if include "sds.perCaller" . -}}
+{{- $dir := .Values.daemonset.perCaller.adminSocketDir | toString -}}
+{{- if or (not (hasPrefix "/" $dir)) (eq $dir "/") -}}
+{{- fail (printf "daemonset.perCaller.adminSocketDir: %q: want an absolute directory other than /" $dir) -}}
+{{- end -}}
+{{- $name := .Values.daemonset.perCaller.adminSocketName | toString -}}
+{{- if or (not $name) (contains "/" $name) -}}
+{{- fail (printf "daemonset.perCaller.adminSocketName: %q: want a file name in adminSocketDir" $name) -}}
+{{- end -}}
+{{- if not (include "sds.agentGroup" .) -}}
+{{- fail (printf "daemonset.perCaller.agentGroup: %q: want the agent's numeric gid" (toString .Values.daemonset.perCaller.agentGroup)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The bridge's `sds run` config (docs/configuration.md). */}}
@@ -63,6 +97,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.allowedGids }}{{ $_ := set $config "allowed_gids" .Values.allowedGids }}{{ end -}}
 {{- if .Values.policies }}{{ $_ := set $config "policies" .Values.policies }}{{ end -}}
 {{- if .Values.metrics.enabled }}{{ $_ := set $config "metrics" (printf "0.0.0.0:%d" (int .Values.metrics.port)) }}{{ end -}}
+{{- if include "sds.perCaller" . }}{{ $_ := set $config "per_caller" (dict "delegated_identity_api" (printf "unix://%s" (include "sds.adminSocket" .))) }}{{ end -}}
 {{- toYaml (merge (deepCopy .Values.extraConfig) $config) -}}
 {{- end -}}
 
@@ -72,10 +107,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   image: {{ include "sds.image" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   args: ["run", "--config", "/etc/sds/sds.yaml"]
+  {{- if not (include "sds.perCaller" .) }}
   env:
     # The Workload API (the config names none, like SPIRE's own examples).
     - name: SPIFFE_ENDPOINT_SOCKET
       value: {{ printf "unix://%s" .Values.upstream.socket | quote }}
+  {{- end }}
   {{- if .Values.metrics.enabled }}
   ports:
     - name: sds-metrics
@@ -119,9 +156,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
     failureThreshold: 3
   {{- end }}
   volumeMounts:
+    {{- if include "sds.perCaller" . }}
+    # per_caller.delegated_identity_api in sds.yaml; no Workload API in this
+    # mode.
+    - name: spire-agent-admin
+      mountPath: {{ dir (include "sds.adminSocket" .) }}
+      readOnly: true
+    {{- else }}
     - name: spiffe-workload-api
       mountPath: {{ dir .Values.upstream.socket }}
       readOnly: true
+    {{- end }}
     - name: sds-socket
       mountPath: /run/sds
     - name: sds-config
@@ -131,8 +176,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
     {{- toYaml .Values.bridge.resources | nindent 4 }}
 {{- end -}}
 
-{{/* The Workload API volume: the SPIFFE CSI driver, or a read-only hostPath. */}}
+{{/* The upstream volume. Per caller: the agent's admin socket directory on the node (a
+directory of its own, not the Workload API's, which the CSI driver hands to every pod);
+only the bridge mounts it. Otherwise the Workload API: the SPIFFE CSI driver, or a
+read-only hostPath. */}}
 {{- define "sds.upstreamVolume" -}}
+{{- if include "sds.perCaller" . -}}
+- name: spire-agent-admin
+  hostPath:
+    path: {{ dir (include "sds.adminSocket" .) }}
+    type: Directory
+{{- else -}}
 - name: spiffe-workload-api
   {{- if .Values.upstream.csi.enabled }}
   csi:
@@ -143,6 +197,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
     path: {{ .Values.upstream.hostPath }}
     type: Directory
   {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "sds.podScheduling" -}}
