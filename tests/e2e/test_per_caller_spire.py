@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -52,7 +53,7 @@ from tests.harness.per_caller import (
 )
 from tests.harness.procs import wait_for
 from tests.harness.spire import BRIDGE, TRUST_DOMAIN, SpireDelegated
-from tests.harness.tlsclient import HttpsClient
+from tests.harness.tlsclient import Handshake, HttpsClient
 
 pytestmark = [
     pytest.mark.spire,
@@ -320,7 +321,12 @@ def test_a_killed_envoys_subscription_ends_and_its_pid_is_attested_afresh(
 
 
 def test_a_deleted_entry_takes_the_workloads_svid_away(node: Node, spire_scene: Scene) -> None:
-    """Last in the module: B's entry is deleted, B loses its SVID; re-registered, it is back."""
+    """Last in the module: B's entry is deleted and B loses its SVID; re-registered, it is back.
+
+    The bridge withdraws B's secrets at once, but SDS cannot take a secret back from
+    Envoy: B keeps presenting the last SVID it was sent, no rotation reaches it any more,
+    and once that SVID expires (40 s at most here) every handshake to B fails.
+    """
     b = node.envoy_b
     wait_for(partial(node.attested_as, b, ENVOY_B), TIMEOUT, "Envoy B attested")
     spire = spire_scene.spire
@@ -333,16 +339,33 @@ def test_a_deleted_entry_takes_the_workloads_svid_away(node: Node, spire_scene: 
     wait_for(lost, SYNC_TIMEOUT, "Envoy B's caller without SPIFFE IDs")
     caller = node.caller(b.pid)
     assert caller is not None
-    assert "default" not in caller["secrets"]
-    assert ENVOY_B not in caller["secrets"]
+    assert caller["secrets"] == []
+    assert caller["ready"] is False
+    assert "the Workload API holds no X.509-SVID for this workload" in caller["reason"]
+    last = node.handshake(b)
+    assert last.ok and last.spiffe_id == ENVOY_B and last.leaf is not None
+    expires = last.leaf.not_valid_after_utc.timestamp()
 
-    def b_no_longer_serves() -> bool:
-        return "default" not in b.secrets() or not node.handshake(b).ok
+    def refused() -> Handshake | None:
+        shake = node.handshake(b)
+        if shake.ok:
+            assert shake.serial == last.serial  # the last SVID sent, never a new one
+            return None
+        return shake
 
-    wait_for(b_no_longer_serves, SYNC_TIMEOUT, "Envoy B to stop serving its SVID")
+    left = expires - time.time()
+    assert left < 45, left
+    failed = wait_for(refused, max(left, 0) + TIMEOUT, "handshakes to B to fail")
+    assert "certificate has expired" in failed.output, failed.output[-2000:]
+    assert time.time() >= expires
     # A is untouched.
     assert node.handshake(node.envoy_a).spiffe_id == ENVOY_A
 
     spire_scene.entries[ENVOY_B] = spire.register(UID_B, ENVOY_B)
     wait_for(partial(node.attested_as, b, ENVOY_B), SYNC_TIMEOUT, "Envoy B re-registered")
-    wait_for(lambda: node.handshake(b).spiffe_id == ENVOY_B, TIMEOUT, "B serving again")
+
+    def serving_again() -> bool:
+        shake = node.handshake(b)
+        return shake.ok and shake.spiffe_id == ENVOY_B and shake.serial != last.serial
+
+    wait_for(serving_again, TIMEOUT, "B serving a new SVID")
