@@ -7,7 +7,8 @@ the only authorized delegate; one ``sds run`` in per-caller mode subscribes on
 its callers' behalf; Envoy A runs as uid 40001 and Envoy B as uid 40002 (both
 Envoy 1.40 from the harness, via ``setpriv``). The provider's rules give each
 uid one identity: root is ``sds-bridge``, 40001 ``envoy-a``, 40002
-``envoy-b``.
+``envoy-b``. The scene is :mod:`tests.harness.per_caller`'s (shared with the
+same checks against SPIRE, ``tests/e2e/test_per_caller_spire.py``).
 
 The SDS socket is mode 0660 in a setgid directory of group 40000 (mode
 02750, owned by root), so the socket inherits group 40000; the Envoys hold
@@ -28,37 +29,35 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import json
 import os
-import re
-import signal
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.client import WorkloadApiClient
 from tests.conftest import short_tmp
-from tests.harness.envoy import (
-    EnvoyProcess,
-    Envoys,
-    bootstrap,
-    downstream_mtls_listener,
-    sds_cluster,
-    upstream_mtls_cluster,
+from tests.harness.envoy import Envoys, bootstrap, downstream_mtls_listener, sds_cluster
+from tests.harness.per_caller import (
+    LOCALHOST,
+    SDS_GID,
+    TIMEOUT,
+    UID_A,
+    UID_B,
+    Ids,
+    Node,
+    caller_ended_line,
+    kill,
+    report_failure,
+    scene,
+    start_scene,
+    uids,
 )
 from tests.harness.procs import Processes, wait_for
 from tests.harness.provider import start_provider, write_identities
 from tests.harness.stack import Material
-from tests.harness.tlsclient import openssl_handshake
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -69,11 +68,8 @@ TD = "spiffe://example.org"
 BRIDGE = f"{TD}/sds-bridge"
 ENVOY_A = f"{TD}/envoy-a"
 ENVOY_B = f"{TD}/envoy-b"
-UID_A, UID_B = 40001, 40002
+IDS = Ids(bridge=BRIDGE, envoy_a=ENVOY_A, envoy_b=ENVOY_B)
 UID_OUTSIDER = 40003  # holds the socket's group, not in allowed_uids, has no identity
-SDS_GID = 40000
-LOCALHOST = "127.0.0.1"
-TIMEOUT = 20.0
 
 
 def _identity(name: str, uid: int) -> str:
@@ -91,126 +87,6 @@ IDENTITIES = "---\n".join(
 )
 
 
-@dataclass
-class Node:
-    """The running scene: provider, bridge, the two Envoys, and this process's TLS material."""
-
-    procs: Processes
-    envoys: Envoys
-    dir: Path
-    provider: Any
-    bridge: Any
-    admin_port: int
-    client: Material
-    envoy_a: EnvoyProcess
-    envoy_b: EnvoyProcess
-
-    @property
-    def sds_socket(self) -> Path:
-        return self.dir / "sds" / "sds.sock"
-
-    def admin_text(self, path: str) -> str:
-        """The body of a GET on the bridge's admin endpoint, whatever its status."""
-        url = f"http://{LOCALHOST}:{self.admin_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as exc:
-            return str(exc.read().decode())
-
-    def admin(self, path: str) -> Any:
-        return json.loads(self.admin_text(path))
-
-    def caller(self, pid: int) -> dict[str, Any] | None:
-        """The bridge's ``/callers`` entry for process ``pid``, if attested now."""
-        return next((c for c in self.admin("/callers") if c["pid"] == pid), None)
-
-    def streams_of(self, pid: int) -> list[dict[str, Any]]:
-        """The bridge's ``/envoys`` entries (one per SDS stream) opened by process ``pid``."""
-        return [s for s in self.admin("/envoys") if s["pid"] == pid]
-
-    def metric(self, name: str, labels: str = "") -> float | None:
-        """One sample of the bridge's ``/metrics``, by name and exact label text."""
-        wanted = name + (f"{{{labels}}}" if labels else "")
-        for line in self.admin_text("/metrics").splitlines():
-            sample, _, value = line.rpartition(" ")
-            if sample == wanted:
-                return float(value)
-        return None
-
-    def handshake(self, envoy: EnvoyProcess, listener: str = "in") -> Any:
-        """``openssl s_client`` (as root, with the ``sds-bridge`` SVID) to ``envoy``'s listener."""
-        c = self.client
-        return openssl_handshake(LOCALHOST, envoy.listener_port(listener), c.cert, c.key, c.ca)
-
-    def restart_envoy_a(self) -> EnvoyProcess:
-        """A new Envoy A in place of the old one (which must be gone)."""
-        self.envoy_a = _start_envoy_a(self.envoys, self.sds_socket, self.envoy_b)
-        return self.envoy_a
-
-
-def _start_envoy_a(envoys: Envoys, sds_socket: Path, envoy_b: EnvoyProcess) -> EnvoyProcess:
-    """Envoy A (uid 40001): listener ``in``; ``out`` forwards over mTLS to B's ``from-a``."""
-    clusters = [
-        sds_cluster("sds", sds_socket),
-        upstream_mtls_cluster("to-b", envoy_b.listener_port("from-a"), allowed_peer_ids=[ENVOY_B]),
-    ]
-    listeners = [downstream_mtls_listener("in"), _plain_listener("out", "to-b")]
-    config = bootstrap("envoy-a", "per-caller", listeners, clusters)
-    return envoys.start(config, uid=UID_A, groups=[SDS_GID], name="envoy-a", ready_timeout=TIMEOUT)
-
-
-def _start_envoy_b(envoys: Envoys, sds_socket: Path) -> EnvoyProcess:
-    """Envoy B (uid 40002): ``in``; ``steal`` naming A's ID; ``from-a`` admitting only A."""
-    listeners = [
-        downstream_mtls_listener("in"),
-        # B is not entitled to A's SPIFFE ID, so that secret never arrives; the initial
-        # fetch timeout lets B go LIVE without it.
-        downstream_mtls_listener("steal", cert_sds_name=ENVOY_A, initial_fetch_timeout="1s"),
-        downstream_mtls_listener("from-a", validation_sds_name="from-a"),
-    ]
-    config = bootstrap("envoy-b", "per-caller", listeners, [sds_cluster("sds", sds_socket)])
-    return envoys.start(config, uid=UID_B, groups=[SDS_GID], name="envoy-b", ready_timeout=TIMEOUT)
-
-
-def _plain_listener(name: str, cluster: str) -> dict[str, Any]:
-    """A plaintext HTTP listener on loopback routing everything to ``cluster``."""
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-        "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {
-            "name": f"{name}-routes",
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}],
-                }
-            ],
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": LOCALHOST, "port_value": 0}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
-
-
 def _client_material(workload_socket: Path) -> Material:
     """The SVID the provider issues to this process (``sds-bridge``), with its trust bundle."""
 
@@ -225,58 +101,17 @@ def _client_material(workload_socket: Path) -> Material:
     return Material(svid.chain_pem(), svid.key_pem(), bundle.pem(), BRIDGE)
 
 
-def _start_bridge(procs: Processes, directory: Path, admin_socket: Path) -> tuple[Any, int]:
-    sds_dir = directory / "sds"
-    sds_dir.mkdir()
-    os.chown(sds_dir, 0, SDS_GID)
-    sds_dir.chmod(0o2750)  # setgid: the socket bound here gets group SDS_GID
-    config = directory / "bridge.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"unix://{sds_dir / 'sds.sock'}",
-                "socket_mode": "0660",
-                "allowed_uids": [0, UID_A, UID_B],
-                "admin": f"{LOCALHOST}:0",
-                "per_caller": {"delegated_identity_api": f"unix://{admin_socket}"},
-                "policies": [{"name": "from-a", "allow": [ENVOY_A]}],
-            }
-        )
-    )
-    bridge = procs.sds("--log-level", "DEBUG", "run", "--config", str(config), name="bridge")
-    socket = sds_dir / "sds.sock"
-    wait_for(socket.exists, TIMEOUT, "the bridge's SDS socket")
-    assert socket.stat().st_gid == SDS_GID
-    assert oct(socket.stat().st_mode & 0o777) == "0o660"
-
-    def admin_port() -> int | None:
-        match = re.search(r"admin\.listening \S*?:(\d+)", procs.log(bridge))
-        return int(match.group(1)) if match else None
-
-    return bridge, wait_for(admin_port, TIMEOUT, "the bridge's admin port in its log")
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    with short_tmp("sds-pc-", 0o755) as directory:
-        procs = Processes(tmp_path_factory.mktemp("per-caller-logs"))
-        envoys = Envoys(tmp_path_factory.mktemp("per-caller-envoys"))
-        try:
-            scene = _start_scene(procs, envoys, directory)
-        except BaseException:
-            sys.stderr.write("\n" + procs.tails(6000) + envoys.dump_logs(4000) + "\n")
-            envoys.close()
-            procs.close()
-            raise
-        try:
-            yield scene
-        finally:
-            envoys.close()
-            procs.close()
+    with (
+        short_tmp("sds-pc-", 0o755) as directory,
+        scene(tmp_path_factory, partial(_start_scene, directory=directory)) as built,
+    ):
+        yield built
 
 
 def _start_scene(procs: Processes, envoys: Envoys, directory: Path) -> Node:
-    """Provider, bridge, Envoy B, then Envoy A (which needs B's port)."""
+    """The provider (Workload API and Delegated Identity API), then the scene on it."""
     (directory / "workload").mkdir(mode=0o755)
     (directory / "admin").mkdir(mode=0o700)
     workload_socket = directory / "workload" / "workload.sock"
@@ -285,31 +120,20 @@ def _start_scene(procs: Processes, envoys: Envoys, directory: Path) -> Node:
     delegate = ("--admin-socket", str(admin_socket), "--authorized-delegate", BRIDGE)
     provider = start_provider(procs, workload_socket, ids, "--ephemeral", *delegate)
     wait_for(lambda: "provider.admin_ready" in procs.log(provider), TIMEOUT, "admin API")
-    bridge, admin_port = _start_bridge(procs, directory, admin_socket)
-    sds_socket = directory / "sds" / "sds.sock"
-    envoy_b = _start_envoy_b(envoys, sds_socket)
-    envoy_a = _start_envoy_a(envoys, sds_socket, envoy_b)
-    client = _client_material(workload_socket)
-    return Node(procs, envoys, directory, provider, bridge, admin_port, client, envoy_a, envoy_b)
+    client = partial(_client_material, workload_socket)
+    return start_scene(procs, envoys, directory, admin_socket, ids=IDS, client=client)
 
 
 @pytest.fixture(autouse=True)
 def _logs_on_failure(node: Node, request: pytest.FixtureRequest) -> Iterator[None]:
     """A failed test prints the tails of the provider's, the bridge's and the Envoys' logs."""
     yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        sys.stderr.write("\n" + node.procs.tails(6000) + node.envoys.dump_logs(4000) + "\n")
-
-
-def _uids(pid: int) -> list[str]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    report_failure(node, request)
 
 
 def test_each_envoy_presents_its_own_svid_never_the_bridges(node: Node) -> None:
-    assert _uids(node.envoy_a.pid) == [str(UID_A)] * 4
-    assert _uids(node.envoy_b.pid) == [str(UID_B)] * 4
+    assert uids(node.envoy_a.pid) == [str(UID_A)] * 4
+    assert uids(node.envoy_b.pid) == [str(UID_B)] * 4
     for envoy, expected in ((node.envoy_a, ENVOY_A), (node.envoy_b, ENVOY_B)):
         shake = node.handshake(envoy)
         assert shake.ok and shake.verified, shake.output[-2000:]
@@ -421,18 +245,9 @@ def test_killing_an_envoy_ends_only_its_caller(node: Node) -> None:
     a, b = node.envoy_a, node.envoy_b
     wait_for(lambda: node.caller(a.pid), TIMEOUT, "Envoy A attested")
     b_before = wait_for(lambda: node.caller(b.pid), TIMEOUT, "Envoy B attested")
-    a_pid = a.pid
+    a_pid = kill(a)
 
-    os.kill(a_pid, signal.SIGKILL)
-    wait_for(lambda: not a.alive(), TIMEOUT, "Envoy A dead")
-
-    def ended() -> str | None:
-        for line in node.procs.log(node.bridge).splitlines():
-            if "caller.ended" in line and f"pid={a_pid} " in line:
-                return line
-        return None
-
-    line = wait_for(ended, TIMEOUT, "caller.ended for Envoy A")
+    line = wait_for(partial(caller_ended_line, node, a_pid), TIMEOUT, "caller.ended for Envoy A")
     assert f"workload={ENVOY_A}" in line
     # The kernel closes a dying process's sockets before its pidfd turns readable, so the
     # bridge may see either first; both end the caller at once.

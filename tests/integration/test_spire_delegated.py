@@ -89,16 +89,24 @@ class Admin:
 def workloads(
     spire_delegated: SpireDelegated, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """Envoy stand-ins: ``sleep`` as UID_A (envoy-a), UID_B (envoy-b), UID_NOBODY (no entry)."""
+    """Envoy stand-ins: ``sleep`` as UID_A (envoy-a), UID_B (envoy-b), UID_NOBODY (no entry);
+    the two entries are deleted after the module."""
     procs = Processes(tmp_path_factory.mktemp("delegated-workloads"))
-    spire_delegated.register(UID_A, ENVOY_A, hint="a")
-    spire_delegated.register(UID_B, ENVOY_B)
-    yield {
-        "a": start_as(procs, UID_A, SLEEP, "envoy-a"),
-        "b": start_as(procs, UID_B, SLEEP, "envoy-b"),
-        "nobody": start_as(procs, UID_NOBODY, SLEEP, "nobody"),
-    }
-    procs.close()
+    # Deleted at the end: the agent is the session's, and other modules register these uids.
+    entries = [
+        spire_delegated.register(UID_A, ENVOY_A, hint="a"),
+        spire_delegated.register(UID_B, ENVOY_B),
+    ]
+    try:
+        yield {
+            "a": start_as(procs, UID_A, SLEEP, "envoy-a"),
+            "b": start_as(procs, UID_B, SLEEP, "envoy-b"),
+            "nobody": start_as(procs, UID_NOBODY, SLEEP, "nobody"),
+        }
+    finally:
+        procs.close()
+        for entry in entries:
+            spire_delegated.server.entry_delete(entry)
 
 
 @pytest.fixture
