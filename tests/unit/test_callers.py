@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from sds._proto import delegatedidentity_pb2 as pb
 from sds._util.peercred import bind_unix_socket
 from sds.bridge.callers import Callers
 from sds.bridge.config import parse_config
 from sds.errors import NotEntitled
+from sds.spiffe.jwt import sign_jwt_svid
 from sds.workloadapi.address import parse_address
 from sds.xds.cache import SecretCache
 from sds.xds.service import SdsServer, SdsServicer
@@ -268,3 +272,27 @@ async def test_the_bridges_own_identity_is_never_served(
         f"caller.withheld pid={os.getpid()} spiffe_ids=spiffe://example.org/sds-bridge "
         "reason=\"the bridge's own identity (the delegate's) is never served to callers\""
     ]
+
+
+async def test_jwt_svids_are_fetched_by_the_callers_pid(world: World) -> None:
+    web = world.ca.svid("/web")
+    world.agent.set_workload(os.getpid(), svids_response([web]))
+    token = sign_jwt_svid(ec.generate_private_key(ec.SECP256R1()), "k1", web.spiffe_id, ["db"], 300)
+    world.agent.jwt_svids[os.getpid()] = [
+        pb.JWTSVID(
+            token=token,
+            id=pb.SPIFFEID(trust_domain="example.org", path="/web"),
+            expires_at=int(time.time()) + 300,
+        )
+    ]
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default", "jwt-svid:db"], with_node=node())
+        got = await s.recv()
+        if "jwt-svid:db" not in got.secrets:  # the token is fetched on demand, after default
+            await s.ack()
+            got = await s.recv()
+    secret = got.secrets["jwt-svid:db"].generic_secret.secret.inline_string
+    assert secret == f"Bearer {token}"
+    (request,) = [r for r in world.agent.requests if r.method == "FetchJWTSVIDs"]
+    assert request.message.pid == os.getpid()
+    assert list(request.message.audience) == ["db"]
