@@ -74,6 +74,7 @@ from sds.workloadapi.watcher import (
     FIRST_MESSAGE_TIMEOUT,
     ExpiryTimer,
     SocketWake,
+    first_state,
     last_good,
     retry_delay,
     same_jwt,
@@ -609,19 +610,9 @@ class DelegatedWatcher:
         On timeout raises the class of :attr:`last_error` with its reason, or
         WorkloadApiUnavailable if none was seen.
         """
-        try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError:
-            err = self.last_error
-            if err is None:
-                raise WorkloadApiUnavailable(
-                    f"{self._where} sent no X.509-SVIDs within {timeout:g}s"
-                ) from None
-            raise type(err)(f"no X.509-SVIDs within {timeout:g}s: {err}") from err
-        ctx = self.current()
-        assert ctx is not None
-        return ctx
+        return await first_state(
+            self._ready, timeout, self._where, lambda: self.last_error, self.current
+        )
 
     # -- running -----------------------------------------------------------
 

@@ -45,6 +45,7 @@ __all__ = [
     "SocketWake",
     "Watcher",
     "WatcherEvents",
+    "first_state",
     "last_good",
     "retry_delay",
     "same_jwt",
@@ -150,6 +151,33 @@ def retry_delay(exc: WorkloadApiError, backoff: Backoff) -> float:
         backoff.attempt += 1
         return backoff.maximum
     return backoff.next_delay()
+
+
+async def first_state(
+    ready: asyncio.Event,
+    timeout: float,  # noqa: ASYNC109 - the watchers' wait_ready(timeout) passes it on
+    where: str,
+    last_error: Callable[[], WorkloadApiError | None],
+    current: Callable[[], X509Context | None],
+) -> X509Context:
+    """Wait up to ``timeout`` seconds for ``ready`` (the first X.509 state) and return it.
+
+    On timeout raises the class of ``last_error()`` with its reason, or
+    WorkloadApiUnavailable naming ``where`` if no error was seen.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await ready.wait()
+    except TimeoutError:
+        err = last_error()
+        if err is None:
+            raise WorkloadApiUnavailable(
+                f"{where} sent no X.509-SVIDs within {timeout:g}s"
+            ) from None
+        raise type(err)(f"no X.509-SVIDs within {timeout:g}s: {err}") from err
+    ctx = current()
+    assert ctx is not None
+    return ctx
 
 
 class ExpiryTimer:
@@ -334,19 +362,13 @@ class Watcher:
         On timeout raises the class of the last stream error (WorkloadApiError
         subclasses) with its reason, or WorkloadApiUnavailable if none was seen.
         """
-        try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError:
-            err = self._last_error
-            if err is None:
-                raise WorkloadApiUnavailable(
-                    f"workload API at {self.address} sent no X.509-SVIDs within {timeout:g}s"
-                ) from None
-            raise type(err)(f"no X.509-SVIDs within {timeout:g}s: {err}") from err
-        ctx = self.current()
-        assert ctx is not None
-        return ctx
+        return await first_state(
+            self._ready,
+            timeout,
+            f"workload API at {self.address}",
+            lambda: self._last_error,
+            self.current,
+        )
 
     # -- running -----------------------------------------------------------
 
