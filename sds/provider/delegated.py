@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -69,14 +68,15 @@ from grpclib.server import Stream
 
 from sds._proto import delegatedidentity_pb2 as dpb
 from sds._proto.delegatedidentity_grpc import DelegatedIdentityBase
-from sds._util.grpcedge import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, GuardedServer
+from sds._util.grpcedge import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 from sds._util.log import event
-from sds._util.peercred import DEFAULT_BACKLOG, PeerCredentials, UnixListener, peer_credentials
+from sds._util.peercred import PeerCredentials, peer_credentials
 from sds._util.process import Process, peer_process
 from sds.errors import ProcessExited
 from sds.provider.identities import Identity, entitled
 from sds.provider.service import (
     CallTracker,
+    Endpoint,
     MintedSvid,
     WorkloadApiService,
     jwt_times,
@@ -386,13 +386,17 @@ def _id(spiffe_id: SpiffeId) -> dpb.SPIFFEID:
     return dpb.SPIFFEID(trust_domain=spiffe_id.trust_domain.name, path=spiffe_id.path)
 
 
-class AdminApi:
+class AdminApi(Endpoint):
     """The provider's admin endpoint: the Delegated Identity API on its own Unix socket.
 
     ``start(listener)`` serves on a bound, listening socket; ``close()`` ends
     every stream with UNAVAILABLE, closes the connections and removes the
     socket file if it is still the one that was bound.
     """
+
+    unknown_type = dpb.SubscribeToX509SVIDsRequest
+    connection_event = "delegate.connection_closed"
+    what = "admin API"
 
     def __init__(
         self,
@@ -403,41 +407,6 @@ class AdminApi:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.service = DelegatedIdentityService(workload, delegates)
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self._server: GuardedServer | None = None
-        self._listener: UnixListener | None = None
-
-    async def start(self, listener: UnixListener | socket.socket) -> None:
-        """Serve on ``listener`` (listening, non-blocking); returns once accepting."""
-        if self._server is not None:
-            raise RuntimeError("admin API already started")
-        if isinstance(listener, UnixListener):
-            self._listener, sock = listener, listener.sock
-        else:
-            sock = listener
-        self._server = GuardedServer(
-            [self.service],
-            unknown_type=dpb.SubscribeToX509SVIDsRequest,
-            handshake_timeout=self.handshake_timeout,
-            idle_timeout=self.idle_timeout,
-            log=logger,
-            connection_event="delegate.connection_closed",
+        super().__init__(
+            self.service, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout
         )
-        await self._server.start(sock=sock, backlog=DEFAULT_BACKLOG)
-
-    async def close(self) -> None:
-        """Stop serving (streams end UNAVAILABLE) and remove the socket file if still ours."""
-        server, self._server = self._server, None
-        if server is not None:
-            await self.service.shutdown()
-            server.close()
-            self.service.close_connections()
-            try:
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    await server.wait_closed()
-            except TimeoutError:
-                event(logger, logging.WARNING, "provider.close_timeout", seconds=_CLOSE_TIMEOUT)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.remove()

@@ -36,8 +36,9 @@ import socket
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from google.protobuf.message import Message
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "REQUEST_TIMEOUT",
     "SECURITY_HEADER",
+    "Endpoint",
     "WorkloadApiProvider",
     "WorkloadApiService",
 ]
@@ -613,7 +615,87 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         await stream.send_message(response)
 
 
-class WorkloadApiProvider:
+class _Served(Protocol):
+    """What an endpoint serves: a servicer that can end its streams and drop its clients."""
+
+    async def shutdown(self, grace: float = ...) -> None: ...
+
+    def close_connections(self) -> None: ...
+
+
+class Endpoint:
+    """One servicer on one Unix socket: :meth:`start` on a bound, listening socket,
+    :meth:`close` in order (streams end UNAVAILABLE, connections close, the socket file
+    goes if it is still the one bound). Shared by the Workload API and the admin socket.
+
+    ``handshake_timeout`` and ``idle_timeout`` bound connections that never open a
+    stream or hold none (see :class:`sds._util.grpcedge.GuardedServer`).
+    """
+
+    #: The request type an unknown method's body is read as (bounded), per endpoint.
+    unknown_type: type[Message]
+    #: The event logged for each closed connection.
+    connection_event: str
+    #: What ``start`` twice says is already started.
+    what: str
+
+    def __init__(
+        self,
+        service: _Served,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self._served = service
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self._server: GuardedServer | None = None
+        self._listener: UnixListener | None = None
+
+    async def start(self, listener: UnixListener | socket.socket) -> None:
+        """Serve on ``listener`` (listening, non-blocking); returns once accepting.
+
+        A UnixListener's socket file is removed by :meth:`close` while it is
+        still ours; a bare socket's file is left to the caller.
+        """
+        if self._server is not None:
+            raise RuntimeError(f"{self.what} already started")
+        if isinstance(listener, UnixListener):
+            self._listener, sock = listener, listener.sock
+        else:
+            sock = listener
+        self._server = GuardedServer(
+            [self._served],
+            unknown_type=self.unknown_type,
+            handshake_timeout=self.handshake_timeout,
+            idle_timeout=self.idle_timeout,
+            log=logger,
+            connection_event=self.connection_event,
+        )
+        await self._server.start(sock=sock, backlog=DEFAULT_BACKLOG)
+
+    async def close(self) -> None:
+        """Stop serving and remove the socket file if it is still ours.
+
+        Open streams end with UNAVAILABLE ("shutting down") so clients retry,
+        then every client connection is closed.
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            await self._served.shutdown()
+            server.close()
+            self._served.close_connections()
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await server.wait_closed()
+            except TimeoutError:
+                event(logger, logging.WARNING, "provider.close_timeout", seconds=_CLOSE_TIMEOUT)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.remove()
+
+
+class WorkloadApiProvider(Endpoint):
     """A Workload API server for one trust domain, embeddable in any asyncio program.
 
     ``start(listener)`` serves on an already bound, listening socket (normally
@@ -623,6 +705,10 @@ class WorkloadApiProvider:
     ``idle_timeout`` bound connections that never open a stream or hold none
     (see :class:`sds._util.grpcedge.GuardedServer`).
     """
+
+    unknown_type = pb.X509SVIDRequest
+    connection_event = "workload.connection_closed"
+    what = "provider"
 
     def __init__(
         self,
@@ -639,10 +725,9 @@ class WorkloadApiProvider:
         self.service = WorkloadApiService(
             ca, identities, federation, x509_ttl=x509_ttl, jwt_ttl=jwt_ttl
         )
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self._server: GuardedServer | None = None
-        self._listener: UnixListener | None = None
+        super().__init__(
+            self.service, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout
+        )
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -662,45 +747,3 @@ class WorkloadApiProvider:
     def reload(self, identities: Sequence[Identity], federation: Sequence[FederatedBundle]) -> None:
         """Replace identities and federated bundles; open streams push what changed for them."""
         self.service.reload(identities, federation)
-
-    async def start(self, listener: UnixListener | socket.socket) -> None:
-        """Serve on ``listener`` (listening, non-blocking); returns once accepting.
-
-        A UnixListener's socket file is removed by :meth:`close` while it is
-        still ours; a bare socket's file is left to the caller.
-        """
-        if self._server is not None:
-            raise RuntimeError("provider already started")
-        if isinstance(listener, UnixListener):
-            self._listener, sock = listener, listener.sock
-        else:
-            sock = listener
-        self._server = GuardedServer(
-            [self.service],
-            unknown_type=pb.X509SVIDRequest,
-            handshake_timeout=self.handshake_timeout,
-            idle_timeout=self.idle_timeout,
-            log=logger,
-            connection_event="workload.connection_closed",
-        )
-        await self._server.start(sock=sock, backlog=DEFAULT_BACKLOG)
-
-    async def close(self) -> None:
-        """Stop serving and remove the socket file if it is still ours.
-
-        Open streams end with UNAVAILABLE ("shutting down") so clients retry,
-        then every client connection is closed.
-        """
-        server, self._server = self._server, None
-        if server is not None:
-            await self.service.shutdown()
-            server.close()
-            self.service.close_connections()
-            try:
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    await server.wait_closed()
-            except TimeoutError:
-                event(logger, logging.WARNING, "provider.close_timeout", seconds=_CLOSE_TIMEOUT)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.remove()
