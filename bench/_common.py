@@ -591,3 +591,24 @@ def run_benchmark(name: str, run: Callable[[Any], dict[str, Any]], args: Any) ->
     path = write_results(name, result)
     print(f"\nwall time {result['wall_seconds']:.0f} s; results: {path.relative_to(REPO)}")
     return 0
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (with a hint) when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] no plot: pip install matplotlib", file=sys.stderr)
+        return None
+    return plt
+
+
+def write_summary(summary: Path, plot_path: Path, result: Any, plot: Callable[[], None]) -> None:
+    """Write ``result`` as the committed JSON summary, draw the plot, say where both are."""
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot()
+    print(f"summary: {summary.relative_to(REPO)}; plot: {plot_path.relative_to(REPO)}")

@@ -43,6 +43,7 @@ from _common import (
     Procs,
     machine,
     machine_line,
+    pyplot,
     ratio,
     rss_kb,
     run_benchmark,
@@ -50,6 +51,7 @@ from _common import (
     table,
     wait_until,
     workspace,
+    write_summary,
 )
 
 from sds.tools import bootstrap as _bootstrap
@@ -379,22 +381,14 @@ def report(
     }
     if not args.no_summary:
         summary = {k: v for k, v in result.items() if k != "runs"}
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        plot(med, rss_mb)
-        print(f"summary: {SUMMARY.relative_to(REPO)}; plot: {PLOT.relative_to(REPO)}")
+        write_summary(SUMMARY, PLOT, summary, lambda: plot(med, rss_mb))
     return result
 
 
 def plot(med: dict[str, dict[str, float]], rss_mb: dict[str, float]) -> None:
     """p50 latency per load and front, and RSS per side, as one PNG (matplotlib, Agg)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] no plot: pip install matplotlib", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{m}\nc={c}" for m, _ in MODES for c in WORKERS]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})

@@ -731,24 +731,14 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[CaseRun]) 
         "runs": [{**vars(r), "kb_per_workload": r.kb_per_workload} for r in runs],
     }
     if not args.quick and not args.no_summary:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        plot(result)
-        print(
-            f"summary: {SUMMARY.relative_to(_common.REPO)}; plot: {PLOT.relative_to(_common.REPO)}"
-        )
+        _common.write_summary(SUMMARY, PLOT, result, lambda: plot(result))
     return result
 
 
 def plot(result: dict[str, Any]) -> None:
     """Per-workload rotation latency CDFs (every measured rotation of every run) and memory."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] no plot: pip install matplotlib", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return
     colors = {"shared": "#7f7f7f", "per-caller": "#1f77b4"}
     labels = {"shared": "shared bridge (baseline)", "per-caller": "per-caller bridge"}

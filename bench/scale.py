@@ -703,24 +703,14 @@ def report(
     }
     full = not args.quick and fan["bridge"] and storm and len(fan["bridge"]) > 1
     if full and not args.no_summary:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        plot(result)
-        print(
-            f"summary: {SUMMARY.relative_to(_common.REPO)}; plot: {PLOT.relative_to(_common.REPO)}"
-        )
+        _common.write_summary(SUMMARY, PLOT, result, lambda: plot(result))
     return result
 
 
 def plot(result: dict[str, Any]) -> None:
     """Push time (log-log) and RSS (log-linear) against stream count, bridge and floor."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] no plot: pip install matplotlib", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"bridge": "#1f77b4", "floor": "#7f7f7f"}
