@@ -24,6 +24,7 @@ module knows nothing of gRPC.
     │   ├── WorkloadApiDenied         the server refused this caller (retry: it may change)
     │   └── WorkloadApiMisconfigured  INVALID_ARGUMENT: fix configuration, do not retry
     └── SdsServerError                the SDS side cannot start or serve
+        └── TooManyCallers            per-caller mode is attesting as many processes as allowed
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "SdsServerError",
     "SocketInUse",
     "StartupError",
+    "TooManyCallers",
     "UnsafePath",
     "WorkloadApiDenied",
     "WorkloadApiError",
@@ -115,3 +117,8 @@ class WorkloadApiMisconfigured(WorkloadApiError):
 
 class SdsServerError(SdsError):
     """The SDS server cannot start or serve (socket, permissions, address)."""
+
+
+class TooManyCallers(SdsServerError):
+    """Per-caller mode holds ``per_caller.max_callers`` caller processes already; a new one
+    is refused until one ends (each costs an upstream subscription)."""

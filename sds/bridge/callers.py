@@ -45,7 +45,7 @@ from sds._util.process import Process, peer_process
 from sds.bridge.config import BridgeConfig
 from sds.bridge.jwtsvids import JwtSvidManager, JwtToken, wanted_audiences
 from sds.bridge.state import Bridge
-from sds.errors import NotEntitled, WorkloadApiDenied
+from sds.errors import NotEntitled, TooManyCallers, WorkloadApiDenied
 from sds.spiffe.x509 import X509Context
 from sds.workloadapi.address import Address
 from sds.workloadapi.delegated import DelegatedBundles, DelegatedIdentityClient, DelegatedWatcher
@@ -337,6 +337,14 @@ class Callers(Tenancy):
         workload = self.workloads.get(process.key)
         fresh = workload is None
         if workload is None:
+            assert self.config.per_caller is not None
+            limit = self.config.per_caller.max_callers
+            if len(self.workloads) >= limit:
+                process.close()
+                raise TooManyCallers(
+                    f"{len(self.workloads)} caller processes are attested already "
+                    f"(per_caller.max_callers: {limit}); pid {creds.pid} refused"
+                )
             workload = self._begin(process, creds)
         else:
             process.close()  # the workload holds its own pidfd for this process

@@ -113,6 +113,10 @@ class Policy:
         return ",".join(str(p) for p in self.workloads) or "every workload"
 
 
+#: ``per_caller.max_callers`` by default.
+DEFAULT_MAX_CALLERS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class PerCaller:
     """Per-caller attestation: each SDS caller gets only its own workload's SVIDs.
@@ -124,6 +128,8 @@ class PerCaller:
     """
 
     delegated_identity_api: tuple[str, ...]
+    #: Caller processes attested at once; a new one beyond is refused (RESOURCE_EXHAUSTED).
+    max_callers: int = DEFAULT_MAX_CALLERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,7 +576,7 @@ def _parse_config(reader: _Reader, data: Any, source: str) -> BridgeConfig:
 def _parse_per_caller(reader: _Reader, value: Any, config: BridgeConfig) -> PerCaller:
     """``per_caller.delegated_identity_api``: one address or a list, each a valid address;
     exclusive with ``workload_api`` (in this mode the bridge has no identity to serve)."""
-    data = reader.mapping(value, "per_caller", {"delegated_identity_api"})
+    data = reader.mapping(value, "per_caller", {"delegated_identity_api", "max_callers"})
     if "delegated_identity_api" not in data:
         raise reader.fail("per_caller", "needs delegated_identity_api (the agent's admin socket)")
     raw = data["delegated_identity_api"]
@@ -593,7 +599,13 @@ def _parse_per_caller(reader: _Reader, value: Any, config: BridgeConfig) -> PerC
             "cannot be combined with workload_api: in per-caller mode every caller is "
             "served its own identity, never the bridge's",
         )
-    return PerCaller(tuple(addresses))
+    max_callers = DEFAULT_MAX_CALLERS
+    if "max_callers" in data:
+        raw_max = data["max_callers"]
+        if not isinstance(raw_max, int) or isinstance(raw_max, bool) or not 1 <= raw_max <= 65536:
+            raise reader.fail("per_caller.max_callers", "must be an integer from 1 to 65536")
+        max_callers = raw_max
+    return PerCaller(tuple(addresses), max_callers)
 
 
 def _duration(reader: _Reader, value: Any, path: str, *, maximum: float) -> float:

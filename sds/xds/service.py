@@ -58,7 +58,7 @@ from sds._util.grpcedge import (
 from sds._util.log import event
 from sds._util.peercred import PeerCredentials, peer_credentials
 from sds._util.ratelimit import RateLimiter
-from sds.errors import NotEntitled
+from sds.errors import NotEntitled, TooManyCallers
 from sds.xds.cache import SecretCache, Watch
 from sds.xds.codec import (
     SECRET_TYPE_URL,
@@ -555,6 +555,16 @@ class SdsServicer:
                 reason=str(exc),
             )
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from exc
+        except TooManyCallers as exc:
+            self._note(
+                self._server_log,
+                ("sds.too_many_callers",),
+                logging.WARNING,
+                "sds.too_many_callers",
+                pid=info.creds.pid if info.creds else "",
+                reason=str(exc),
+            )
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from exc
         info.workload = lease.workload
         info.tenant = lease.key
         return lease

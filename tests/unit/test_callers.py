@@ -296,3 +296,33 @@ async def test_jwt_svids_are_fetched_by_the_callers_pid(world: World) -> None:
     (request,) = [r for r in world.agent.requests if r.method == "FetchJWTSVIDs"]
     assert request.message.pid == os.getpid()
     assert list(request.message.audience) == ["db"]
+
+
+async def test_callers_beyond_max_callers_are_refused_resource_exhausted(
+    world: World, caplog: pytest.LogCaptureFixture, sds_logs_reach_caplog: None
+) -> None:
+    world.callers.config = parse_config(
+        {**CONFIG, "per_caller": {"delegated_identity_api": "unix:///x", "max_callers": 1}}, "t"
+    )
+    world.agent.set_workload(os.getpid(), svids_response([world.ca.svid("/web")]))
+    # Another caller process holds the only place (stands in for one: a key no process has).
+    world.callers.workloads[(2**22 + 99, 1)] = None  # type: ignore[assignment]
+    try:
+        async with sotw(world.channel, "inst1") as s:
+            await s.send(["default"], with_node=node())
+            with pytest.raises((GRPCError, StreamTerminatedError)) as caught:
+                await s.recv()
+    finally:
+        del world.callers.workloads[(2**22 + 99, 1)]
+    if isinstance(caught.value, GRPCError):
+        assert caught.value.status is Status.RESOURCE_EXHAUSTED
+    (line,) = event_lines(caplog, "sds.server", "sds.too_many_callers")
+    assert line == (
+        f'sds.too_many_callers pid={os.getpid()} reason="1 caller processes are attested '
+        f'already (per_caller.max_callers: 1); pid {os.getpid()} refused"'
+    )
+    assert world.agent.count(X509) == 1  # only the bridge's own: no subscription for the refused
+    # Once a place is free the same process is served.
+    async with sotw(world.channel, "inst1") as s:
+        await s.send(["default"], with_node=node())
+        assert "default" in (await s.recv()).secrets

@@ -55,7 +55,8 @@ def test_per_caller_takes_one_address_or_a_list() -> None:
         ),
         (
             {"per_caller": {"delegated_identity_api": "unix:///a", "attest": "pid"}},
-            "s.yaml: per_caller: unknown field 'attest' (want one of delegated_identity_api)",
+            "s.yaml: per_caller: unknown field 'attest' (want one of delegated_identity_api, "
+            "max_callers)",
         ),
         (
             {
@@ -71,6 +72,19 @@ def test_bad_per_caller_is_one_line(data: dict[str, object], message: str) -> No
     with pytest.raises(ConfigError) as caught:
         parse_config(data, "s.yaml")
     assert str(caught.value) == message
+
+
+def test_max_callers_is_bounded() -> None:
+    given = {"delegated_identity_api": "unix:///a.sock", "max_callers": 3}
+    assert parse_config({"per_caller": given}, "s.yaml").per_caller == PerCaller(
+        ("unix:///a.sock",), 3
+    )
+    for bad in (0, 65537, True, "10"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"per_caller": {**given, "max_callers": bad}}, "s.yaml")
+        assert str(caught.value) == (
+            "s.yaml: per_caller.max_callers: must be an integer from 1 to 65536"
+        )
 
 
 def test_bad_delegated_address_names_the_key() -> None:
