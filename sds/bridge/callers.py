@@ -159,16 +159,10 @@ class Workload:
         key = self.process.key
         return wanted_audiences(i.names for i in self._callers.streams() if i.tenant == key)
 
-    def demand(self, names: Iterable[str]) -> None:
-        """Names this caller asked for and lacks: JWT-SVIDs are fetched for it."""
-        self.bridge.demand(names)
-
     async def _fetch_jwt(self, audience: str, spiffe_id: str | None) -> JwtToken:
         """A JWT-SVID for this caller, by pid, from the API whose X.509-SVID is served."""
         callers = self._callers
-        first = str(callers.addresses[0])
-        serving = self.bridge.selection.serving.get(spiffe_id or "", first)
-        index = next((i for i, a in enumerate(callers.addresses) if str(a) == serving), 0)
+        index = self.bridge.serving_source(spiffe_id)
         if self.process.exited():
             raise WorkloadApiDenied(f"process {self.process.pid} has exited")
         svids = await callers.clients[index].fetch_jwt_svids(self.process.pid, [audience])
@@ -353,7 +347,7 @@ class Callers(Tenancy):
             workload.cache,
             workload.label,
             fresh=fresh,
-            on_missing=workload.demand,
+            on_missing=workload.bridge.demand,
             key=workload.process.key,
         )
 

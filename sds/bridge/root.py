@@ -125,7 +125,7 @@ class BridgeApp:
         backoff = config.upstream_backoff
         access = AccessPolicy(config.allowed_uids, config.allowed_gids)
         self.watchers: list[Watcher] = []
-        self.jwt_clients: dict[str, WorkloadApiClient] = {}
+        self.jwt_clients: list[WorkloadApiClient] = []  # one per watcher, in order
         self.bridge: Bridge | None = None  # the bridge's own identity (not in per-caller mode)
         self.callers: Callers | None = None  # per-caller mode: one view per attested caller
         if config.per_caller is not None:
@@ -162,7 +162,7 @@ class BridgeApp:
                 for address in addresses
             ]
             bridge = self.state = self.bridge = Bridge(config, self.watchers, metrics=metrics)
-            self.jwt_clients = {str(w.address): WorkloadApiClient(w.address) for w in self.watchers}
+            self.jwt_clients = [WorkloadApiClient(w.address) for w in self.watchers]
             self.servicer = SdsServicer(
                 bridge.cache,
                 access=access,
@@ -328,7 +328,7 @@ class BridgeApp:
             self.callers.close()
         if self.bridge is not None and self.bridge.jwt is not None:
             await self.bridge.jwt.close()
-        for jwt_client in self.jwt_clients.values():
+        for jwt_client in self.jwt_clients:
             jwt_client.close()
         await self.tasks.cancel(*self._watching)
         for listener in (self.admin, self.scrape):
@@ -369,9 +369,7 @@ class BridgeApp:
     async def _fetch_jwt(self, audience: str, spiffe_id: str | None) -> JwtToken:
         """A JWT-SVID from the upstream serving that identity's X.509-SVID (the one that is up)."""
         assert self.bridge is not None  # JWT-SVIDs of the bridge's own identity
-        first = str(self.watchers[0].address)
-        serving = self.bridge.selection.serving.get(spiffe_id or "", first)
-        jwt_client = self.jwt_clients.get(serving) or self.jwt_clients[first]
+        jwt_client = self.jwt_clients[self.bridge.serving_source(spiffe_id)]
         svids = await jwt_client.fetch_jwt_svids([audience], spiffe_id)
         if not svids:
             raise WorkloadApiDenied(f"no JWT-SVID issued for audience {audience!r}")

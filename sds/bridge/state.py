@@ -150,6 +150,12 @@ class Bridge:
         if audiences:
             self.jwt.want(audiences)
 
+    def serving_source(self, spiffe_id: str | None) -> int:
+        """Index in ``sources`` of the upstream serving ``spiffe_id``'s X.509-SVID (the first
+        when none does): JWT-SVIDs are fetched from the same upstream."""
+        name = self.selection.serving.get(spiffe_id or "")
+        return self._names.index(name) if name in self._names else 0
+
     def stop(self) -> None:
         """Cancel the pending failover re-check (this bridge is being discarded)."""
         if self._recheck is not None:

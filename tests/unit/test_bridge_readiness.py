@@ -188,3 +188,15 @@ def test_readiness_lists_every_unservable_name(caplog: pytest.LogCaptureFixture)
     bridge.reconfigure(config)
     assert bridge.ready
     assert _served_id(bridge) == "spiffe://example.org/a"
+
+
+def test_serving_source_names_the_upstream_index_even_for_a_repeated_address() -> None:
+    ca = LocalCA.ephemeral(TD)
+    first, second = Source(), Source()
+    second.address = first.address  # the same address twice: names "addr#0", "addr#1"
+    bridge = Bridge(parse_config({"listen": "unix:///x/s"}, "t"), [first, second])
+    web = _svid(ca, "/web")
+    second.set(X509Context((web,), BundleSet([ca.bundle])))
+    assert bridge.serving_source("spiffe://example.org/web") == 1
+    assert bridge.serving_source("spiffe://example.org/nobody") == 0
+    assert bridge.serving_source(None) == 0
